@@ -1,0 +1,40 @@
+"""MLX's Linux CPU wheel links a reference BLAS; OpenBLAS makes fp32 matmuls
+about 30x faster. The command line re-executes itself once with OpenBLAS
+preloaded when the library is installed, and says so once when it is not."""
+
+import os
+import sys
+from pathlib import Path
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+INSTALL_HINT = (
+    "apt-get install -y libopenblas0-pthread, then run with "
+    f"LD_PRELOAD={OPENBLAS}"
+)
+
+
+def openblas_loaded() -> bool:
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return True  # not Linux: nothing to say
+    return "openblas" in maps.lower()
+
+
+def ensure_fast_blas(argv=None):
+    """Re-exec with OpenBLAS preloaded when possible; otherwise warn once."""
+    if not sys.platform.startswith("linux") or openblas_loaded():
+        return
+    if os.environ.get("OPTIQ_BLAS_CHECKED"):
+        return
+    os.environ["OPTIQ_BLAS_CHECKED"] = "1"
+    if OPENBLAS.exists():
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(OPENBLAS), env.get("LD_PRELOAD")]))
+        args = list(argv if argv is not None else sys.argv)
+        os.execve(sys.executable, [sys.executable, *args], env)
+    print(
+        "optiq: MLX is using the slow reference BLAS; fp32 work is ~30x faster with "
+        f"OpenBLAS: {INSTALL_HINT}",
+        file=sys.stderr,
+    )

@@ -1,0 +1,158 @@
+"""Calibration tokens: from a text or JSONL file, a Hugging Face dataset, or
+text the model samples itself with a fixed seed. Always an int32 array of
+shape (n_sequences, seq_len); sequences start with BOS when the tokenizer
+adds one (Gemma requires it)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import OptiqError
+
+
+def digest(tokens) -> str:
+    arr = np.asarray(tokens, dtype=np.int32)
+    return hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()[:16]
+
+
+def bos_prefix(tokenizer) -> list:
+    """[bos] when the tokenizer itself adds BOS, else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer.encode("a")
+    return [bos] if bos is not None and ids and ids[0] == bos else []
+
+
+def record_text(record: dict, tokenizer) -> str:
+    """One JSONL record as text: `text`, chat `messages`, question/answer or prompt/completion."""
+    if "text" in record:
+        return str(record["text"])
+    if "messages" in record:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+    if "question" in record and "answer" in record:
+        return f"{record['question']}\n{record['answer']}"
+    if "prompt" in record and "completion" in record:
+        return f"{record['prompt']}{record['completion']}"
+    raise OptiqError(
+        "a calibration record needs 'text', 'messages', 'question'/'answer' or "
+        f"'prompt'/'completion' (got keys {sorted(record)})"
+    )
+
+
+def read_texts(path: Path, tokenizer) -> list:
+    """The texts of a .txt (whole file) or .jsonl (one record a line) file."""
+    if path.suffix == ".txt" or path.suffix == ".raw":
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OptiqError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise OptiqError(f"{path}:{n}: a record must be a JSON object")
+            texts.append(record_text(record, tokenizer))
+        return texts
+    raise OptiqError(f"calibration file {path} must be .txt or .jsonl")
+
+
+def windows(token_ids: list, n: int, seq_len: int, prefix: list) -> np.ndarray:
+    """n windows of seq_len tokens spread evenly over the token stream."""
+    body = seq_len - len(prefix)
+    if len(token_ids) < body:
+        raise OptiqError(
+            f"calibration text has {len(token_ids)} tokens, fewer than one sequence of {seq_len}"
+        )
+    n_fit = len(token_ids) // body
+    starts = np.linspace(0, (n_fit - 1) * body, num=min(n, n_fit)).astype(int)
+    rows = [prefix + token_ids[s : s + body] for s in starts]
+    return np.array(rows, dtype=np.int32)
+
+
+def tokens_from_texts(texts, tokenizer, n: int, seq_len: int) -> np.ndarray:
+    ids = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for text in texts:
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        if eos is not None and len(texts) > 1:
+            ids.append(eos)
+    return windows(ids, n, seq_len, bos_prefix(tokenizer))
+
+
+def sample_tokens(model, tokenizer, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0):
+    """n sequences the model writes itself from BOS, decoded together with mlx-lm's cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    start = getattr(tokenizer, "bos_token_id", None)
+    if start is None:
+        start = tokenizer.eos_token_id
+    key = mx.random.key(seed)
+    cache = make_prompt_cache(model)
+    tokens = mx.full((n, 1), start, dtype=mx.int32)
+    out = [tokens]
+    for _ in range(seq_len - 1):
+        logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+        key, sub = mx.random.split(key)
+        tokens = mx.random.categorical(logits / temperature, key=sub)[:, None].astype(mx.int32)
+        out.append(tokens)
+        mx.eval(tokens)
+    return np.array(mx.concatenate(out, axis=1))
+
+
+def load_calibration(source, tokenizer, model, n: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """Calibration tokens from a file, a dataset id, or (source=None) self-sampled text."""
+    if n < 1 or seq_len < 2:
+        raise OptiqError("--n-calibration must be >= 1 and --seq-len >= 2")
+    if source is None:
+        return sample_tokens(model, tokenizer, n, seq_len, seed=seed)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return tokens_from_texts(read_texts(path, tokenizer), tokenizer, n, seq_len)
+    if path.exists():
+        raise OptiqError(f"calibration {path} is not a file")
+    if "/" in str(source) and not str(source).startswith((".", "/")):
+        return tokens_from_texts(dataset_texts(str(source), tokenizer), tokenizer, n, seq_len)
+    raise OptiqError(f"calibration {source!r} not found (a .txt/.jsonl file or a dataset id)")
+
+
+def dataset_texts(repo_id: str, tokenizer) -> list:
+    """Texts of a Hugging Face dataset repo's .jsonl/.txt files (via huggingface_hub)."""
+    from .source import hub_download
+
+    folder = hub_download(repo_id, repo_type="dataset", allow_patterns=["*.jsonl", "*.txt"])
+    files = sorted(folder.rglob("*.jsonl")) + sorted(folder.rglob("*.txt"))
+    if not files:
+        raise OptiqError(f"dataset {repo_id!r} has no .jsonl or .txt files")
+    texts = []
+    for f in files:
+        texts.extend(read_texts(f, tokenizer))
+    return texts
+
+
+def wikitext_articles(text: str) -> list:
+    """Split WikiText-2 raw into articles (each starts with a ' = Title = ' line)."""
+    articles, current = [], []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        is_title = stripped.startswith("= ") and stripped.endswith(" =") and not stripped.startswith("= =")
+        if is_title and current:
+            articles.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        articles.append("".join(current))
+    return articles
+
+
+def wikitext_split(text: str):
+    """(calibration, evaluation) text: the last 25% of articles, the first 75%."""
+    articles = wikitext_articles(text)
+    cut = int(round(len(articles) * 0.75))
+    return "".join(articles[cut:]), "".join(articles[:cut])

