@@ -25,8 +25,10 @@ def check_output(out: Path, force: bool):
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise OptiqError(f"cannot write {out}: {probe} is not a writable folder")
+    try:  # os.access says yes to root everywhere; only trying tells
+        os.rmdir(tempfile.mkdtemp(prefix=".optiq-probe-", dir=probe))
+    except OSError as exc:
+        raise OptiqError(f"cannot write {out}: {probe} is not a writable folder ({exc.strerror})")
 
 
 @contextmanager

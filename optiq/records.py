@@ -144,6 +144,12 @@ class BitPlan:
         return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
 
 
+def _sorted_pairs(value) -> tuple:
+    """A mapping as sorted (name, float) pairs: hashable, and order-free like JSON."""
+    items = value.items() if isinstance(value, dict) else value
+    return tuple(sorted((str(k), float(x)) for k, x in items))
+
+
 @attrs.frozen
 class QuantizedWeights:
     """What `optiq convert` wrote: where, by which plan, how big, how good."""
@@ -154,7 +160,7 @@ class QuantizedWeights:
     )
     bytes: int
     mlx_bits_per_weight: float  # mlx_lm.utils.compute_bits_per_weight (norms included)
-    measured: tuple = attrs.field(default=(), converter=lambda v: tuple((str(k), float(x)) for k, x in (v.items() if isinstance(v, dict) else v)))
+    measured: tuple = attrs.field(default=(), converter=lambda v: _sorted_pairs(v))
 
     def to_dict(self) -> dict:
         d = attrs.asdict(self, recurse=False)

@@ -156,8 +156,10 @@ def load_reference(path: Path) -> Loaded:
 
     try:
         model, config = load_model(Path(path), lazy=True)
-    except ValueError as exc:
-        raise OptiqError(f"cannot load {path}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise OptiqError(f"cannot load {path}: no model*.safetensors weights") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OptiqError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
     tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
     refuse_unsupported(model, config)
     reference = "fp32"

@@ -1,0 +1,187 @@
+"""optiq convert end to end on tiny random models, and its bad-input paths."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from optiq.cli import main as cli
+from optiq.plan import layer_cost_bits
+from optiq.records import BitPlan, Candidate, QuantizedWeights, SensitivityTable
+
+FAST = ["--n-calibration", "3", "--seq-len", "32", "--n-eval", "2", "--kl-stride", "2", "--quiet"]
+
+LOAD_WITHOUT_OPTIQ = """
+import json, sys
+import mlx.core as mx
+from mlx_lm import load
+model, tok = load(sys.argv[1])
+assert not any(m.startswith("optiq") for m in sys.modules), "optiq was imported"
+ids = tok.encode("The quick brown fox")
+out = model(mx.array([ids]))
+mx.eval(out)
+layers = {p: (m.bits, m.group_size) for p, m in model.named_modules() if hasattr(m, "bits")}
+print(json.dumps({"shape": list(out.shape), "layers": layers}))
+"""
+
+
+def run_convert(args):
+    return cli(["convert", *args])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_5", "gemma3_text"])
+def test_convert_writes_a_model_stock_mlx_lm_loads(model_factory, tmp_path, arch):
+    src = model_factory(arch)
+    out = tmp_path / "out"
+    assert run_convert([str(src), "-o", str(out), "--target-bpw", "4.5", "--group-size", "32", *FAST]) == 0
+    meta = json.loads((out / "optiq_metadata.json").read_text())
+    plan = BitPlan.from_dict(meta["plan"])
+    table = SensitivityTable.from_dict(meta["sensitivity"])
+    assert plan.effective_bpw <= 4.5 + 1e-9
+    assert meta["measured"]["kl_mean"] >= 0 and "baseline" in meta["measured"]
+    # config.json carries mlx-lm's own per-layer entries
+    config = json.loads((out / "config.json").read_text())
+    for path, cand in plan.assignments:
+        assert config["quantization"][path] == {"group_size": cand.group_size, "bits": cand.bits, "mode": "affine"}
+    # stock mlx-lm, in a fresh interpreter with no optiq import, opens it as planned
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_OPTIQ, str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for path, cand in plan.assignments:
+        assert loaded["layers"][path] == [cand.bits, cand.group_size]
+    # the plan's bpw is the layers' true storage
+    n = {l.path: l.n_params for l in table.layers}
+    bits = sum(layer_cost_bits(n[p], c) for p, c in plan.assignments)
+    assert bits / sum(n[p] for p, _ in plan.assignments) == pytest.approx(plan.effective_bpw)
+
+
+def test_plan_uses_the_budget_better_than_uniform(model_factory, tmp_path):
+    """At the uniform 4-bit budget the exact plan's predicted KL is never worse,
+    and the written model's measured KL is reported against it."""
+    src = model_factory("llama")
+    out = tmp_path / "out"
+    assert run_convert([str(src), "-o", str(out), "--target-bpw", "5.0", "--group-size", "32", "--measure", "all", *FAST]) == 0
+    meta = json.loads((out / "optiq_metadata.json").read_text())
+    table = SensitivityTable.from_dict(meta["sensitivity"])
+    uniform4 = sum(l.kl_of(Candidate(4, 32)) for l in table.layers)
+    assert meta["plan"]["predicted_kl"] <= uniform4 + 1e-12
+    assert meta["measured"]["baseline"]["effective_bpw"] == pytest.approx(5.0)
+
+
+def test_sensitivity_reuse_and_greedy(model_factory, tmp_path):
+    src = model_factory("qwen3")
+    first = tmp_path / "a"
+    assert run_convert([str(src), "-o", str(first), "--group-size", "32", "--no-eval", *FAST]) == 0
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps(json.loads((first / "optiq_metadata.json").read_text())["sensitivity"]))
+    second = tmp_path / "b"
+    assert run_convert([str(src), "-o", str(second), "--sensitivity", str(table_file), "--method", "greedy", "--group-size", "32", "--no-eval", *FAST]) == 0
+    plan = json.loads((second / "optiq_metadata.json").read_text())["plan"]
+    assert plan["method"] == "greedy"
+
+
+def test_protect_keeps_head_and_embedding_high(model_factory, tmp_path):
+    src = model_factory("qwen3")
+    out = tmp_path / "p"
+    assert run_convert([str(src), "-o", str(out), "--group-size", "32", "--protect", "embed,lm_head", "--protect-bits", "8", "--target-bpw", "5", "--no-eval", *FAST]) == 0
+    plan = BitPlan.from_dict(json.loads((out / "optiq_metadata.json").read_text())["plan"]).as_dict()
+    assert plan["lm_head"].bits == 8 and plan["model.embed_tokens"].bits == 8
+
+
+def test_group_sizes_make_per_layer_group_choices(model_factory, tmp_path):
+    src = model_factory("llama")
+    out = tmp_path / "g"
+    assert run_convert([str(src), "-o", str(out), "--group-sizes", "32,64", "--candidate-bits", "3,4", "--target-bpw", "4.0", "--no-eval", *FAST]) == 0
+    table = SensitivityTable.from_dict(json.loads((out / "optiq_metadata.json").read_text())["sensitivity"])
+    assert {c.group_size for c in table.layers[1].candidates} == {32, 64}
+
+
+def expect_error(capsys, args, words):
+    with pytest.raises(SystemExit) as exc:
+        run_convert(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert all(w in err for w in words), err
+    return err
+
+
+def test_bad_input_exits_2_with_a_reason_and_writes_nothing(model_factory, tmp_path, capsys):
+    src = str(model_factory("llama"))
+    out = tmp_path / "never"
+    expect_error(capsys, [str(tmp_path / "missing"), "-o", str(out), *FAST], ["not found"])
+    expect_error(capsys, [src, "-o", str(out), "--target-bpw", "1.0", *FAST], ["below the cheapest"])
+    expect_error(capsys, [src, "-o", str(out), "--candidate-bits", "7", *FAST], ["candidate-bits"])
+    expect_error(capsys, [src, "-o", str(out), "--group-size", "48", *FAST], ["group size"])
+    expect_error(capsys, [src, "-o", str(out), "--calibration", str(tmp_path / "nope.txt"), *FAST], ["calibration"])
+    expect_error(capsys, [src, "-o", "/proc/optiq-out", *FAST], ["cannot write"])
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    (weird / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    expect_error(capsys, [str(weird), "-o", str(out), *FAST], ["no model*.safetensors"])
+    import mlx.core as mx
+
+    mx.save_safetensors(str(weird / "model.safetensors"), {"x": mx.zeros(1)})
+    expect_error(capsys, [str(weird), "-o", str(out), *FAST], ["no_such_arch"])
+    assert not out.exists()
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    expect_error(capsys, [src, "-o", str(exists), *FAST], ["exists", "--force"])
+    assert list(exists.iterdir()) == []
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_force_replaces_an_existing_output(model_factory, tmp_path):
+    src = str(model_factory("llama"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert run_convert([src, "-o", str(out), "--force", "--group-size", "32", "--no-eval", *FAST]) == 0
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+
+
+def test_quantized_input_is_a_dequantized_reference(model_factory, tmp_path):
+    """An already-quantized MLX model converts again; the table says its reference is dequantized."""
+    src = str(model_factory("llama"))
+    first = tmp_path / "q"
+    assert run_convert([src, "-o", str(first), "--group-size", "32", "--target-bpw", "6", "--no-eval", *FAST]) == 0
+    again = tmp_path / "qq"
+    assert run_convert([str(first), "-o", str(again), "--group-size", "32", "--target-bpw", "4.5", "--no-eval", *FAST]) == 0
+    meta = json.loads((again / "optiq_metadata.json").read_text())
+    assert meta["reference"] == "dequantized"
+    assert meta["sensitivity"]["reference"] == "dequantized"
+
+
+def test_moe_is_refused_clearly(tmp_path, capsys):
+    from conftest import build_tokenizer
+    import importlib
+
+    import mlx.core as mx
+    from mlx_lm.utils import save_model
+
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    vocab = build_tokenizer(folder)
+    config = dict(model_type="qwen3_moe", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                  moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                  mlp_only_layers=[], num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  rms_norm_eps=1e-6, vocab_size=vocab, rope_theta=10000.0, max_position_embeddings=128,
+                  tie_word_embeddings=True, norm_topk_prob=True)
+    arch = importlib.import_module("mlx_lm.models.qwen3_moe")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    (folder / "config.json").write_text(json.dumps(config))
+    expect_error(capsys, [str(folder), "-o", str(tmp_path / "o"), *FAST], ["mixture-of-experts"])
+
+
+def test_quantized_weights_record_is_returned(model_factory, tmp_path):
+    from optiq.commands.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(model=str(model_factory("llama")), output=str(tmp_path / "r"), group_size=32,
+                          n_calibration=2, seq_len=32, n_eval=2, kl_stride=2, quiet=True)
+    record = convert(opts)
+    assert isinstance(record, QuantizedWeights)
+    assert record.bytes > 0 and dict(record.measured)["kl_mean"] >= 0
