@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "convert": "optiq.commands.convert",
     "import-gguf": "optiq.commands.import_gguf",
+    "strip": "optiq.commands.strip",
 }
 
 

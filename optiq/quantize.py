@@ -63,13 +63,18 @@ def model_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict, force=False):
-    """Write an mlx-lm model folder atomically, with optiq_metadata.json beside it."""
+def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict, force=False, extra_weights=None):
+    """Write an mlx-lm model folder atomically, with optiq_metadata.json beside it.
+
+    extra_weights: tensors kept as they are (e.g. a vision tower kept with
+    --keep-unused-modalities) in model-unused-modalities.safetensors."""
     from mlx_lm.utils import save_config, save_model
 
     with atomic_output(out, force=force) as tmp:
         save_model(tmp, model)
-        save_config(dict(config), config_path=tmp / "config.json")
+        save_config(dict(config), config_path=tmp / "config.json", keep_vision_config=bool(extra_weights))
+        if extra_weights:
+            mx.save_safetensors(str(tmp / "model-unused-modalities.safetensors"), extra_weights, metadata={"format": "mlx"})
         tokenizer.save_pretrained(str(tmp))
         for pattern in ("*.py", "generation_config.json", "chat_template.jinja"):
             for file in glob.glob(str(Path(source_path) / pattern)):

@@ -46,6 +46,7 @@ class ConvertOptions:
     no_eval: bool = field(default=False, metadata=dict(help="skip measuring the written model"))
     seed: int = 0
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
+    keep_unused_modalities: bool = field(default=False, metadata=dict(help="keep vision/audio towers of a multimodal checkpoint (default: strip them)"))
     quiet: bool = False
 
 
@@ -178,12 +179,20 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..plan import plan_bits, uniform_plan
     from ..quantize import model_bytes, quantize, save_model_folder
     from ..source import dequantized_fp32, load_reference, resolve_model
+    from ..strip import is_multimodal, strip_cached, unused_weights
 
     candidates = validate(opts)
     out = Path(opts.output) if opts.output else default_output(opts.model, opts.target_bpw)
     check_output(out, opts.force)
     started = time.time()
     path = resolve_model(opts.model)
+    stripped, extra = None, None
+    if is_multimodal(path):
+        if opts.keep_unused_modalities:
+            extra = unused_weights(path)
+        else:
+            path, stripped = strip_cached(path)
+            log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
     loaded = load_reference(path)
     log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
@@ -211,12 +220,14 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         "plan": plan.to_dict(),
         "sensitivity": table.to_dict(),
     }
+    if stripped is not None:
+        metadata["stripped"] = stripped.to_dict()
     nbytes = model_bytes(qmodel)
     mlx_bpw = float(compute_bits_per_weight(qmodel))
     metadata["effective_bpw"] = plan.effective_bpw
     metadata["mlx_bits_per_weight"] = mlx_bpw
     metadata["predicted_kl"] = plan.predicted_kl
-    save_model_folder(out, qmodel, loaded.tokenizer, qconfig, loaded.path, metadata, force=opts.force)
+    save_model_folder(out, qmodel, loaded.tokenizer, qconfig, loaded.path, metadata, force=opts.force, extra_weights=extra)
     del qmodel
     if not opts.no_eval:
         # Measure what was written, opened by stock mlx-lm, with fp32 activations.
