@@ -7,6 +7,7 @@ COMMANDS = {
     "convert": "optiq.commands.convert",
     "import-gguf": "optiq.commands.import_gguf",
     "strip": "optiq.commands.strip",
+    "eval": "optiq.commands.eval",
 }
 
 

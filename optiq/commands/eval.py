@@ -1,0 +1,115 @@
+"""optiq eval: perplexity, KL against a reference, or GSM8K accuracy; with
+--baseline, two models side by side in one table."""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from argparse_dataclass import ArgumentParser
+
+from . import reported
+from ..errors import OptiqError
+
+
+@dataclass
+class EvalOptions:
+    model: str = field(metadata=dict(args=["model"], help="folder, .gguf file or Hub repo id"))
+    task: str = field(default="perplexity", metadata=dict(choices=["perplexity", "kl", "gsm8k"]))
+    reference: Optional[str] = field(default=None, metadata=dict(help="reference model for --task kl"))
+    baseline: Optional[str] = field(default=None, metadata=dict(help="a second model, measured the same way"))
+    data: Optional[str] = field(default=None, metadata=dict(help="text/jsonl file (default: ../shared/data when present)"))
+    n_samples: int = field(default=32, metadata=dict(help="sequences (perplexity, kl) or problems (gsm8k)"))
+    seq_len: int = 512
+    n_shots: int = field(default=4, metadata=dict(help="GSM8K worked examples in the prompt"))
+    max_tokens: int = field(default=256, metadata=dict(help="GSM8K generation limit"))
+    json: Optional[str] = field(default=None, metadata=dict(help="write results here (default optiq-eval-TASK.json)"))
+
+
+def data_path(opts) -> Path:
+    from ..tasks import default_data
+
+    if opts.data:
+        path = Path(opts.data)
+        if not path.is_file():
+            raise OptiqError(f"--data {path}: no such file")
+        return path
+    path = default_data(opts.task)
+    if path is None:
+        raise OptiqError(f"--task {opts.task} needs --data (no ../shared/data here)")
+    return path
+
+
+def measure(spec: str, opts, data: Path, reference=None) -> dict:
+    from ..source import load_reference, resolve_model
+    from .. import tasks
+
+    path = resolve_model(spec)
+    if opts.task == "gsm8k":
+        from mlx_lm import load
+
+        model, tokenizer = load(str(path))
+        tasks.fp32_activations(model)
+        problems = tasks.read_gsm8k(data)
+        train = data.with_name("train.jsonl")
+        if train.exists() and train != data:
+            shots = tasks.read_gsm8k(train)[: opts.n_shots]
+        else:
+            shots, problems = problems[: opts.n_shots], problems[opts.n_shots :]
+        problems = problems[: opts.n_samples]
+        if not problems:
+            raise OptiqError(f"{data}: no problems left after {opts.n_shots} shots")
+        return tasks.gsm8k(model, tokenizer, problems, shots, max_tokens=opts.max_tokens)
+    loaded = load_reference(path)
+    tokens = tasks.eval_tokens(loaded.tokenizer, data, opts.n_samples, opts.seq_len)
+    if opts.task == "perplexity":
+        return tasks.perplexity(loaded.model, tokens)
+    import mlx.core as mx
+
+    probe = mx.array(tokens[:1, :2])
+    if loaded.model(probe).shape[-1] != reference.model(probe).shape[-1]:
+        raise OptiqError(f"{spec} and the reference have different vocabularies")
+    return tasks.kl(loaded.model, reference.model, tokens)
+
+
+def table(rows, task) -> str:
+    keys = {"perplexity": ["perplexity", "n_tokens"], "kl": ["kl_mean", "kl_p99", "top1", "n_tokens"], "gsm8k": ["accuracy", "n_problems"]}[task]
+    head = f"{'model':<48}" + "".join(f"{k:>12}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for name, result in rows:
+        cells = "".join(f"{result[k]:>12.4f}" if isinstance(result[k], float) else f"{result[k]:>12}" for k in keys)
+        lines.append(f"{name[-48:]:<48}" + cells)
+    return "\n".join(lines)
+
+
+def run(opts: EvalOptions) -> dict:
+    from ..io import write_json
+    from ..source import load_reference, resolve_model
+
+    if opts.n_samples < 1 or opts.seq_len < 2:
+        raise OptiqError("--n-samples must be >= 1 and --seq-len >= 2")
+    if opts.task == "kl" and not opts.reference:
+        raise OptiqError("--task kl needs --reference MODEL")
+    data = data_path(opts)
+    reference = load_reference(resolve_model(opts.reference)) if opts.task == "kl" else None
+    rows = [(opts.model, measure(opts.model, opts, data, reference))]
+    if opts.baseline:
+        rows.append((opts.baseline, measure(opts.baseline, opts, data, reference)))
+    print(table(rows, opts.task))
+    result = {"task": opts.task, "data": str(data), "reference": opts.reference, "models": {name: r for name, r in rows}}
+    write_json(opts.json or f"optiq-eval-{opts.task}.json", result)
+    return result
+
+
+def main(argv=None, prog="optiq eval") -> int:
+    opts = ArgumentParser(EvalOptions, prog=prog, description=__doc__).parse_args(argv)
+    with reported():
+        run(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    from ..blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    sys.exit(main())

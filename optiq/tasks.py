@@ -1,0 +1,138 @@
+"""Evaluation tasks over any model mlx_lm.load opens: perplexity, KL against a
+reference, GSM8K accuracy. Each returns a flat dict of numbers.
+
+Models are measured with fp32 activations: prefill-sized work runs on
+dequantized fp32 weights (the same numbers the quantized kernels compute, at
+fp32 matmul speed on CPU); generation keeps the packed weights and casts only
+scales, biases and norms to fp32 (one-row quantized matmuls are fast)."""
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import OptiqError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_data(task: str):
+    """../shared/data files when present (benchmarks); None otherwise."""
+    path = {
+        "perplexity": SHARED / "wikitext-2-raw" / "wiki.test.raw",
+        "kl": SHARED / "wikitext-2-raw" / "wiki.test.raw",
+        "gsm8k": SHARED / "gsm8k" / "test.jsonl",
+    }[task]
+    return path if path.exists() else None
+
+
+def eval_text(path: Path) -> str:
+    """The evaluation text of a file: WikiText-2's first 75% of articles (the
+    last 25% are calibration), any other .txt whole."""
+    from .calibration import wikitext_split
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.name.startswith("wiki."):
+        return wikitext_split(text)[1]
+    return text
+
+
+def eval_tokens(tokenizer, path: Path, n: int, seq_len: int) -> np.ndarray:
+    from .calibration import read_texts, tokens_from_texts
+
+    texts = [eval_text(path)] if path.suffix in (".txt", ".raw") else read_texts(path, tokenizer)
+    return tokens_from_texts(texts, tokenizer, n, seq_len)
+
+
+def perplexity(model, tokens, batch_size: int = 8) -> dict:
+    from .evaluate import batches
+    from .metrics import token_nll
+
+    nll = []
+    for batch in batches(tokens, batch_size):
+        nll.append(np.array(token_nll(model(batch)[:, :-1], batch[:, 1:])))
+    nll = np.concatenate(nll)
+    return {"perplexity": float(np.exp(nll.mean())), "nll": float(nll.mean()), "n_tokens": int(nll.size)}
+
+
+def kl(model, reference, tokens, batch_size: int = 8) -> dict:
+    from .evaluate import quality, reference_batches
+
+    refs = reference_batches(reference, tokens, batch_size)
+    q = quality(model, tokens, refs, batch_size)
+    return {"kl_mean": q["kl_mean"], "kl_p99": q["kl_p99"], "top1": q["top1"], "n_tokens": int(np.asarray(tokens).size)}
+
+
+# -- GSM8K -------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str):
+    """The answer a GSM8K solution states: after '####', else the last number."""
+    if "####" in text:
+        text = text.split("####", 1)[1]
+        found = _NUMBER.findall(text)
+        return _clean(found[0]) if found else None
+    found = _NUMBER.findall(text)
+    return _clean(found[-1]) if found else None
+
+
+def _clean(number: str) -> str:
+    value = number.replace(",", "").rstrip(".")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def read_gsm8k(path: Path) -> list:
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows.append({"question": row["question"], "answer": row["answer"]})
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise OptiqError(f"{path}:{n}: not a GSM8K record with question/answer ({exc})")
+    if not rows:
+        raise OptiqError(f"{path} has no GSM8K records")
+    return rows
+
+
+def gsm8k_prompt(tokenizer, shots: list, question: str) -> list:
+    """Token ids of a few-shot prompt, through the chat template when there is one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = []
+        for shot in shots:
+            messages += [{"role": "user", "content": shot["question"]}, {"role": "assistant", "content": shot["answer"]}]
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    return tokenizer.encode(text + f"Question: {question}\nAnswer:")
+
+
+def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, batch_size: int = 8) -> dict:
+    """Greedy few-shot accuracy: exact match of the final number."""
+    from mlx_lm.generate import batch_generate
+
+    correct, outputs = 0, []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        prompts = [gsm8k_prompt(tokenizer, shots, p["question"]) for p in chunk]
+        texts = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts
+        for p, text in zip(chunk, texts):
+            # a model that runs on into another question: keep its first answer
+            text = text.split("Question:")[0]
+            got, want = final_number(text), final_number(p["answer"])
+            correct += int(got is not None and got == want)
+            outputs.append({"got": got, "want": want})
+    return {"accuracy": correct / len(problems), "n_problems": len(problems), "answers": outputs}
+
+
+def fp32_activations(model):
+    """Keep packed weights; cast every float (scales, biases, norms) to fp32."""
+    from .source import to_fp32
+
+    return to_fp32(model)
