@@ -163,7 +163,9 @@ class _Tap(nn.Module):
 class Calibrated:
     """Everything the probes need, from one reference pass over the calibration set."""
 
-    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1):
+    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1, refs=None):
+        """refs: the reference's view of the same batches, when the model being
+        cached is not the reference (a plan in place, for refinement)."""
         self.model = model
         self.blocks = block_list(model)
         self.owner = next(
@@ -172,6 +174,7 @@ class Calibrated:
         seq_len = int(np.asarray(tokens).shape[1])
         if self.owner is None:
             kl_stride = 1
+        self.kl_stride = kl_stride
         self.positions = mx.arange(kl_stride - 1, seq_len, kl_stride)
         self.layers = quantizable_layers(model)
         self.tokens = mx.array(np.asarray(tokens, dtype=np.int32))
@@ -182,21 +185,24 @@ class Calibrated:
         self.token_counts = np.bincount(
             np.asarray(tokens).reshape(-1), minlength=1
         )
-        self._reference_pass()
+        self._reference_pass(refs)
 
-    def _reference_pass(self):
-        linears = [(p, m) for p, m in self.layers if isinstance(m, nn.Linear)]
+    def _reference_pass(self, refs=None):
+        # Gram matrices only on the reference itself (they predict unprobed candidates).
+        linears = [(p, m) for p, m in self.layers if isinstance(m, nn.Linear)] if refs is None else []
         for path, module in linears:
             container, key = container_of(self.model, path)
             container[key] = _Tap(module, self.grams, path)
         originals = list(self.blocks)
         try:
-            for batch in self.batches:
+            for n, batch in enumerate(self.batches):
                 inputs, last = [], []
                 for i, block in enumerate(originals):
                     outputs = last if i == len(originals) - 1 else None
                     self.blocks[i] = _Stand(block, inputs=inputs, outputs=outputs)
-                self.refs.append(metrics.reference_from_logits(self.logits(batch)))
+                logits = self.logits(batch)
+                self.refs.append(refs[n] if refs is not None else metrics.reference_from_logits(logits))
+                mx.eval(logits)
                 self.block_inputs.append(inputs + last)
                 mx.eval(self.block_inputs[-1])
                 self.blocks[:] = originals
@@ -205,7 +211,7 @@ class Calibrated:
             for path, module in linears:
                 container, key = container_of(self.model, path)
                 container[key] = module
-        if is_tied(self.model):
+        if is_tied(self.model) and refs is None:
             self._head_gram()
 
     def _head_gram(self):
@@ -326,6 +332,7 @@ def measure_weights(
     kl_stride: int = 4,
     cache_path=None,
     progress: bool = True,
+    calibrated=None,
 ) -> SensitivityTable:
     """The sensitivity table of `model` on calibration `tokens`.
 
@@ -337,7 +344,7 @@ def measure_weights(
     from .calibration import digest
 
     candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
-    cal = Calibrated(model, tokens, batch_size, kl_stride)
+    cal = calibrated or Calibrated(model, tokens, batch_size, kl_stride)
     cache = ProbeCache(cache_path)
     n_blocks = len(cal.blocks)
     tied = is_tied(model)

@@ -185,3 +185,17 @@ def test_quantized_weights_record_is_returned(model_factory, tmp_path):
     record = convert(opts)
     assert isinstance(record, QuantizedWeights)
     assert record.bytes > 0 and dict(record.measured)["kl_mean"] >= 0
+
+
+def test_refinement_keeps_only_rounds_that_lower_the_measured_kl(model_factory, tmp_path):
+    src = str(model_factory("llama"))
+    out = tmp_path / "r"
+    assert run_convert([src, "-o", str(out), "--group-size", "32", "--target-bpw", "4.0", "--refine-rounds", "2", "--no-eval", *FAST]) == 0
+    meta = json.loads((out / "optiq_metadata.json").read_text())
+    rounds = meta["refinement"]
+    assert 1 <= len(rounds) <= 2
+    kept = [r for r in rounds if r["kept"]]
+    assert all(not r["kept"] for r in rounds[len(kept):])  # stops at the first round that does not help
+    assert meta["plan"]["effective_bpw"] <= 4.0 + 1e-9
+    if kept:
+        assert meta["plan"]["method"].endswith("refined")

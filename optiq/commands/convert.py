@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import attrs
 from argparse_dataclass import ArgumentParser
 
 from . import int_list, reported
@@ -37,6 +38,7 @@ class ConvertOptions:
     measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all"], help="probe every candidate, or only --anchor-bits and predict the rest"))
     anchor_bits: str = field(default="3,4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
+    refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8
     sensitivity: Optional[str] = field(default=None, metadata=dict(help="reuse a sensitivity table (JSON) instead of measuring"))
@@ -92,7 +94,7 @@ def log(opts, *args):
         print(*args, file=sys.stderr, flush=True)
 
 
-def sensitivity_table(opts, loaded, tokens, candidates) -> SensitivityTable:
+def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable:
     from ..calibration import digest
     from ..sensitivity import measure_weights
     from ..source import cache_dir, folder_digest
@@ -114,6 +116,7 @@ def sensitivity_table(opts, loaded, tokens, candidates) -> SensitivityTable:
         kl_stride=opts.kl_stride,
         cache_path=cache_dir() / "sensitivity" / f"{key}.jsonl",
         progress=not opts.quiet,
+        calibrated=cal(),
     )
 
 
@@ -179,6 +182,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..plan import plan_bits, uniform_plan
     from ..quantize import model_bytes, quantize, save_model_folder
     from ..source import dequantized_fp32, load_reference, resolve_model
+    from ..refine import refine
+    from ..sensitivity import Calibrated
     from ..strip import is_multimodal, strip_cached, unused_weights
 
     candidates = validate(opts)
@@ -196,10 +201,23 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     loaded = load_reference(path)
     log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
-    table = sensitivity_table(opts, loaded, tokens, candidates)
+    calibrated = []
+
+    def cal():  # one reference pass, shared by the probes and refinement
+        if not calibrated:
+            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride))
+        return calibrated[0]
+
+    table = sensitivity_table(opts, loaded, tokens, candidates, cal)
     check_table(table, loaded)
     protect = [p for p in opts.protect.split(",") if p.strip()]
     plan = plan_bits(table, opts.target_bpw, method=opts.method, protect=protect, protect_bits=opts.protect_bits)
+    refinement = []
+    if opts.refine_rounds > 0:
+        plan, refinement = refine(cal(), table, plan, opts.target_bpw, opts.refine_rounds, protect, opts.protect_bits, progress=not opts.quiet)
+        for i, r in enumerate(refinement, 1):
+            log(opts, f"refine round {i}: measured calibration KL {r.measured_kl:.4f} ({'kept' if r.kept else 'no better: stopped'})")
+    calibrated.clear()
     log(opts, plan_summary(plan))
     log(opts, per_block_bits(plan))
 
@@ -219,6 +237,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         "calibration": {"source": opts.calibration or "self-sampled", "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "seed": opts.seed, "kl_stride": opts.kl_stride},
         "plan": plan.to_dict(),
         "sensitivity": table.to_dict(),
+        "refinement": [attrs.asdict(r) for r in refinement],
     }
     if stripped is not None:
         metadata["stripped"] = stripped.to_dict()
