@@ -274,6 +274,41 @@ class Calibrated:
         return float(mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts, dtype=mx.float32)))
 
 
+def _proxy_table(cal, plan, model_id, reference, cal_digest, n_tokens, tied) -> SensitivityTable:
+    """The fast estimator: KL proportional to each layer's weight-space output
+    error, with one global scale set by a single whole-model probe (every layer
+    at its middle candidate). No per-layer probes."""
+    errors = {path: [cal.output_error(path, module, c) for c in cands] for path, module, cands, _ in plan}
+    middle = [(path, cands[len(cands) // 2]) for path, _, cands, _ in plan if cands]
+    saved = []
+    for path, cand in middle:
+        module = dict((p, m) for p, m, *_ in plan)[path]
+        saved.append((module, module.weight))
+        module.weight = fake_quantize(module.weight, cand)
+    try:
+        whole = cal.probe(0)
+    finally:
+        for module, weight in saved:
+            module.weight = weight
+    index = {path: cands.index(cand) for (path, cand), (_, _, cands, _) in zip(middle, [p for p in plan if p[2]])}
+    scale = whole / max(sum(errors[p][i] for p, i in index.items()), 1e-30)
+    layers = tuple(
+        LayerSensitivity(
+            path=path,
+            n_params=int(module.weight.size),
+            candidates=cands,
+            kl=[scale * e for e in errors[path]],
+            measured=[False] * len(cands),
+            error=errors[path],
+            calibration_digest=cal_digest,
+            reference=reference,
+            roles=("embedding", "lm_head") if tied and isinstance(module, nn.Embedding) else (),
+        )
+        for path, module, cands, _ in plan
+    )
+    return SensitivityTable(model=model_id, layers=layers, calibration_digest=cal_digest, n_tokens=n_tokens, reference=reference, method="proxy: output error x one global scale")
+
+
 def predict_kl(errors, anchor_errors, anchor_kls):
     """KL for every candidate from a power law KL = a * error^alpha fitted to anchors.
 
@@ -348,13 +383,16 @@ def measure_weights(
     cache = ProbeCache(cache_path)
     n_blocks = len(cal.blocks)
     tied = is_tied(model)
+    proxy = anchors is not None and len(anchors) == 0
     plan = []
     for path, module in cal.layers:
         cands = candidates_for(module, candidates)
         todo = [c for c in cands if anchors is None or c.bits in anchors]
-        if cands and not todo:  # no anchor fits this layer: probe the middle candidate
+        if cands and not todo and not proxy:  # no anchor fits this layer: probe the middle candidate
             todo = [cands[len(cands) // 2]]
         plan.append((path, module, cands, todo))
+    if proxy:
+        return _proxy_table(cal, plan, model_id, reference, digest(tokens), int(np.asarray(tokens).size), tied)
     n_probes = sum(len(t) for *_, t in plan)
     bar = tqdm(total=n_probes, desc="sensitivity", unit="probe", disable=not progress)
     cal_digest = digest(tokens)

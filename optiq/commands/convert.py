@@ -35,7 +35,7 @@ class ConvertOptions:
     n_calibration: int = field(default=8, metadata=dict(help="calibration sequences"))
     seq_len: int = field(default=128, metadata=dict(help="tokens per calibration sequence"))
     kl_stride: int = field(default=4, metadata=dict(help="measure KL at every Nth position (all see full context)"))
-    measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all"], help="probe every candidate, or only --anchor-bits and predict the rest"))
+    measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all", "proxy"], help="probe every candidate; only --anchor-bits and predict the rest; or no probes (fast output-error estimator)"))
     anchor_bits: str = field(default="3,4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
@@ -104,7 +104,7 @@ def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable
             return load_record(SensitivityTable, opts.sensitivity)
         except (ValueError, KeyError, TypeError) as exc:
             raise OptiqError(f"--sensitivity {opts.sensitivity}: not a sensitivity table ({exc})")
-    anchors = None if opts.measure == "all" else set(int_list(opts.anchor_bits))
+    anchors = {"all": None, "proxy": set()}.get(opts.measure, set(int_list(opts.anchor_bits)))
     key = f"{folder_digest(loaded.path)}-{digest(tokens)}-s{opts.kl_stride}"
     return measure_weights(
         loaded.model,
