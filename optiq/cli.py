@@ -8,6 +8,7 @@ COMMANDS = {
     "import-gguf": "optiq.commands.import_gguf",
     "strip": "optiq.commands.strip",
     "eval": "optiq.commands.eval",
+    "benchmark": "optiq.commands.benchmark",
 }
 
 

@@ -81,3 +81,20 @@ def test_bad_eval_inputs(model_factory, text_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["eval", src, "--task", "gsm8k", "--data", str(bad), "--json", str(tmp_path / "x.json")])
     assert "not a GSM8K record" in capsys.readouterr().err
+
+
+def test_benchmark_side_by_side(model_factory, quantized, text_file, tmp_path, capsys):
+    src = str(model_factory("llama"))
+    out = tmp_path / "bench.json"
+    args = ["benchmark", str(quantized), "--baseline", src, "--prompt-tokens", "16", "--generation-tokens", "4",
+            "--data", str(text_file), "--n-samples", "2", "--seq-len", "32", "--json", str(out)]
+    assert cli(args) == 0
+    result = json.loads(out.read_text())["models"]
+    q, base = result[str(quantized)], result[src]
+    assert q["disk_bytes"] < base["disk_bytes"]
+    assert q["effective_bpw"] <= 3.5 + 1e-9 and q["mlx_bits_per_weight"] < base["mlx_bits_per_weight"]
+    for r in (q, base):
+        assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_memory_gb"] > 0 and r["perplexity"] > 1
+    assert "decode_tps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli(["benchmark", src, "--prompt-tokens", "0", "--json", str(out)])
