@@ -38,16 +38,20 @@ def quality(model, tokens, refs, batch_size: int = 8) -> dict:
 
 
 @contextmanager
-def simulated(model, assignments):
+def simulated(model, assignments, calibrated=None):
     """The model with every planned layer quantized then dequantized (fp32),
-    restored on exit: how a plan would behave, without writing it."""
+    restored on exit: how a plan would behave, without writing it. With a
+    `calibrated` pass, its quantizer (e.g. GPTQ) is used instead of rounding."""
     saved = []
     try:
         for path, candidate in assignments:
             container, key = container_of(model, path)
             module = container[key]
             saved.append((module, module.weight))
-            module.weight = fake_quantize(module.weight, candidate)
+            if calibrated is None:
+                module.weight = fake_quantize(module.weight, candidate)
+            else:
+                module.weight = calibrated.quantized(path, module, module.weight, candidate)
         mx.eval([m.weight for m, _ in saved])
         yield model
     finally:

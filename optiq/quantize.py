@@ -42,9 +42,16 @@ def cast_floats(model: nn.Module, dtype) -> nn.Module:
     return model
 
 
-def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16"):
-    """(quantized model, config) for `plan`; `model` is consumed (cast in place)."""
+def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", codes=None):
+    """(quantized model, config) for `plan`; `model` is consumed (cast in place).
+
+    codes: {path: (integer codes, scales, biases)} from an error-compensating
+    quantizer (GPTQ); those layers get exactly these values, packed in MLX's
+    own bit order, instead of mlx-lm's round-to-nearest."""
     from mlx_lm.utils import quantize_model
+
+    from .rounding import pack
+    from .sensitivity import container_of
 
     cast_floats(model, DTYPES[dtype])
     quantized = [c for _, c in plan.assignments if c.bits < 16]
@@ -56,6 +63,13 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16"):
     model, config = quantize_model(
         model, config, group_size=group, bits=4, quant_predicate=plan_predicate(plan)
     )
+    chosen = plan.as_dict()
+    for path, (q, scales, biases) in (codes or {}).items():
+        container, key = container_of(model, path)
+        module = container[key]
+        module.weight = mx.array(pack(q, chosen[path].bits))
+        module.scales = mx.array(scales).astype(DTYPES[dtype])
+        module.biases = mx.array(biases).astype(DTYPES[dtype])
     return model, config
 
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 from .evaluate import simulated
 from .plan import plan_bits
 from .records import BitPlan, LayerSensitivity, SensitivityTable
-from .sensitivity import Calibrated, container_of, fake_quantize, start_block
+from .sensitivity import Calibrated, container_of, start_block
 
 
 @attrs.frozen
@@ -32,7 +32,7 @@ def neighbours(layer: LayerSensitivity, current, steps: int = 1) -> tuple:
 
 def plan_kl(cal: Calibrated, plan: BitPlan) -> float:
     """Measured KL of a whole plan on the calibration positions."""
-    with simulated(cal.model, plan.assignments):
+    with simulated(cal.model, plan.assignments, cal):
         return cal.probe(0)
 
 
@@ -42,9 +42,10 @@ def marginal_table(cal: Calibrated, table: SensitivityTable, plan: BitPlan, prog
 
     chosen = plan.as_dict()
     model = cal.model
-    originals = {p: container_of(model, p)[0][container_of(model, p)[1]].weight for p in chosen}
+    modules = {p: container_of(model, p)[0][container_of(model, p)[1]] for p in chosen}
+    originals = {p: m.weight for p, m in modules.items()}
     layers = []
-    with simulated(model, plan.assignments):
+    with simulated(model, plan.assignments, cal):
         here = Calibrated(model, cal.tokens, cal.batches[0].shape[0], cal.kl_stride, refs=cal.refs)
         base = here.probe(0)
         todo = [(l, neighbours(l, chosen[l.path])) for l in table.layers if l.path in chosen]
@@ -58,7 +59,7 @@ def marginal_table(cal: Calibrated, table: SensitivityTable, plan: BitPlan, prog
                 if c == chosen[layer.path]:
                     deltas.append(0.0)
                     continue
-                module.weight = fake_quantize(originals[layer.path], c)
+                module.weight = cal.quantized(layer.path, module, originals[layer.path], c)
                 try:
                     deltas.append(here.probe(start_block(layer.path, len(here.blocks))) - base)
                 finally:

