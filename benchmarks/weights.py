@@ -59,6 +59,9 @@ def parse():
     p.add_argument("--anchor-bits", default="3,4", help="'all' probes every candidate")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--no-dynamic-quant", action="store_true")
+    p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ-rounding rows")
+    p.add_argument("--refine-rounds", type=int, default=1, help="refinement rounds for the 'refined' row (0: none)")
+    p.add_argument("--main-target", type=float, default=4.5, help="the target that gets refinement, GPTQ and proxy rows")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -135,7 +138,10 @@ def main():
     from optiq.evaluate import quality, reference_batches, simulated
     from optiq.plan import plan_bits, uniform_plan
     from optiq.records import Candidate
-    from optiq.sensitivity import measure_weights
+    import attrs
+
+    from optiq.refine import plan_kl, refine
+    from optiq.sensitivity import Calibrated, measure_weights
     from optiq.source import load_reference, resolve_model
 
     if not WIKITEXT.exists():
@@ -148,16 +154,23 @@ def main():
     ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
     refs = reference_batches(loaded.model, ev, batch_size=4)
 
-    def measure(assignments):
-        with simulated(loaded.model, assignments):
+    def measure(assignments, cal=None):
+        with simulated(loaded.model, assignments, cal):
             return quality(loaded.model, ev, refs, batch_size=4)
 
     bits = (2, 3, 4, 5, 6, 8)
     cands = [Candidate(b, args.group_size) for b in bits]
     anchors = None if args.anchor_bits == "all" else {int(b) for b in args.anchor_bits.split(",")}
+    import mlx.core as mx
+
     t0 = time.time()
-    table = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride)
+    mx.eval(loaded.model(mx.array(cal[: min(8, len(cal))])))
+    t_forward = (time.time() - t0) * len(cal) / min(8, len(cal))  # one full pass over the calibration set
+    t0 = time.time()
+    rtn_cal = Calibrated(loaded.model, cal, 8, args.kl_stride)
+    table = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride, calibrated=rtn_cal)
     t_sens = time.time() - t0
+    n_probes = sum(sum(l.measured) for l in table.layers)
     rows = []
     targets = [float(t) for t in args.targets.split(",")]
     recipes = {}
@@ -178,18 +191,59 @@ def main():
             t0 = time.time()
             plan = plan_bits(table, target, method=method)
             rows.append(row(f"optiq {method}", plan, measure(plan.assignments), time.time() - t0 + t_sens, {"predicted_kl": plan.predicted_kl}))
+    main_t = args.main_target
+    t0 = time.time()
+    proxy = measure_weights(loaded.model, cal, cands, anchors=set(), kl_stride=args.kl_stride, calibrated=rtn_cal)
+    t_proxy = time.time() - t0
+    plan = plan_bits(proxy, main_t)
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr([k for l in table.layers for k in l.kl], [k for l in proxy.layers for k in l.kl]).statistic)
+    rows.append(row("optiq exact, proxy estimator", plan, measure(plan.assignments), t_proxy, {"spearman_vs_probes": rho}))
+    exact_main = plan_bits(table, main_t)
+    if args.refine_rounds > 0:
+        t0 = time.time()
+        refined, history = refine(rtn_cal, table, exact_main, main_t, rounds=args.refine_rounds)
+        rows.append(row("optiq exact + refine", refined, measure(refined.assignments), t_sens + time.time() - t0,
+                        {"refine_rounds": [attrs.asdict(h) for h in history], "predicted_kl": refined.predicted_kl}))
+    # additivity: the sum of single-layer KLs against the plan's measured KL, on the calibration set
+    additivity = {"predicted_kl": exact_main.predicted_kl, "measured_calibration_kl": plan_kl(rtn_cal, exact_main)}
+    if not args.no_gptq:
+        t0 = time.time()
+        gptq_cal = Calibrated(loaded.model, cal, 8, args.kl_stride, quantizer="gptq")
+        gtable = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride, calibrated=gptq_cal)
+        t_g = time.time() - t0
+        uni = [c for c in cands if abs(c.effective_bits - main_t) < 1e-9]
+        if uni:
+            up = uniform_plan(gtable, uni[0])
+            rows.append(row(f"uniform {uni[0].bits}-bit g{uni[0].group_size}, GPTQ", up, measure(up.assignments, gptq_cal), t_g))
+        gplan = plan_bits(gtable, main_t)
+        rows.append(row("optiq exact, GPTQ", gplan, measure(gplan.assignments, gptq_cal), t_g, {"predicted_kl": gplan.predicted_kl}))
+        if args.refine_rounds > 0:
+            t0 = time.time()
+            grefined, _ = refine(gptq_cal, gtable, gplan, main_t, rounds=args.refine_rounds)
+            rows.append(row("optiq exact, GPTQ + refine", grefined, measure(grefined.assignments, gptq_cal), t_g + time.time() - t0))
+        del gptq_cal
     for recipe, plan in recipes.items():
         rows.append(row(f"mlx-lm {recipe}", plan, measure(plan.assignments), 0.0))
         exact = plan_bits(table, plan.effective_bpw, method="exact")
         rows.append(row(f"optiq exact @ {recipe} bpw", exact, measure(exact.assignments), t_sens, {"predicted_kl": exact.predicted_kl}))
     rows.sort(key=lambda r: (round(r["effective_bpw"], 2), r["method"]))
     text = markdown(rows)
+    naive = n_probes * t_forward
     print(f"\n{name}: calibration {cal.shape[0]}x{cal.shape[1]} tokens (last 25% of WikiText-2 articles), "
-          f"evaluation {ev.shape[0]}x{ev.shape[1]} (first 75%); sensitivity pass {t_sens:.0f}s ({table.method})\n")
+          f"evaluation {ev.shape[0]}x{ev.shape[1]} (first 75%)")
+    print(f"sensitivity pass: {t_sens:.0f}s for {n_probes} probes ({table.method}); a naive pass running the "
+          f"full model per probe: {n_probes} x {t_forward:.2f}s = {naive:.0f}s; proxy estimator {t_proxy:.0f}s "
+          f"(Spearman {rho:.3f} against the probed table)")
+    print(f"additivity at {main_t} bpw: predicted (sum of single-layer KLs) {additivity['predicted_kl']:.4f}, "
+          f"measured on the calibration set {additivity['measured_calibration_kl']:.4f}\n")
     print(text)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"weights-{Path(name).name}.json"
     out.write_text(json.dumps({"model": name, "sensitivity_seconds": t_sens, "sensitivity_method": table.method,
+                               "n_probes": n_probes, "full_forward_seconds": t_forward, "naive_pass_seconds": naive,
+                               "proxy_seconds": t_proxy, "proxy_spearman": rho, "additivity": additivity,
                                "calibration_tokens": int(cal.size), "eval_tokens": int(ev.size), "rows": rows,
                                "argv": sys.argv[1:]}, indent=2))
     (out.with_suffix(".md")).write_text(text + "\n")
