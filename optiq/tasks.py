@@ -10,7 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from .errors import OptiqError

@@ -1,8 +1,7 @@
 """python scripts/strip.py MODEL -o DIR: the same code as `optiq strip`."""
 
-import sys
-
+from optiq.commands import script_entry
 from optiq.commands.strip import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="scripts/strip.py"))
+    script_entry(main, prog="scripts/strip.py")

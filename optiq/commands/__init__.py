@@ -25,3 +25,21 @@ def int_list(text: str) -> tuple:
         return tuple(int(x) for x in str(text).split(",") if x.strip())
     except ValueError:
         raise OptiqError(f"expected comma-separated integers, got {text!r}")
+
+
+def run_command(options_class, run, argv, prog: str, description: str) -> int:
+    """Parse argv into the command's options record and run it; bad input exits 2."""
+    from argparse_dataclass import ArgumentParser
+
+    opts = ArgumentParser(options_class, prog=prog, description=description).parse_args(argv)
+    with reported():
+        run(opts)
+    return 0
+
+
+def script_entry(main, prog=None):
+    """`python scripts/x.py` / `python -m optiq.commands.x`: fast BLAS first, then main."""
+    from ..blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    sys.exit(main(prog=prog) if prog else main())

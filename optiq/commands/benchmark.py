@@ -2,14 +2,11 @@
 speed, peak memory and perplexity; with --baseline, two models side by side,
 measured in the same run."""
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from argparse_dataclass import ArgumentParser
-
-from . import reported
+from . import run_command, script_entry
 from ..errors import OptiqError
 
 
@@ -101,14 +98,8 @@ def run(opts: BenchmarkOptions) -> dict:
 
 
 def main(argv=None, prog="optiq benchmark") -> int:
-    opts = ArgumentParser(BenchmarkOptions, prog=prog, description=__doc__).parse_args(argv)
-    with reported():
-        run(opts)
-    return 0
+    return run_command(BenchmarkOptions, run, argv, prog, __doc__)
 
 
 if __name__ == "__main__":
-    from ..blas import ensure_fast_blas
-
-    ensure_fast_blas()
-    sys.exit(main())
+    script_entry(main)

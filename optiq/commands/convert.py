@@ -1,6 +1,5 @@
 """optiq convert: sensitivity -> exact bit plan -> a mixed-precision MLX model."""
 
-import json
 import sys
 import time
 from collections import Counter
@@ -9,12 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import attrs
-from argparse_dataclass import ArgumentParser
-
-from . import int_list, reported
+from . import int_list, run_command, script_entry
 from .. import __version__
 from ..errors import OptiqError
-from ..records import Candidate, QuantizedWeights, SensitivityTable, load_record, to_json
+from ..records import Candidate, QuantizedWeights, SensitivityTable, load_record
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 8, 16)
 VALID_GROUPS = (32, 64, 128)
@@ -287,15 +284,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
 
 
 def main(argv=None, prog="optiq convert") -> int:
-    parser = ArgumentParser(ConvertOptions, prog=prog, description=__doc__)
-    opts = parser.parse_args(argv)
-    with reported():
-        convert(opts)
-    return 0
+    return run_command(ConvertOptions, convert, argv, prog, __doc__)
 
 
 if __name__ == "__main__":
-    from ..blas import ensure_fast_blas
-
-    ensure_fast_blas()
-    sys.exit(main())
+    script_entry(main)

@@ -1,14 +1,11 @@
 """optiq eval: perplexity, KL against a reference, or GSM8K accuracy; with
 --baseline, two models side by side in one table."""
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from argparse_dataclass import ArgumentParser
-
-from . import reported
+from . import run_command, script_entry
 from ..errors import OptiqError
 
 
@@ -102,14 +99,8 @@ def run(opts: EvalOptions) -> dict:
 
 
 def main(argv=None, prog="optiq eval") -> int:
-    opts = ArgumentParser(EvalOptions, prog=prog, description=__doc__).parse_args(argv)
-    with reported():
-        run(opts)
-    return 0
+    return run_command(EvalOptions, run, argv, prog, __doc__)
 
 
 if __name__ == "__main__":
-    from ..blas import ensure_fast_blas
-
-    ensure_fast_blas()
-    sys.exit(main())
+    script_entry(main)

@@ -1,11 +1,8 @@
 """optiq import-gguf: a llama or gemma3 GGUF file -> a folder mlx_lm.load opens."""
 
-import sys
 from dataclasses import dataclass, field
 
-from argparse_dataclass import ArgumentParser
-
-from . import reported
+from . import run_command, script_entry
 from ..errors import OptiqError
 
 
@@ -16,22 +13,23 @@ class ImportOptions:
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
 
 
-def main(argv=None, prog="optiq import-gguf") -> int:
+def run(opts: ImportOptions):
     from pathlib import Path
 
     from ..gguf_import import import_gguf
     from ..io import atomic_output
 
-    opts = ArgumentParser(ImportOptions, prog=prog, description=__doc__).parse_args(argv)
-    with reported():
-        src = Path(opts.gguf)
-        if not src.is_file():
-            raise OptiqError(f"{src}: no such file")
-        with atomic_output(opts.output, force=opts.force) as tmp:
-            import_gguf(src, tmp)
+    src = Path(opts.gguf)
+    if not src.is_file():
+        raise OptiqError(f"{src}: no such file")
+    with atomic_output(opts.output, force=opts.force) as tmp:
+        import_gguf(src, tmp)
     print(f"wrote {opts.output}")
-    return 0
+
+
+def main(argv=None, prog="optiq import-gguf") -> int:
+    return run_command(ImportOptions, run, argv, prog, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_entry(main)

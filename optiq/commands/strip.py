@@ -1,11 +1,8 @@
 """optiq strip: a multimodal checkpoint -> its text-only model, without quantizing."""
 
-import sys
 from dataclasses import dataclass, field
 
-from argparse_dataclass import ArgumentParser
-
-from . import reported
+from . import run_command, script_entry
 
 
 @dataclass
@@ -15,22 +12,24 @@ class StripOptions:
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
 
 
-def main(argv=None, prog="optiq strip") -> int:
+def run(opts: StripOptions):
     from ..io import check_output
     from ..source import resolve_model
     from ..strip import strip
 
-    opts = ArgumentParser(StripOptions, prog=prog, description=__doc__).parse_args(argv)
-    with reported():
-        check_output(opts.output, opts.force)
-        report = strip(resolve_model(opts.model), opts.output, force=opts.force)
+    check_output(opts.output, opts.force)
+    report = strip(resolve_model(opts.model), opts.output, force=opts.force)
     print(
         f"wrote {opts.output}: {report.family} -> {report.text_model_type}, removed "
         f"{report.removed_tensors} tensors ({report.removed_bytes / 2**20:.2f} MiB; "
         f"{', '.join(report.removed_prefixes)}), kept {report.kept_bytes / 2**20:.2f} MiB"
     )
-    return 0
+    return report
+
+
+def main(argv=None, prog="optiq strip") -> int:
+    return run_command(StripOptions, run, argv, prog, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_entry(main)
