@@ -27,6 +27,18 @@ def openblas_loaded() -> bool:
     return False
 
 
+def _command_line():
+    """This process's command line, in a form that runs it again (None for -c)."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name:  # python -m package[.module]
+        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    if not sys.argv or sys.argv[0] in ("-c", ""):
+        return None
+    return list(sys.argv)
+
+
 def ensure_fast_blas(argv=None):
     """Re-exec with OpenBLAS preloaded when possible; otherwise warn once."""
     if not sys.platform.startswith("linux") or openblas_loaded():
@@ -34,10 +46,10 @@ def ensure_fast_blas(argv=None):
     if os.environ.get("OPTIQ_BLAS_CHECKED"):
         return
     os.environ["OPTIQ_BLAS_CHECKED"] = "1"
-    if OPENBLAS.exists():
+    args = list(argv) if argv is not None else _command_line()
+    if OPENBLAS.exists() and args:
         env = dict(os.environ)
         env["LD_PRELOAD"] = ":".join(filter(None, [str(OPENBLAS), env.get("LD_PRELOAD")]))
-        args = list(argv if argv is not None else sys.argv)
         os.execve(sys.executable, [sys.executable, *args], env)
     print(
         "optiq: MLX is using the slow reference BLAS; fp32 work is ~30x faster with "
