@@ -9,6 +9,7 @@ COMMANDS = {
     "strip": "optiq.commands.strip",
     "eval": "optiq.commands.eval",
     "benchmark": "optiq.commands.benchmark",
+    "kv-cache": "optiq.commands.kv_cache",
 }
 
 

@@ -28,6 +28,11 @@ def layer_cost_bits(n_params: int, candidate: Candidate) -> int:
     return n_params * candidate.bits + (n_params // candidate.group_size) * 32
 
 
+def nominal_cost_bits(n_params: int, candidate: Candidate) -> int:
+    """Bits as KV-cache plans usually count them: the code width alone."""
+    return n_params * min(candidate.bits, 16)
+
+
 def effective_bpw(assignments, n_params: dict) -> float:
     total = sum(n_params[p] for p, _ in assignments)
     cost = sum(layer_cost_bits(n_params[p], c) for p, c in assignments)
@@ -158,8 +163,10 @@ def plan_bits(
     method: str = "exact",
     protect=(),
     protect_bits: int = 8,
+    cost=layer_cost_bits,
 ) -> BitPlan:
-    """The plan with the least predicted total KL at effective bpw <= target."""
+    """The plan with the least predicted total KL at effective bpw <= target
+    (`cost=nominal_cost_bits` budgets the code width alone)."""
     layers = [layer for layer in table.layers if layer.candidates]
     guarded = protected_paths([layer.path for layer in layers], protect)
     options = []  # per layer: list of (candidate, kl)
@@ -171,7 +178,7 @@ def plan_bits(
         options.append(opts)
     n_params = {layer.path: layer.n_params for layer in layers}
     total = sum(n_params.values())
-    costs = [np.array([layer_cost_bits(l.n_params, c) for c, _ in o]) for l, o in zip(layers, options)]
+    costs = [np.array([cost(l.n_params, c) for c, _ in o]) for l, o in zip(layers, options)]
     values = [np.array([kl for _, kl in o], dtype=np.float64) for o in options]
     budget = int(math.floor(target_bpw * total + 1e-9))
     floor_bpw = sum(int(c.min()) for c in costs) / total
@@ -187,10 +194,11 @@ def plan_bits(
     else:
         raise OptiqError(f"unknown planning method {method!r} (exact or greedy)")
     assignments = tuple((l.path, o[k][0]) for l, o, k in zip(layers, options, choices))
+    spent = sum(int(c[k]) for c, k in zip(costs, choices))
     return BitPlan(
         assignments=assignments,
         target_bpw=float(target_bpw),
-        effective_bpw=effective_bpw(assignments, n_params),
+        effective_bpw=spent / total,
         predicted_kl=float(sum(v[k] for v, k in zip(values, choices))),
         method=method,
         optimality_gap=gap,

@@ -1,0 +1,65 @@
+"""optiq kv-cache: per-layer KV sensitivity -> kv_config.json for per-layer quantized caches."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import int_list, run_command, script_entry
+from ..errors import OptiqError
+
+
+@dataclass
+class KVOptions:
+    model: Optional[str] = field(default=None, metadata=dict(args=["model"], nargs="?", help="folder, .gguf or repo id (default: embedded SmolLM2)"))
+    output: str = field(default="kv-plan", metadata=dict(args=["-o", "--output"], help="output folder for kv_config.json"))
+    target_bits: float = field(default=4.5, metadata=dict(help="average bits per cached element (nominal unless --effective)"))
+    candidate_bits: str = "2,3,4,6,8"
+    group_size: int = 64
+    effective: bool = field(default=False, metadata=dict(help="budget effective bits (scales and biases counted)"))
+    calibration: Optional[str] = None
+    n_calibration: int = 4
+    seq_len: int = 256
+    prefill: Optional[int] = field(default=None, metadata=dict(help="tokens prefilled before teacher-forced decoding (default 3/4 of --seq-len)"))
+    seed: int = 0
+    force: bool = False
+    quiet: bool = False
+
+
+def run(opts: KVOptions):
+    from ..calibration import load_calibration
+    from ..io import atomic_output, check_output
+    from ..kv import cache_layers, measure_kv, plan_kv, write_kv_config
+    from ..records import Candidate
+    from ..source import load_reference, resolve_model
+
+    bits = int_list(opts.candidate_bits)
+    if not bits or any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
+        raise OptiqError(f"--candidate-bits {opts.candidate_bits!r}: choose from 2,3,4,5,6,8")
+    if opts.group_size not in (32, 64, 128):
+        raise OptiqError(f"--group-size {opts.group_size}: MLX supports 32, 64, 128")
+    if opts.prefill is not None and not 1 <= opts.prefill < opts.seq_len:
+        raise OptiqError("--prefill must be between 1 and --seq-len - 1")
+    check_output(Path(opts.output), opts.force)
+    loaded = load_reference(resolve_model(opts.model))
+    if not cache_layers(loaded.model):
+        raise OptiqError(f"{loaded.config.get('model_type')} has no KV-cache layers to plan")
+    tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+    table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits], prefill=opts.prefill, progress=not opts.quiet)
+    plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective)
+    with atomic_output(opts.output, force=opts.force) as tmp:
+        write_kv_config(plan, tmp)
+    print(
+        f"wrote {opts.output}/kv_config.json: {len(plan.layers)} cached layers at {plan.average_bits:.3f} average bits "
+        f"({plan.effective_bits:.3f} effective), predicted KL {plan.predicted_kl:.4f}; "
+        + " ".join(f"{e['layer_idx']}:{e['bits']}" for e in plan.layers)
+        + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
+    )
+    return plan
+
+
+def main(argv=None, prog="optiq kv-cache") -> int:
+    return run_command(KVOptions, run, argv, prog, __doc__)
+
+
+if __name__ == "__main__":
+    script_entry(main)

@@ -1,0 +1,82 @@
+"""KV sensitivity: KL(reference || model with only one layer's cache quantized),
+over a prefill and a stretch of teacher-forced decoding.
+
+Only layers whose cache is a KV cache are measured, keyed by their true layer
+index: hybrid models (qwen3_5) skip their linear-attention layers. Layers with
+a sliding-window (rotating) cache are listed but kept unquantized for now:
+mlx-lm has no quantized rotating cache and optiq does not yet provide one.
+"""
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+from .. import metrics
+from ..records import Candidate, LayerSensitivity, SensitivityTable
+
+UNQUANTIZED = Candidate(16, 64)
+
+
+def cache_layers(model) -> list:
+    """[(layer index, 'full' | 'sliding')] for every layer that has a KV cache."""
+    out = []
+    for i, cache in enumerate(make_prompt_cache(model)):
+        if isinstance(cache, RotatingKVCache):
+            out.append((i, "sliding"))
+        elif isinstance(cache, KVCache):
+            out.append((i, "full"))
+    return out
+
+
+def run_with_cache(model, tokens: mx.array, caches: list, prefill: int) -> mx.array:
+    """Logits for every position: one prefill call, then one call per token."""
+    logits = [model(tokens[:, :prefill], cache=caches)]
+    for t in range(prefill, tokens.shape[1]):
+        logits.append(model(tokens[:, t : t + 1], cache=caches))
+        mx.eval(logits[-1])
+    return mx.concatenate(logits, axis=1).astype(mx.float32)
+
+
+def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: bool = True) -> SensitivityTable:
+    """The KV sensitivity table; a layer's `n_params` is its KV elements per token."""
+    from tqdm.auto import tqdm
+
+    from ..calibration import digest
+
+    tokens_mx = mx.array(np.asarray(tokens, dtype=np.int32))
+    prefill = prefill or max(1, (tokens_mx.shape[1] * 3) // 4)
+    ref_caches = make_prompt_cache(model)
+    ref = metrics.reference_from_logits(run_with_cache(model, tokens_mx, ref_caches, prefill))
+    layers = cache_layers(model)
+
+    def fits(i, c):  # MLX groups run along the head dimension
+        return c.bits < 16 and ref_caches[i].keys.shape[3] % c.group_size == 0 and ref_caches[i].values.shape[3] % c.group_size == 0
+
+    todo = [(i, kind, c) for i, kind in layers if kind == "full" for c in candidates if fits(i, c)]
+    bar = tqdm(total=len(todo), desc="kv sensitivity", unit="probe", disable=not progress)
+    kls = {}
+    for i, kind, c in todo:
+        caches = make_prompt_cache(model)
+        caches[i] = QuantizedKVCache(group_size=c.group_size, bits=c.bits)
+        kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, run_with_cache(model, tokens_mx, caches, prefill))))
+        bar.update(1)
+    bar.close()
+    out = []
+    for i, kind in layers:
+        k = ref_caches[i]
+        per_token = int(k.keys.shape[1] * (k.keys.shape[3] + k.values.shape[3]))  # heads x (Dk + Dv)
+        cands = [c for c in candidates if kind == "full" and fits(i, c)]
+        cands = [*cands, UNQUANTIZED]
+        out.append(
+            LayerSensitivity(
+                path=f"kv.{i}",
+                n_params=per_token,
+                candidates=cands,
+                kl=[kls.get((i, c), 0.0) for c in cands],
+                measured=[c.bits >= 16 or (i, c) in kls for c in cands],
+                error=[0.0] * len(cands),
+                calibration_digest=digest(tokens),
+                roles=(kind,),
+            )
+        )
+    return SensitivityTable(model="", layers=tuple(out), calibration_digest=digest(tokens), n_tokens=int(tokens_mx.size), method=f"kv probes, prefill {prefill}")
