@@ -63,6 +63,7 @@ def parse():
     p.add_argument("--no-dynamic-quant", action="store_true")
     p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ-rounding rows")
     p.add_argument("--refine-rounds", type=int, default=1, help="refinement rounds for the 'refined' row (0: none)")
+    p.add_argument("--gptq-refine", action="store_true", help="also refine the GPTQ plan (another probe pass)")
     p.add_argument("--main-target", type=float, default=4.5, help="the target that gets refinement, GPTQ and proxy rows")
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -221,7 +222,7 @@ def main():
             rows.append(row(f"uniform {uni[0].bits}-bit g{uni[0].group_size}, GPTQ", up, measure(up.assignments, gptq_cal), t_g))
         gplan = plan_bits(gtable, main_t)
         rows.append(row("optiq exact, GPTQ", gplan, measure(gplan.assignments, gptq_cal), t_g, {"predicted_kl": gplan.predicted_kl}))
-        if args.refine_rounds > 0:
+        if args.refine_rounds > 0 and args.gptq_refine:
             t0 = time.time()
             grefined, _ = refine(gptq_cal, gtable, gplan, main_t, rounds=args.refine_rounds)
             rows.append(row("optiq exact, GPTQ + refine", grefined, measure(grefined.assignments, gptq_cal), t_g + time.time() - t0))
