@@ -56,14 +56,9 @@ _SPECIAL_TOKENS = {
 }
 
 
-def _field_value(field):
-    value = field.contents()
-    return value
-
-
 def read_metadata(reader) -> dict:
     """All key/value fields of a GGUF file as Python values."""
-    return {key: _field_value(field) for key, field in reader.fields.items()}
+    return {key: field.contents() for key, field in reader.fields.items()}
 
 
 def hf_tensor_name(gguf_name: str, arch: str) -> str:

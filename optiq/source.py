@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from .errors import OptiqError
 
@@ -170,7 +170,3 @@ def load_reference(path: Path) -> Loaded:
         to_fp32(model)
     mx.eval(model.parameters())
     return Loaded(model, tokenizer, config, Path(path), reference)
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
