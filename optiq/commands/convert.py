@@ -33,7 +33,7 @@ class ConvertOptions:
     seq_len: int = field(default=128, metadata=dict(help="tokens per calibration sequence"))
     kl_stride: int = field(default=4, metadata=dict(help="measure KL at every Nth position (all see full context)"))
     measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all", "proxy"], help="probe every candidate; only --anchor-bits and predict the rest; or no probes (fast output-error estimator)"))
-    anchor_bits: str = field(default="3,4", metadata=dict(help="bit-widths probed with --measure anchors"))
+    anchor_bits: str = field(default="4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
     quantizer: str = field(default="rtn", metadata=dict(choices=["rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation (measured and written with the same quantizer)"))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
