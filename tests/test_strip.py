@@ -109,6 +109,9 @@ def test_strip_matches_the_text_path(tmp_path, family):
     np.testing.assert_allclose(logits(out), logits(src), rtol=1e-5, atol=1e-5)
     meta = json.loads((out / "optiq_metadata.json").read_text())
     assert meta["stripped"]["removed_bytes"] == vision_bytes
+    # the files shrink by what the report says (up to safetensors headers)
+    shrunk = (src / "model.safetensors").stat().st_size - (out / "model.safetensors").stat().st_size
+    assert abs(shrunk - vision_bytes) < 4096
 
 
 def test_convert_strips_by_default_and_keeps_on_request(tmp_path):
