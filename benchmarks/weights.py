@@ -101,8 +101,7 @@ def dynamic_quant_plan(loaded, tokens, table, target, group_size):
     from optiq.plan import effective_bpw
     from optiq.records import BitPlan, Candidate
 
-    low = int(target - 32 / group_size) if target - 32 / group_size == int(target - 32 / group_size) else int(target - 32 / group_size)
-    low = max(2, min(low, 6))
+    low = max(2, min(int(target - 32 / group_size), 6))
     high = low + 1 if low < 6 else 8
     if Candidate(low, group_size).effective_bits == target:  # low-bit uniform already hits the target
         low, high = low - 1, low + 1

@@ -311,18 +311,17 @@ def _proxy_table(cal, plan, model_id, reference, cal_digest, n_tokens, tied) -> 
     error, with one global scale set by a single whole-model probe (every layer
     at its middle candidate). No per-layer probes."""
     errors = {path: [cal.output_error(path, module, c) for c in cands] for path, module, cands, _ in plan}
-    middle = [(path, cands[len(cands) // 2]) for path, _, cands, _ in plan if cands]
+    middle = [(path, module, len(cands) // 2, cands) for path, module, cands, _ in plan if cands]
     saved = []
-    for path, cand in middle:
-        module = dict((p, m) for p, m, *_ in plan)[path]
+    for path, module, i, cands in middle:
         saved.append((module, module.weight))
-        module.weight = cal.quantized(path, module, module.weight, cand)
+        module.weight = cal.quantized(path, module, module.weight, cands[i])
     try:
         whole = cal.probe(0)
     finally:
         for module, weight in saved:
             module.weight = weight
-    index = {path: cands.index(cand) for (path, cand), (_, _, cands, _) in zip(middle, [p for p in plan if p[2]])}
+    index = {path: i for path, _, i, _ in middle}
     scale = whole / max(sum(errors[p][i] for p, i in index.items()), 1e-30)
     layers = tuple(
         LayerSensitivity(

@@ -23,10 +23,8 @@ class PlannedKVCache(_BaseCache):
 
     def __getattr__(self, name):
         # `bits`/`group_size` only once quantized, like mlx-lm's own caches.
-        if name in ("bits", "group_size"):
-            if self.quantized:
-                return getattr(self._cache, name)
-            raise AttributeError(name)
+        if name in ("bits", "group_size") and self.quantized:
+            return getattr(self._cache, name)
         raise AttributeError(name)
 
     def update_and_fetch(self, keys, values):
