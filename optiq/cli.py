@@ -10,6 +10,7 @@ COMMANDS = {
     "eval": "optiq.commands.eval",
     "benchmark": "optiq.commands.benchmark",
     "kv-cache": "optiq.commands.kv_cache",
+    "serve": "optiq.commands.serve",
 }
 
 

@@ -2,7 +2,7 @@
 budget, kv_config.json, and the per-layer caches that carry it into
 mlx-lm's generate/stream_generate."""
 
-from .caches import PlannedKVCache, make_kv_cache
+from .caches import PlannedKVCache, make_kv_cache, uniform_layers
 from .plan import KVPlan, plan_kv, read_kv_config, write_kv_config
 from .sensitivity import cache_layers, measure_kv
 
@@ -14,5 +14,6 @@ __all__ = [
     "measure_kv",
     "plan_kv",
     "read_kv_config",
+    "uniform_layers",
     "write_kv_config",
 ]

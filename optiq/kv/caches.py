@@ -61,12 +61,22 @@ class PlannedKVCache(_BaseCache):
         return self._cache.nbytes
 
 
+def uniform_layers(model, bits: int, group_size: int = 64) -> list:
+    """kv_config entries giving every KV-cache layer the same bits."""
+    return [
+        {"layer_idx": i, "bits": bits, "group_size": group_size}
+        for i, c in enumerate(make_prompt_cache(model))
+        if isinstance(c, KVCache)
+    ]
+
+
 def make_kv_cache(model, plan=None, start: int = 0) -> list:
-    """The model's prompt cache with each planned layer's bits (None: mlx-lm's default)."""
+    """The model's prompt cache with each planned layer's bits (None: mlx-lm's default).
+    `plan` is a KVPlan or a list of kv_config entries."""
     caches = make_prompt_cache(model)
     if plan is None:
         return caches
-    for layer in plan.layers:
+    for layer in getattr(plan, "layers", plan):
         idx = layer["layer_idx"]
         if not isinstance(caches[idx], KVCache):
             raise ValueError(f"layer {idx} has a {type(caches[idx]).__name__}, not a KV cache")

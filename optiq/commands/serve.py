@@ -1,0 +1,145 @@
+"""optiq serve: an OpenAI-compatible server (chat, completions, streaming) with
+per-layer quantized KV caches and LoRA adapters chosen by the request's model."""
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from . import run_command, script_entry
+from ..errors import OptiqError
+
+
+@dataclass
+class ServeOptions:
+    model: Optional[str] = field(default=None, metadata=dict(help="folder, .gguf or repo id (default: embedded SmolLM2)"))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = field(default=None, metadata=dict(help="require Authorization: Bearer KEY (all but /health)"))
+    kv_config: Optional[str] = field(default=None, metadata=dict(help="kv_config.json from optiq kv-cache"))
+    kv_bits: Optional[int] = field(default=None, metadata=dict(help="uniform KV bits instead of a plan"))
+    kv_group_size: int = 64
+    quantized_kv_start: int = field(default=0, metadata=dict(help="keep the first N tokens' KV unquantized"))
+    adapter: List[str] = field(default_factory=list, metadata=dict(nargs="*", help="LoRA adapter: folder or repo id, name=source to name it (repeatable)"))
+    max_tokens: int = 512
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    max_context: Optional[int] = field(default=None, metadata=dict(help="prompt + completion tokens (default: the model's)"))
+    prompt_cache_bytes: int = field(default=1 << 30, metadata=dict(help="bound on cached conversation prefixes"))
+    max_body_bytes: int = 1 << 20
+    timeout: float = field(default=60.0, metadata=dict(help="seconds an idle or slow connection may wait"))
+    batch_size: int = field(default=16, metadata=dict(help="requests decoded together"))
+    dtype: str = field(default="auto", metadata=dict(choices=["auto", "float32", "native"], help="activation dtype; auto = float32 on CPU, where bf16/fp16 matmuls are slow and quantized ones accumulate in low precision"))
+
+
+def adapter_sources(specs) -> dict:
+    """name=source pairs; an unnamed source is named after its folder or repo."""
+    out = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            name, source = Path(spec.rstrip("/")).name, spec
+        if not name or not source:
+            raise OptiqError(f"--adapter {spec!r}: expected SOURCE or NAME=SOURCE")
+        if name in out:
+            raise OptiqError(f"--adapter: the name {name!r} is used twice")
+        out[name] = source
+    return out
+
+
+def build_app(opts: ServeOptions):
+    """Load the model, mount adapters, start the engine: everything but the socket."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from ..http.engine import Engine
+    from ..http.server import App, Defaults
+    from ..kv import make_kv_cache, read_kv_config, uniform_layers
+    from ..lora import AdapterSelector, mount, read_adapter, resolve_adapter
+    from ..source import resolve_model, to_fp32
+
+    if opts.kv_config and opts.kv_bits:
+        raise OptiqError("give --kv-config or --kv-bits, not both")
+    if opts.kv_bits is not None and opts.kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise OptiqError(f"--kv-bits {opts.kv_bits}: choose from 2,3,4,5,6,8")
+    if opts.kv_group_size not in (32, 64, 128):
+        raise OptiqError(f"--kv-group-size {opts.kv_group_size}: MLX supports 32, 64, 128")
+    if not 0 <= opts.port <= 65535:
+        raise OptiqError(f"--port {opts.port} is not a TCP port")
+    sources = adapter_sources(opts.adapter)
+    folder = resolve_model(opts.model)
+    model, tokenizer = mlx_lm.load(str(folder))
+    if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
+        to_fp32(model)  # packed weights stay packed; float weights, scales and biases go fp32
+    mx.eval(model.parameters())  # materialise here: the engine thread has its own stream
+    layers = None
+    if opts.kv_config:
+        layers = list(read_kv_config(opts.kv_config).layers)
+        n = len(model.layers)
+        bad = [e["layer_idx"] for e in layers if not 0 <= e["layer_idx"] < n]
+        if bad:
+            raise OptiqError(f"{opts.kv_config}: layers {bad} do not exist (the model has {n})")
+    elif opts.kv_bits:
+        layers = uniform_layers(model, opts.kv_bits, opts.kv_group_size)
+    make_cache = None
+    if layers is not None:
+        make_kv_cache(model, layers)  # fail now, not per request, on a layer without a KV cache
+        make_cache = lambda: make_kv_cache(model, layers, opts.quantized_kv_start)  # noqa: E731
+    selector = AdapterSelector()
+    for name, source in sources.items():
+        mount(model, name, read_adapter(resolve_adapter(source)), selector)
+    args = getattr(model, "args", None)
+    context = opts.max_context or getattr(args, "max_position_embeddings", None) or 4096
+    engine = Engine(model, tokenizer, make_cache, selector, opts.prompt_cache_bytes, opts.batch_size)
+    name = opts.model or folder.name
+    defaults = Defaults(name, opts.max_tokens, opts.temp, opts.top_p, opts.top_k, opts.seed)
+    vocab = getattr(args, "vocab_size", None) or len(tokenizer.get_vocab())
+    return App(engine, tokenizer, defaults, tuple(sources), int(context), opts.api_key, opts.max_body_bytes, opts.timeout, vocab)
+
+
+def run(opts: ServeOptions):
+    from ..http.server import serve
+
+    app = build_app(opts)
+
+    def ready(server):
+        host, port = server.sockets[0].getsockname()[:2]
+        print(f"optiq serve: {app.defaults.model_name} on http://{host}:{port}/v1"
+              + (f" with adapters {', '.join(app.adapters)}" if app.adapters else ""), flush=True)
+
+    try:
+        asyncio.run(serve(app, opts.host, opts.port, ready))
+    except OSError as exc:
+        raise OptiqError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.engine.close()
+
+
+def merge_repeated(argv, flag: str) -> list:
+    """`--adapter a --adapter b` -> `--adapter a b` (argparse-dataclass has no append)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith(flag + "="):
+            values.append(argv[i][len(flag) + 1:])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, *values] if values else [])
+
+
+def main(argv=None, prog="optiq serve") -> int:
+    return run_command(ServeOptions, run, merge_repeated(argv, "--adapter"), prog, __doc__)
+
+
+if __name__ == "__main__":
+    script_entry(main)

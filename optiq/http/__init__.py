@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `optiq serve` and `python -m optiq.http`."""

@@ -1,0 +1,282 @@
+"""Generation off the event loop: one engine thread decodes every request in
+flight, new requests joining between decode steps (continuous batching).
+
+Requests for the same adapter decode together in one mlx-lm `BatchGenerator`
+(each with its own cache, sampler and stop tokens); requests for different
+adapters run in sibling generators stepped in turn, the adapter switched
+between steps, so no request waits for another to finish. With a per-layer
+KV plan the caches are `PlannedKVCache`s, which mlx-lm cannot merge into a
+batch (mlx-lm's server also serialises quantized-KV requests): those requests
+are interleaved one decode step each instead.
+
+The event loop talks to the thread through a command queue; the thread
+answers each request's asyncio queue with `call_soon_threadsafe`.
+"""
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+
+@dataclass
+class Ticket:
+    """A request in the engine; the handler reads `events` (an asyncio.Queue)."""
+
+    request: object
+    prompt: list
+    adapter: str | None
+    loop: object
+    events: object
+    uid: int | None = None
+    generator: object = None
+    text: str = ""
+    sent: int = 0
+    entries: list = field(default_factory=list)
+    n_tokens: int = 0
+    cached_tokens: int = 0
+    detokenizer: object = None
+    done: bool = False
+
+    def post(self, event: dict):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class InterleavedGenerator:
+    """`BatchGenerator`'s insert/next/remove for caches that cannot be batched:
+    each sequence keeps its own cache and takes one step per `next()`.
+    As in mlx-lm, a returned token has already been fed to its cache."""
+
+    @dataclass
+    class Response:
+        uid: int
+        token: int
+        logprobs: mx.array
+        finish_reason: str | None
+        prompt_cache: list | None
+        all_tokens: list | None
+
+    def __init__(self, model, stop_tokens, prefill_step_size=512):
+        self.model, self.stop = model, {t for seq in stop_tokens for t in seq}
+        self.prefill_step_size, self.seqs, self._uid = prefill_step_size, {}, 0
+
+    def insert(self, prompts, max_tokens, caches, all_tokens, samplers):
+        uids = []
+        for p, m, c, at, s in zip(prompts, max_tokens, caches, all_tokens, samplers):
+            self.seqs[self._uid] = dict(pending=list(p), max=m, cache=c, tokens=list(at), sampler=s, n=0, next=None)
+            uids.append(self._uid)
+            self._uid += 1
+        return uids
+
+    def _forward(self, seq, tokens):
+        logits = self.model(mx.array(tokens)[None], cache=seq["cache"])[:, -1, :]
+        seq["tokens"] += tokens
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return seq["sampler"](logprobs), logprobs[0]
+
+    def next(self):
+        responses = []
+        for uid, seq in list(self.seqs.items()):
+            if len(seq["pending"]) > 1:  # prefill a chunk, keep the last prompt token
+                chunk = seq["pending"][: min(self.prefill_step_size, len(seq["pending"]) - 1)]
+                seq["pending"] = seq["pending"][len(chunk):]
+                self.model(mx.array(chunk)[None], cache=seq["cache"])
+                mx.eval([c.state for c in seq["cache"]])
+                seq["tokens"] += chunk
+                continue
+            if seq["next"] is None:
+                seq["next"], _ = self._forward(seq, seq["pending"])
+                seq["pending"] = []
+            token = seq["next"].item()
+            seq["next"], logprobs = self._forward(seq, [token])
+            mx.async_eval(seq["next"], logprobs)
+            seq["n"] += 1
+            finish = "stop" if token in self.stop else ("length" if seq["n"] >= seq["max"] else None)
+            cache = tokens = None
+            if finish:
+                cache, tokens = seq["cache"], seq["tokens"]
+                del self.seqs[uid]
+            responses.append(self.Response(uid, token, logprobs, finish, cache, tokens))
+        return [], responses
+
+    def remove(self, uids, return_prompt_caches=False):
+        out = {}
+        for uid in uids:
+            seq = self.seqs.pop(uid, None)
+            if seq is not None and return_prompt_caches and not seq["pending"]:
+                out[uid] = (seq["cache"], seq["tokens"])
+        return out
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+class Engine:
+    """Owns the model; `submit` from the event loop, results arrive as events."""
+
+    def __init__(self, model, tokenizer, make_cache=None, selector=None, prompt_cache_bytes=1 << 30,
+                 batch_size=16, prefill_step_size=512):
+        self.model, self.tokenizer = model, tokenizer
+        self.make_cache = make_cache  # None: mlx-lm's caches, batched
+        self.selector = selector
+        self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+        self.batch_size, self.prefill_step_size = batch_size, prefill_step_size
+        self.stop_tokens = [[t] for t in sorted(tokenizer.eos_token_ids)]
+        self.commands = queue.Queue()
+        self.generators = {}  # adapter name -> generator
+        self.tickets = {}  # (adapter, uid) -> Ticket
+        self.stats = dict(requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
+        self.thread = threading.Thread(target=self._run, name="optiq-engine", daemon=True)
+        self.thread.start()
+
+    # ---- event-loop side -------------------------------------------------
+    def submit(self, ticket: Ticket):
+        self.commands.put(("add", ticket))
+
+    def cancel(self, ticket: Ticket):
+        self.commands.put(("cancel", ticket))
+
+    def close(self):
+        self.commands.put(("stop", None))
+        self.thread.join(timeout=10)
+
+    # ---- engine thread ----------------------------------------------------
+    def _generator(self, adapter):
+        if adapter not in self.generators:
+            if self.make_cache is None:
+                self.generators[adapter] = BatchGenerator(
+                    self.model, stop_tokens=self.stop_tokens, completion_batch_size=self.batch_size,
+                    prefill_batch_size=min(8, self.batch_size), prefill_step_size=self.prefill_step_size,
+                    stream=self.stream,
+                )
+            else:
+                self.generators[adapter] = InterleavedGenerator(self.model, self.stop_tokens, self.prefill_step_size)
+        return self.generators[adapter]
+
+    def _sampler(self, s):
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        return make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1 else 0.0, top_k=s.top_k)
+
+    def _add(self, t: Ticket):
+        cache, rest = self.prompt_cache.fetch_nearest_cache(t.adapter, t.prompt)
+        if cache is not None and not rest:  # an exact hit still needs one token to feed
+            trim_prompt_cache(cache, 1)
+            rest = t.prompt[-1:]
+        if cache is None:
+            cache = self.make_cache() if self.make_cache else make_prompt_cache(self.model)
+        t.cached_tokens = len(t.prompt) - len(rest)
+        t.detokenizer = self.tokenizer.detokenizer  # a fresh copy per access
+        gen = self._generator(t.adapter)
+        args = ([rest], [t.request.max_tokens], [cache], [t.prompt[: t.cached_tokens]], [self._sampler(t.request.sampling)])
+        t.uid = gen.insert(*args)[0]
+        t.generator = gen
+        self.tickets[(t.adapter, t.uid)] = t
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(t.prompt)
+        self.stats["cached_tokens"] += t.cached_tokens
+
+    def _finish(self, t: Ticket, reason: str, cache=None, tokens=None):
+        t.done = True
+        self.tickets.pop((t.adapter, t.uid), None)
+        if cache is not None and tokens:
+            self.prompt_cache.insert_cache(t.adapter, list(tokens), cache)
+        tail = t.text[t.sent:]
+        t.post(dict(text=tail, entries=t.entries, finish=reason, prompt_tokens=len(t.prompt),
+                    completion_tokens=t.n_tokens, cached_tokens=t.cached_tokens))
+
+    def _stop_at(self, t: Ticket):
+        """(cut index of the first stop string or None, how much text is safe to send)."""
+        stops = t.request.stop
+        cuts = [i for i in (t.text.find(s) for s in stops) if i >= 0]
+        if cuts:
+            return min(cuts), min(cuts)
+        hold = 0  # keep back a tail that may grow into a stop string
+        for s in stops:
+            for k in range(min(len(s) - 1, len(t.text)), 0, -1):
+                if t.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return None, len(t.text) - hold
+
+    def _token(self, t: Ticket, r):
+        eos = r.finish_reason == "stop" and r.token in self.tokenizer.eos_token_ids
+        t.n_tokens += 1
+        self.stats["generated_tokens"] += 1
+        before = len(t.text)
+        if not eos:
+            t.detokenizer.add_token(r.token)
+        if r.finish_reason:
+            t.detokenizer.finalize()
+        t.text += t.detokenizer.last_segment
+        if t.request.logprobs and not eos:
+            t.entries.append(self._logprob_entry(t, r, t.text[before:]))
+        cut, safe = self._stop_at(t)
+        if cut is not None:
+            t.text = t.text[:cut]
+            extracted = t.generator.remove([r.uid], return_prompt_caches=True) if not r.finish_reason else {}
+            cache, tokens = extracted.get(r.uid, (r.prompt_cache, r.all_tokens))
+            return self._finish(t, "stop", cache, tokens)
+        if r.finish_reason:
+            return self._finish(t, r.finish_reason, r.prompt_cache, r.all_tokens)
+        if t.request.stream and safe > t.sent:
+            t.post(dict(text=t.text[t.sent:safe], entries=t.entries))
+            t.sent, t.entries = safe, []
+
+    def _logprob_entry(self, t, r, text):
+        logprobs = r.logprobs.astype(mx.float32)
+        top = []
+        if t.request.top_logprobs:
+            ids = mx.argpartition(-logprobs, t.request.top_logprobs - 1)[: t.request.top_logprobs]
+            vals = logprobs[ids].tolist()
+            top = sorted(((self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), vals)), key=lambda x: -x[1])
+        return (text, logprobs[r.token].item(), top)
+
+    def _step(self, adapter, gen):
+        if self.selector is not None:
+            self.selector.active = adapter
+        _, responses = gen.next()
+        for r in responses:
+            t = self.tickets.get((adapter, r.uid))
+            if t is not None and not t.done:
+                self._token(t, r)
+
+    def _command(self, cmd, t):
+        if cmd == "add":
+            try:
+                self._add(t)
+            except Exception as exc:  # a bad request must not stop the engine
+                t.post(dict(error=f"{type(exc).__name__}: {exc}"))
+        elif cmd == "cancel" and t.uid is not None and not t.done:
+            t.done = True
+            self.tickets.pop((t.adapter, t.uid), None)
+            t.generator.remove([t.uid])
+
+    def _run(self):
+        self.stream = mx.default_stream(mx.default_device())
+        while True:
+            try:
+                cmd, t = self.commands.get(block=not self.tickets)
+                if cmd == "stop":
+                    return
+                self._command(cmd, t)
+                continue  # take every waiting command before the next step
+            except queue.Empty:
+                pass
+            for adapter in {a for a, _ in self.tickets}:
+                try:
+                    self._step(adapter, self.generators[adapter])
+                except Exception as exc:
+                    self._fail_all(adapter, exc)
+
+    def _fail_all(self, adapter, exc):
+        for key, t in list(self.tickets.items()):
+            if key[0] == adapter:
+                self.tickets.pop(key)
+                t.done = True
+                t.post(dict(error=f"generation failed: {type(exc).__name__}: {exc}"))
+        self.generators.pop(adapter, None)

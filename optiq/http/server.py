@@ -1,0 +1,299 @@
+"""The HTTP edge: asyncio streams from the standard library, HTTP/1.1 parsed by
+h11 (sans-IO), routes for OpenAI's API. Generation happens in the engine
+thread; this loop only parses, validates, tokenizes and writes.
+"""
+
+import asyncio
+import json
+import time
+
+import attrs
+import h11
+
+from .engine import Ticket
+from .openai import ApiError, chunk, new_id, parse_request, response, usage, usage_chunk
+
+ROUTES = {
+    "/health": ("GET",),
+    "/v1/models": ("GET",),
+    "/v1/chat/completions": ("POST",),
+    "/v1/completions": ("POST",),
+}
+
+
+@attrs.frozen
+class Defaults:
+    model_name: str
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@attrs.define
+class App:
+    """Everything a request handler reads: the engine and the server's settings."""
+
+    engine: object
+    tokenizer: object
+    defaults: Defaults
+    adapters: tuple = ()
+    max_context: int = 4096
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    timeout: float = 60.0
+    vocab_size: int = 1 << 31
+    created: int = attrs.field(factory=lambda: int(time.time()))
+
+    def adapter_for(self, model: str):
+        if model in (None, "", self.defaults.model_name, "default"):
+            return None
+        if model in self.adapters:
+            return model
+        raise ApiError(404, f"the model {model!r} does not exist; GET /v1/models lists the base model and its adapters",
+                       param="model", code="model_not_found")
+
+    def prompt_tokens(self, req) -> list:
+        if req.kind == "chat":
+            return chat_tokens(self.tokenizer, list(req.messages))
+        if isinstance(req.prompt, tuple):
+            if max(req.prompt) >= self.vocab_size:
+                raise ApiError(400, f"token ids must be below the vocabulary size {self.vocab_size}", param="prompt")
+            return list(req.prompt)
+        return self.tokenizer.encode(req.prompt)
+
+
+def chat_tokens(tokenizer, messages) -> list:
+    """The tokenizer's own chat template (jinja, via transformers); a plain
+    transcript when the tokenizer has none."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer.encode(text)
+
+
+def _json(status: int, body: dict):
+    data = json.dumps(body).encode()
+    return status, [("content-type", "application/json"), ("content-length", str(len(data)))], data
+
+
+class Connection:
+    """One client: a keep-alive loop of request -> response over h11."""
+
+    def __init__(self, app: App, reader, writer):
+        self.app, self.reader, self.writer = app, reader, writer
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        self.closed = False
+
+    async def send(self, *events):
+        for event in events:
+            data = self.conn.send(event)
+            if data:
+                self.writer.write(data)
+        await self.writer.drain()
+
+    async def _receive(self):
+        """The next h11 event, reading the socket as needed (idle timeout applies)."""
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await asyncio.wait_for(self.reader.read(65536), self.app.timeout)
+            self.conn.receive_data(data)
+
+    async def _body(self, request) -> bytes:
+        length = dict(request.headers).get(b"content-length")
+        if length is not None and int(length) > self.app.max_body_bytes:
+            raise ApiError(413, f"request body over {self.app.max_body_bytes} bytes", code="body_too_large")
+        chunks, size = [], 0
+        while True:
+            event = await self._receive()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.app.max_body_bytes:
+                    raise ApiError(413, f"request body over {self.app.max_body_bytes} bytes", code="body_too_large")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise ApiError(400, "incomplete request body")
+
+    async def serve(self):
+        try:
+            while not self.closed:
+                try:
+                    event = await self._receive()
+                except (asyncio.TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
+                    if isinstance(exc, h11.RemoteProtocolError) and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await self.respond(*_json(getattr(exc, "error_status_hint", 400), ApiError(400, f"malformed HTTP request: {exc}").body()))
+                    break
+                if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
+                    break
+                if not isinstance(event, h11.Request):
+                    break
+                await self.handle(event)
+                if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+                    break
+                try:
+                    self.conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    break
+        finally:
+            self.writer.close()
+
+    async def respond(self, status, headers, data):
+        await self.send(h11.Response(status_code=status, headers=headers), h11.Data(data=data), h11.EndOfMessage())
+
+    async def handle(self, request):
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        method = request.method.decode()
+        try:
+            body = await self._body(request)
+            result = await self.route(method, path, dict(request.headers), body)
+        except ApiError as exc:
+            if self.conn.our_state is not h11.SEND_RESPONSE:  # a stream already under way
+                self.closed = True
+                return
+            result = _json(exc.status, exc.body())
+            if exc.status == 413:
+                self.closed = True  # the rest of the body is unread
+        except (asyncio.TimeoutError, h11.RemoteProtocolError):
+            self.closed = True
+            return
+        except ConnectionError:
+            raise
+        except Exception as exc:  # a bug must cost one request, not the server
+            if self.conn.our_state is not h11.SEND_RESPONSE:
+                self.closed = True
+                return
+            result = _json(500, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
+        if result is not None:
+            status, headers, data = result
+            if self.closed:
+                headers = headers + [("connection", "close")]
+            await self.respond(status, headers, data)
+
+    def _authorize(self, headers):
+        if self.app.api_key is None:
+            return
+        if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.app.api_key}":
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def route(self, method, path, headers, body):
+        if path not in ROUTES:
+            raise ApiError(404, f"no route {path}", code="not_found")
+        if method not in ROUTES[path]:
+            raise ApiError(405, f"{method} is not allowed on {path}; use {', '.join(ROUTES[path])}", code="method_not_allowed")
+        if path == "/health":
+            return _json(200, {"status": "ok", **self.app.engine.stats})
+        self._authorize(headers)
+        if path == "/v1/models":
+            names = [self.app.defaults.model_name, *self.app.adapters]
+            data = [{"id": n, "object": "model", "created": self.app.created, "owned_by": "optiq"} for n in names]
+            return _json(200, {"object": "list", "data": data})
+        try:
+            parsed = json.loads(body or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json")
+        kind = "chat" if path.endswith("chat/completions") else "completion"
+        return await self.generate(parse_request(kind, parsed, self.app.defaults))
+
+    async def generate(self, req):
+        app = self.app
+        adapter = app.adapter_for(req.model)
+        tokens = app.prompt_tokens(req)
+        if len(tokens) >= app.max_context:
+            raise ApiError(400, f"the prompt has {len(tokens)} tokens; the context holds {app.max_context}",
+                           param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
+        req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)))
+        ticket = Ticket(req, tokens, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        app.engine.submit(ticket)
+        try:
+            if req.stream:
+                await self.stream(req, ticket)
+                return None
+            return await self.complete(req, ticket)
+        finally:
+            if not ticket.done:
+                app.engine.cancel(ticket)  # a client gone mid-request frees its slot
+
+    async def _event(self, ticket):
+        """The next engine event, or ConnectionError once the client hangs up."""
+        get = asyncio.ensure_future(ticket.events.get())
+        while True:
+            peek = asyncio.ensure_future(self.reader.read(65536))
+            done, _ = await asyncio.wait({get, peek}, return_when=asyncio.FIRST_COMPLETED)
+            if peek in done:
+                data = peek.result()
+                if not data:
+                    get.cancel()
+                    raise ConnectionError("client closed the connection")
+                self.conn.receive_data(data)  # a pipelined request: h11 keeps it
+                if get not in done:
+                    continue
+            else:
+                peek.cancel()
+                try:
+                    await peek
+                except asyncio.CancelledError:
+                    pass
+            event = get.result()
+            if "error" in event:
+                ticket.done = True
+                raise ApiError(500, event["error"], type="server_error", code="generation_failed")
+            if "finish" in event:
+                ticket.done = True
+            return event
+
+    async def complete(self, req, ticket):
+        rid, text, entries = new_id(req.kind), "", []
+        while True:
+            event = await self._event(ticket)
+            text += event["text"]
+            entries += event["entries"]
+            if "finish" in event:
+                use = usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"])
+                return _json(200, response(req, rid, text, event["finish"], entries, use))
+
+    async def stream(self, req, ticket):
+        rid = new_id(req.kind)
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        first = True
+        offset = 0
+        while True:
+            event = await self._event(ticket)  # errors before the first byte are plain 4xx/5xx
+            if first:
+                await self.send(h11.Response(status_code=200, headers=headers))
+                if req.kind == "chat":
+                    await self._sse(chunk(req, rid, "", None, first=True))
+                first = False
+            if event["text"] or event["entries"]:
+                await self._sse(chunk(req, rid, event["text"], None, event["entries"], offset=offset))
+                offset += len(event["text"])
+            if "finish" in event:
+                await self._sse(chunk(req, rid, None if req.kind == "chat" else "", event["finish"]))
+                if req.include_usage:
+                    await self._sse(usage_chunk(req, rid, usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"])))
+                await self.send(h11.Data(data=b"data: [DONE]\n\n"), h11.EndOfMessage())
+                return
+
+    async def _sse(self, body: dict):
+        await self.send(h11.Data(data=b"data: " + json.dumps(body).encode() + b"\n\n"))
+
+
+async def serve(app: App, host: str, port: int, ready=None):
+    """Run until cancelled; `ready(server)` is called once the socket listens."""
+
+    async def client(reader, writer):
+        try:
+            await Connection(app, reader, writer).serve()
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+
+    server = await asyncio.start_server(client, host, port, limit=1 << 20)
+    if ready is not None:
+        ready(server)
+    async with server:
+        await server.serve_forever()
