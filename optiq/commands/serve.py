@@ -86,7 +86,10 @@ def build_app(opts: ServeOptions):
         layers = uniform_layers(model, opts.kv_bits, opts.kv_group_size)
     make_cache = None
     if layers is not None:
-        make_kv_cache(model, layers)  # fail now, not per request, on a layer without a KV cache
+        try:  # fail now, not per request: a layer without a KV cache, a group size the head dim refuses
+            model(mx.array([[0, 0]]), cache=make_kv_cache(model, layers))
+        except (ValueError, RuntimeError) as exc:
+            raise OptiqError(f"the KV plan does not fit this model: {exc}")
         make_cache = lambda: make_kv_cache(model, layers, opts.quantized_kv_start)  # noqa: E731
     selector = AdapterSelector()
     for name, source in sources.items():

@@ -141,7 +141,21 @@ class Connection:
                 except h11.LocalProtocolError:
                     break
         finally:
+            if self.closed:
+                await self._linger()
             self.writer.close()
+
+    async def _linger(self, seconds: float = 2.0):
+        """Half-close, then discard what the client still sends: closing a socket
+        with unread data resets it, and the reset can eat our error response."""
+        try:
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            deadline = asyncio.get_running_loop().time() + seconds
+            while await asyncio.wait_for(self.reader.read(65536), max(0.0, deadline - asyncio.get_running_loop().time())):
+                pass
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
 
     async def respond(self, status, headers, data):
         await self.send(h11.Response(status_code=status, headers=headers), h11.Data(data=data), h11.EndOfMessage())
