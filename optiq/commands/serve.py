@@ -32,7 +32,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     timeout: float = field(default=60.0, metadata=dict(help="seconds an idle or slow connection may wait"))
     batch_size: int = field(default=16, metadata=dict(help="requests decoded together"))
-    dtype: str = field(default="auto", metadata=dict(choices=["auto", "float32", "native"], help="activation dtype; auto = float32 on CPU, where bf16/fp16 matmuls are slow and quantized ones accumulate in low precision"))
+    dtype: str = field(default="auto", metadata=dict(choices=["auto", "float32", "native"], help="activation dtype; auto = float32 on CPU, where bf16/fp16 matmuls are slow and quantized ones accumulate in low precision (see optiq/cpu.py)"))
 
 
 def adapter_sources(specs) -> dict:
@@ -59,7 +59,8 @@ def build_app(opts: ServeOptions):
     from ..http.server import App, Defaults
     from ..kv import make_kv_cache, read_kv_config, uniform_layers
     from ..lora import AdapterSelector, mount, read_adapter, resolve_adapter
-    from ..source import resolve_model, to_fp32
+    from ..cpu import adapt_for_cpu
+    from ..source import resolve_model
 
     if opts.kv_config and opts.kv_bits:
         raise OptiqError("give --kv-config or --kv-bits, not both")
@@ -73,7 +74,7 @@ def build_app(opts: ServeOptions):
     folder = resolve_model(opts.model)
     model, tokenizer = mlx_lm.load(str(folder))
     if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
-        to_fp32(model)  # packed weights stay packed; float weights, scales and biases go fp32
+        adapt_for_cpu(model)  # fp32 activations, row-adaptive quantized matmuls (optiq/cpu.py)
     mx.eval(model.parameters())  # materialise here: the engine thread has its own stream
     layers = None
     if opts.kv_config:

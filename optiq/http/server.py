@@ -47,7 +47,7 @@ class App:
     created: int = attrs.field(factory=lambda: int(time.time()))
 
     def adapter_for(self, model: str):
-        if model in (None, "", self.defaults.model_name, "default"):
+        if model in (None, "", self.defaults.model_name, "default", "default_model"):  # mlx_lm.server's name too
             return None
         if model in self.adapters:
             return model

@@ -1,0 +1,50 @@
+"""Serving quantized models fast on a CPU, without touching model code.
+
+Measured on this 2-core x86 machine (OpenBLAS, a 1536x576 4-bit layer):
+`quantized_matmul` with fp32 activations takes 0.8 ms for one row but grows
+linearly with rows (51 ms at 64), while dequantizing the layer and running
+an fp32 matmul takes 1.5 ms at one row and 2.7 ms at 64. With fp16
+activations quantized_matmul takes 29 ms for a single row. So on CPU: fp32
+activations, `quantized_matmul` for one-row decode, and dequantize-then-matmul
+whenever a call has more rows (prefill, batched decode, the tied head over a
+prompt). The packed weights stay packed: memory is unchanged.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _rows(x) -> int:
+    return x.size // x.shape[-1]
+
+
+class RowAdaptiveQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x):
+        if _rows(x) <= 1:
+            return super().__call__(x)
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = x @ w.astype(x.dtype).T
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowAdaptiveQuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x):
+        if _rows(x) <= 1:
+            return super().as_linear(x)
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return x @ w.astype(x.dtype).T
+
+
+_SWAPS = {nn.QuantizedLinear: RowAdaptiveQuantizedLinear, nn.QuantizedEmbedding: RowAdaptiveQuantizedEmbedding}
+
+
+def adapt_for_cpu(model: nn.Module) -> nn.Module:
+    """fp32 activations and row-adaptive quantized layers (in place)."""
+    from .source import to_fp32
+
+    to_fp32(model)
+    for _, module in model.named_modules():
+        cls = _SWAPS.get(type(module))
+        if cls is not None:
+            module.__class__ = cls  # same state, new call path
+    return model
