@@ -15,28 +15,36 @@ FLOAT_BITS = 16  # an unquantized weight, stored as fp16/bf16
 
 @attrs.frozen(order=True)
 class Candidate:
-    """One way to store a layer: affine `bits` with `group_size` (bits=16: unquantized)."""
+    """One way to store a layer: affine `bits` with `group_size` (bits=16: unquantized),
+    or, for KV caches, mode "turbo": TurboQuant codes with one fp16 norm per
+    vector of `group_size` (the head dimension) elements."""
 
     bits: int
     group_size: int = 64
+    mode: str = "affine"
 
     @property
     def effective_bits(self) -> float:
-        # One fp16 scale and one fp16 bias per group, as MLX's affine mode stores them.
         if self.bits >= FLOAT_BITS:
             return float(FLOAT_BITS)
+        if self.mode == "turbo":
+            return self.bits + 16.0 / self.group_size
+        # One fp16 scale and one fp16 bias per group, as MLX's affine mode stores them.
         return self.bits + 32.0 / self.group_size
 
     @property
     def key(self) -> str:
-        return f"{self.bits}@{self.group_size}"
+        return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}@{self.group_size}"
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size}
+        d = {"bits": self.bits, "group_size": self.group_size}
+        if self.mode != "affine":
+            d["mode"] = self.mode
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
-        return cls(int(d["bits"]), int(d["group_size"]))
+        return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")))
 
 
 def _candidates(value) -> tuple:

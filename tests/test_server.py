@@ -376,10 +376,26 @@ def test_quantized_kv_serving_interleaves_and_matches_solo_runs(kv_server):
     assert all(isinstance(c, PlannedKVCache) for c in kv_server.app.engine.make_cache())
 
 
+def test_turbo_kv_serving(tmp_path_factory):
+    from conftest import build_model
+    from optiq.kv.turbo import TurboQuantKVCache
+
+    folder = build_model(tmp_path_factory.mktemp("turbo-serve") / "model", "llama", hidden_size=128, intermediate_size=256)
+    running = start(model=str(folder), kv_bits=3, kv_mode="turbo")
+    try:
+        a = running.client.completions.create(model="", prompt="The quick", max_tokens=6)
+        b = running.client.completions.create(model="", prompt="The quick", max_tokens=6)
+        assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens >= 1
+        assert all(isinstance(c, TurboQuantKVCache) for c in running.app.engine.make_cache())
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--kv-bits", "7"], "--kv-bits 7"),
+        (["--kv-bits", "8", "--kv-mode", "turbo"], "--kv-bits 8 with --kv-mode turbo"),
         (["--kv-bits", "4", "--kv-group-size", "32"], "the KV plan does not fit"),
         (["--kv-config", "/no/such/kv_config.json"], "cannot read KV config"),
         (["--adapter", "/no/such/adapter"], "neither a folder nor a Hugging Face repo id"),

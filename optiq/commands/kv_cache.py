@@ -13,7 +13,8 @@ class KVOptions:
     model: Optional[str] = field(default=None, metadata=dict(args=["model"], nargs="?", help="folder, .gguf or repo id (default: embedded SmolLM2)"))
     output: str = field(default="kv-plan", metadata=dict(args=["-o", "--output"], help="output folder for kv_config.json"))
     target_bits: float = field(default=4.5, metadata=dict(help="average bits per cached element (nominal unless --effective)"))
-    candidate_bits: str = "2,3,4,6,8"
+    candidate_bits: str = field(default="2,3,4,6,8", metadata=dict(help="affine candidates (mlx-lm's quantized cache)"))
+    turbo_bits: str = field(default="", metadata=dict(help="TurboQuant candidates, e.g. 2,3,4 (the planner picks the family per layer)"))
     group_size: int = 64
     effective: bool = field(default=False, metadata=dict(help="budget effective bits (scales and biases counted)"))
     calibration: Optional[str] = None
@@ -33,8 +34,13 @@ def run(opts: KVOptions):
     from ..source import load_reference, resolve_model
 
     bits = int_list(opts.candidate_bits)
-    if not bits or any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
+    if any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
         raise OptiqError(f"--candidate-bits {opts.candidate_bits!r}: choose from 2,3,4,5,6,8")
+    turbo = int_list(opts.turbo_bits)
+    if any(b not in (1, 2, 3, 4) for b in turbo):
+        raise OptiqError(f"--turbo-bits {opts.turbo_bits!r}: choose from 1,2,3,4")
+    if not bits and not turbo:
+        raise OptiqError("no candidates: give --candidate-bits and/or --turbo-bits")
     if opts.group_size not in (32, 64, 128):
         raise OptiqError(f"--group-size {opts.group_size}: MLX supports 32, 64, 128")
     if opts.prefill is not None and not 1 <= opts.prefill < opts.seq_len:
@@ -44,14 +50,14 @@ def run(opts: KVOptions):
     if not cache_layers(loaded.model):
         raise OptiqError(f"{loaded.config.get('model_type')} has no KV-cache layers to plan")
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
-    table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits], prefill=opts.prefill, progress=not opts.quiet)
+    table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits] + [Candidate(b, 0, "turbo") for b in turbo], prefill=opts.prefill, progress=not opts.quiet)
     plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective)
     with atomic_output(opts.output, force=opts.force) as tmp:
         write_kv_config(plan, tmp)
     print(
         f"wrote {opts.output}/kv_config.json: {len(plan.layers)} cached layers at {plan.average_bits:.3f} average bits "
         f"({plan.effective_bits:.3f} effective), predicted KL {plan.predicted_kl:.4f}; "
-        + " ".join(f"{e['layer_idx']}:{e['bits']}" for e in plan.layers)
+        + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}" for e in plan.layers)
         + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
     )
     return plan

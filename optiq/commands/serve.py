@@ -20,6 +20,7 @@ class ServeOptions:
     kv_config: Optional[str] = field(default=None, metadata=dict(help="kv_config.json from optiq kv-cache"))
     kv_bits: Optional[int] = field(default=None, metadata=dict(help="uniform KV bits instead of a plan"))
     kv_group_size: int = 64
+    kv_mode: str = field(default="affine", metadata=dict(choices=["affine", "turbo"], help="with --kv-bits: mlx-lm's affine quantized cache or TurboQuant (1-4 bits)"))
     quantized_kv_start: int = field(default=0, metadata=dict(help="keep the first N tokens' KV unquantized"))
     adapter: List[str] = field(default_factory=list, metadata=dict(nargs="*", help="LoRA adapter: folder or repo id, name=source to name it (repeatable)"))
     max_tokens: int = 512
@@ -64,8 +65,9 @@ def build_app(opts: ServeOptions):
 
     if opts.kv_config and opts.kv_bits:
         raise OptiqError("give --kv-config or --kv-bits, not both")
-    if opts.kv_bits is not None and opts.kv_bits not in (2, 3, 4, 5, 6, 8):
-        raise OptiqError(f"--kv-bits {opts.kv_bits}: choose from 2,3,4,5,6,8")
+    allowed = (1, 2, 3, 4) if opts.kv_mode == "turbo" else (2, 3, 4, 5, 6, 8)
+    if opts.kv_bits is not None and opts.kv_bits not in allowed:
+        raise OptiqError(f"--kv-bits {opts.kv_bits} with --kv-mode {opts.kv_mode}: choose from {','.join(map(str, allowed))}")
     if opts.kv_group_size not in (32, 64, 128):
         raise OptiqError(f"--kv-group-size {opts.kv_group_size}: MLX supports 32, 64, 128")
     if not 0 <= opts.port <= 65535:
@@ -84,7 +86,7 @@ def build_app(opts: ServeOptions):
         if bad:
             raise OptiqError(f"{opts.kv_config}: layers {bad} do not exist (the model has {n})")
     elif opts.kv_bits:
-        layers = uniform_layers(model, opts.kv_bits, opts.kv_group_size)
+        layers = uniform_layers(model, opts.kv_bits, opts.kv_group_size, opts.kv_mode)
     make_cache = None
     if layers is not None:
         try:  # fail now, not per request: a layer without a KV cache, a group size the head dim refuses

@@ -61,10 +61,11 @@ class PlannedKVCache(_BaseCache):
         return self._cache.nbytes
 
 
-def uniform_layers(model, bits: int, group_size: int = 64) -> list:
+def uniform_layers(model, bits: int, group_size: int = 64, mode: str = "affine") -> list:
     """kv_config entries giving every KV-cache layer the same bits."""
+    extra = {"mode": mode} if mode != "affine" else {}
     return [
-        {"layer_idx": i, "bits": bits, "group_size": group_size}
+        {"layer_idx": i, "bits": bits, "group_size": group_size, **extra}
         for i, c in enumerate(make_prompt_cache(model))
         if isinstance(c, KVCache)
     ]
@@ -80,5 +81,11 @@ def make_kv_cache(model, plan=None, start: int = 0) -> list:
         idx = layer["layer_idx"]
         if not isinstance(caches[idx], KVCache):
             raise ValueError(f"layer {idx} has a {type(caches[idx]).__name__}, not a KV cache")
-        caches[idx] = PlannedKVCache(layer["bits"], layer["group_size"], start)
+        if layer.get("mode", "affine") == "turbo":
+            from .turbo import TurboQuantKVCache, install
+
+            install(model)  # TurboQuant quantizes from the first token (no `start`)
+            caches[idx] = TurboQuantKVCache(layer["bits"], layer.get("seed", 0), idx)
+        elif layer["bits"] < 16:
+            caches[idx] = PlannedKVCache(layer["bits"], layer["group_size"], start)
     return caches

@@ -37,7 +37,7 @@ def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal:
     n = {l.path: l.n_params for l in table.layers}
     total = sum(n.values())
     entries = [
-        {"layer_idx": int(p.split(".")[1]), "bits": c.bits, "group_size": c.group_size}
+        {"layer_idx": int(p.split(".")[1]), "bits": c.bits, "group_size": c.group_size, **({"mode": c.mode} if c.mode != "affine" else {})}
         for p, c in plan.assignments
     ]
     planned = {e["layer_idx"] for e in entries}

@@ -5,6 +5,8 @@ Only layers whose cache is a KV cache are measured, keyed by their true layer
 index: hybrid models (qwen3_5) skip their linear-attention layers. Layers with
 a sliding-window (rotating) cache are listed but kept unquantized for now:
 mlx-lm has no quantized rotating cache and optiq does not yet provide one.
+Candidates are affine (mlx-lm's QuantizedKVCache) or TurboQuant (mode
+"turbo", optiq.kv.turbo), so the planner chooses the family per layer.
 """
 
 import mlx.core as mx
@@ -49,15 +51,30 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
     ref = metrics.reference_from_logits(run_with_cache(model, tokens_mx, ref_caches, prefill))
     layers = cache_layers(model)
 
-    def fits(i, c):  # MLX groups run along the head dimension
-        return c.bits < 16 and ref_caches[i].keys.shape[3] % c.group_size == 0 and ref_caches[i].values.shape[3] % c.group_size == 0
+    def fits(i, c):  # MLX groups run along the head dimension; TurboQuant rotates whole heads
+        dk, dv = ref_caches[i].keys.shape[3], ref_caches[i].values.shape[3]
+        if c.mode == "turbo":
+            return c.bits <= 4 and dk == dv == c.group_size and dk % 32 == 0
+        return c.bits < 16 and dk % c.group_size == 0 and dv % c.group_size == 0
 
-    todo = [(i, kind, c) for i, kind in layers if kind == "full" for c in candidates if fits(i, c)]
+    def head_candidates(i):  # a TurboQuant candidate's group is the head dimension
+        d = ref_caches[i].keys.shape[3]
+        return [Candidate(c.bits, d, "turbo") if c.mode == "turbo" else c for c in candidates]
+
+    def quantized_cache(i, c):
+        if c.mode == "turbo":
+            from .turbo import TurboQuantKVCache, install
+
+            install(model)
+            return TurboQuantKVCache(c.bits, 0, i)
+        return QuantizedKVCache(group_size=c.group_size, bits=c.bits)
+
+    todo = [(i, kind, c) for i, kind in layers if kind == "full" for c in head_candidates(i) if fits(i, c)]
     bar = tqdm(total=len(todo), desc="kv sensitivity", unit="probe", disable=not progress)
     kls = {}
     for i, kind, c in todo:
         caches = make_prompt_cache(model)
-        caches[i] = QuantizedKVCache(group_size=c.group_size, bits=c.bits)
+        caches[i] = quantized_cache(i, c)
         kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, run_with_cache(model, tokens_mx, caches, prefill))))
         bar.update(1)
     bar.close()
@@ -65,7 +82,7 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
     for i, kind in layers:
         k = ref_caches[i]
         per_token = int(k.keys.shape[1] * (k.keys.shape[3] + k.values.shape[3]))  # heads x (Dk + Dv)
-        cands = [c for c in candidates if kind == "full" and fits(i, c)]
+        cands = [c for c in head_candidates(i) if kind == "full" and fits(i, c)]
         cands = [*cands, UNQUANTIZED]
         out.append(
             LayerSensitivity(
