@@ -11,6 +11,7 @@ COMMANDS = {
     "benchmark": "optiq.commands.benchmark",
     "kv-cache": "optiq.commands.kv_cache",
     "serve": "optiq.commands.serve",
+    "lora": "optiq.commands.lora",
 }
 
 

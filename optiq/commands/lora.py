@@ -1,0 +1,157 @@
+"""optiq lora {train,info,export}: LoRA whose rank per layer follows the bits or
+the measured sensitivity, written in PEFT's format (and mlx-lm's on export)."""
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import fail, run_command, script_entry
+from ..errors import OptiqError
+
+
+@dataclass
+class TrainOptions:
+    model: Optional[str] = field(default=None, metadata=dict(args=["model"], nargs="?", help="an optiq model, any mlx-lm model, .gguf or repo id (default: embedded SmolLM2)"))
+    data: str = field(default="", metadata=dict(help="folder with train.jsonl (and valid.jsonl) in mlx-lm's formats"))
+    output: str = field(default="adapter", metadata=dict(args=["-o", "--output"]))
+    rank: int = 8
+    rank_scaling: str = field(default="constant", metadata=dict(choices=["constant", "by_bits", "by_kl"]))
+    param_budget: Optional[int] = field(default=None, metadata=dict(help="total trainable parameters, spread by the scaling rule"))
+    alpha_ratio: float = field(default=2.0, metadata=dict(help="alpha = ratio x rank per module (PEFT scale alpha/r)"))
+    target_modules: str = ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    num_layers: int = field(default=-1, metadata=dict(help="adapt the last N blocks (-1: all)"))
+    iters: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    max_seq_length: int = 512
+    steps_per_eval: int = 50
+    steps_per_save: int = 50
+    val_batches: int = 25
+    mask_prompt: bool = field(default=True, metadata=dict(help="train on completions only (chat and prompt/completion data)"))
+    dtype: str = field(default="auto", metadata=dict(choices=["auto", "float32", "native"]))
+    seed: int = 0
+    force: bool = False
+    no_resume: bool = field(default=False, metadata=dict(help="ignore checkpoints in OUTPUT.partial"))
+
+
+def run_train(opts: TrainOptions):
+    import mlx.core as mx
+    import mlx_lm
+
+    from ..cpu import adapt_for_cpu
+    from ..io import atomic_output, check_output, write_json
+    from ..lora.formats import write_peft
+    from ..lora.plan import layer_signals, plan_lora
+    from ..lora.train import apply_plan, load_datasets, lora_weights, target_dims, train, trainable_count
+    from ..source import resolve_model
+
+    if not opts.data:
+        raise OptiqError("--data is required (a folder with train.jsonl)")
+    if opts.rank < 1 or opts.iters < 1 or opts.batch_size < 1:
+        raise OptiqError("--rank, --iters and --batch-size must be at least 1")
+    data = Path(opts.data)
+    if not data.is_dir():
+        raise OptiqError(f"--data {data} is not a folder")
+    out = Path(opts.output)
+    check_output(out, opts.force)
+    mx.random.seed(opts.seed)
+    folder = resolve_model(opts.model)
+    model, tokenizer = mlx_lm.load(str(folder))
+    if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
+        adapt_for_cpu(model)
+    meta_path = folder / "optiq_metadata.json"
+    bits, kl = layer_signals(json.loads(meta_path.read_text())) if meta_path.exists() else ({}, {})
+    targets = tuple(t.strip() for t in opts.target_modules.split(",") if t.strip())
+    dims = target_dims(model, targets, None if opts.num_layers < 0 else opts.num_layers)
+    try:
+        plan = plan_lora(dims, opts.rank, opts.rank_scaling, bits, kl, opts.param_budget, opts.alpha_ratio, opts.model or folder.name)
+    except ValueError as exc:
+        raise OptiqError(f"{exc}" + ("" if meta_path.exists() else f" ({folder} has no optiq_metadata.json)"))
+    train_set, valid_set = load_datasets(data, tokenizer, opts.mask_prompt)
+    apply_plan(model, plan)
+    assert trainable_count(model) == plan.trainable_params
+    print(f"LoRA {plan.scaling}: {len(plan.modules)} modules, ranks {min(m.rank for m in plan.modules)}-{max(m.rank for m in plan.modules)}, "
+          f"{plan.trainable_params:,} trainable parameters", flush=True)
+    work = out.with_name(out.name + ".partial")
+    reports, resumed = train(model, plan, train_set, valid_set, work, opts.iters, opts.lr, opts.batch_size,
+                             opts.max_seq_length, opts.steps_per_eval, opts.steps_per_save, opts.val_batches, not opts.no_resume)
+    with atomic_output(out, force=opts.force) as tmp:
+        write_peft(tmp, plan, lora_weights(model, plan), len(model.layers))
+        write_json(tmp / "training_log.json", dict(validation=reports.val, training=reports.train, resumed_from=resumed, iters=opts.iters))
+    shutil.rmtree(work, ignore_errors=True)
+    last = reports.val[-1]["val_loss"] if reports.val else float("nan")
+    print(f"wrote {out} (PEFT format): validation loss {last:.4f}" + (f", resumed from iteration {resumed}" if resumed else ""))
+
+
+@dataclass
+class InfoOptions:
+    adapter: str = field(metadata=dict(args=["adapter"], help="a folder written by optiq lora train"))
+
+
+def run_info(opts: InfoOptions):
+    from ..lora.adapters import read_adapter
+    from ..lora.formats import PLAN_FILE, read_plan
+
+    folder = Path(opts.adapter)
+    weights = read_adapter(folder)  # validates the files, whatever wrote them
+    if (folder / PLAN_FILE).exists():
+        plan = read_plan(folder)
+        rows = [(m.path, m.rank, m.alpha, m.params) for m in plan.modules]
+        base, rule = plan.base_model, f"{plan.scaling} (base rank {plan.base_rank}, alpha = {plan.alpha_ratio:g} x rank)"
+    else:
+        rows = [(p, a.shape[1], s * a.shape[1], a.shape[1] * (a.shape[0] + b.shape[1])) for p, (a, b, s) in weights.modules.items()]
+        base, rule = weights.base_model or "?", "unknown (no optiq_lora_config.json)"
+    width = max(len(r[0]) for r in rows)
+    print(f"{'module':{width}}  rank  alpha  params")
+    for path, rank, alpha, params in rows:
+        print(f"{path:{width}}  {rank:4d}  {alpha:5g}  {params:,}")
+    print(f"\nbase model: {base}\nrank scaling: {rule}\nmodules: {len(rows)}\ntrainable parameters: {sum(r[3] for r in rows):,}")
+
+
+@dataclass
+class ExportOptions:
+    adapter: str = field(metadata=dict(args=["adapter"]))
+    output: str = field(metadata=dict(args=["-o", "--output"]))
+    format: str = field(default="mlx-lm", metadata=dict(choices=["mlx-lm"]))
+    force: bool = False
+
+
+def run_export(opts: ExportOptions):
+    from ..io import atomic_output
+    from ..lora.adapters import read_adapter
+    from ..lora.formats import read_plan, write_mlx_lm
+
+    folder = Path(opts.adapter)
+    weights = read_adapter(folder)
+    plan = read_plan(folder)
+    n_layers = json.loads((folder / "adapter_config.json").read_text()).get("layers_to_transform")
+    from ..lora.formats import _layer_index
+
+    top = max(_layer_index(m.path) for m in plan.modules) + 1
+    with atomic_output(opts.output, force=opts.force) as tmp:
+        try:
+            write_mlx_lm(tmp, plan, {p: (a, b) for p, (a, b, _) in weights.modules.items()}, top if n_layers else top)
+        except ValueError as exc:
+            raise OptiqError(str(exc))
+    print(f"wrote {opts.output} (mlx-lm adapter: mlx_lm.load(model, adapter_path={opts.output!r}))")
+
+
+SUBCOMMANDS = {"train": (TrainOptions, run_train), "info": (InfoOptions, run_info), "export": (ExportOptions, run_export)}
+
+
+def main(argv=None, prog="optiq lora") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: {prog} {{train,info,export}} ...\n{__doc__}")
+            return 0
+        return fail(f"usage: {prog} {{train,info,export}} ... (got {argv[0] if argv else 'nothing'})")
+    options, run = SUBCOMMANDS[argv[0]]
+    return run_command(options, run, argv[1:], f"{prog} {argv[0]}", run.__doc__ or __doc__)
+
+
+if __name__ == "__main__":
+    script_entry(main)
