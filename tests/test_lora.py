@@ -7,7 +7,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from optiq.lora.formats import write_mlx_lm, write_peft
+from optiq.lora.formats import write_peft
 from optiq.lora.plan import plan_lora
 from optiq.lora.train import apply_plan, lora_weights, target_dims
 from conftest import TEXT

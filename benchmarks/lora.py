@@ -1,0 +1,145 @@
+"""LoRA benchmark: rank rules at an equal trainable-parameter budget, and
+training speed against mlx_lm.lora, measured in one run.
+
+    python benchmarks/lora.py                      # SmolLM2 optiq model (made with `optiq convert` defaults)
+    python benchmarks/lora.py --model PATH --iters 60 --n-test 40
+
+Task: GSM8K (../shared/data/gsm8k) as chat data, question -> worked answer;
+train on the first --n-train train problems, validate on the next 64, test
+on the first --n-test test problems (greedy, exact match of the final
+number, no few-shot examples: the adapter learns the format). Rows: constant
+rank, by_bits and by_kl, each given the constant row's parameter count as
+--param-budget; validation loss after the same steps; accuracy; training
+tokens/s. A last row runs mlx_lm.lora (its CLI, one rank everywhere) on the
+same model and data for a few steps and reports its tokens/s.
+Writes benchmarks/results/lora.json.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def default_model() -> str:
+    from optiq.source import cache_dir
+
+    out = cache_dir() / "bench" / "SmolLM2-135M-Instruct-optiq-4.5bpw"
+    if not (out / "optiq_metadata.json").exists():
+        from optiq.cli import main as cli
+
+        cli(["convert", "-o", str(out), "--force"])
+    return str(out)
+
+
+def write_data(folder: Path, n_train: int) -> Path:
+    from optiq.tasks import read_gsm8k
+
+    rows = read_gsm8k(GSM8K / "train.jsonl")
+    chat = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]} for r in rows]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in chat[:n_train]) + "\n")
+    (folder / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in chat[n_train : n_train + 64]) + "\n")
+    return folder
+
+
+def run_rule(model_path, data, scaling, rank, budget, args):
+    import mlx.core as mx
+    import mlx_lm
+
+    from optiq.cpu import adapt_for_cpu
+    from optiq.lora.plan import layer_signals, plan_lora
+    from optiq.lora.train import apply_plan, load_datasets, target_dims, train
+    from optiq.tasks import gsm8k, read_gsm8k
+
+    mx.random.seed(0)
+    model, tok = mlx_lm.load(model_path)
+    adapt_for_cpu(model)
+    bits, kl = layer_signals(json.loads((Path(model_path) / "optiq_metadata.json").read_text()))
+    plan = plan_lora(target_dims(model), rank, scaling, bits, kl, budget)
+    apply_plan(model, plan)
+    tr, va = load_datasets(data, tok, True)
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.perf_counter()
+        reports, _ = train(model, plan, tr, va, Path(work), args.iters, args.lr, args.batch_size, args.max_seq_length,
+                           args.iters, 10**9, val_batches=16, resume=False)
+        wall = time.perf_counter() - t0
+    model.eval()
+    test = read_gsm8k(GSM8K / "test.jsonl")[: args.n_test]
+    acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens) if args.n_test else {"accuracy": float("nan")}
+    tps = [r["tokens_per_second"] for r in reports.train]
+    return dict(rule=scaling, params=plan.trainable_params, ranks=sorted({m.rank for m in plan.modules}),
+                val_loss_start=reports.val[0]["val_loss"], val_loss=reports.val[-1]["val_loss"],
+                accuracy=acc["accuracy"], tokens_per_s=sum(tps) / len(tps) if tps else float("nan"), train_s=wall)
+
+
+def run_mlx_lm(model_path, data, rank, args):
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", model_path, "--train", "--data", str(data),
+               "--iters", str(args.mlx_lm_iters), "--batch-size", str(args.batch_size), "--num-layers", "-1",
+               "--learning-rate", str(args.lr), "--max-seq-length", str(args.max_seq_length), "--adapter-path", out,
+               "--steps-per-report", "1", "--val-batches", "1", "--steps-per-eval", "100000"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    rates = [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", proc.stdout + proc.stderr)]
+    return dict(rule=f"mlx_lm.lora (rank {rank}, {args.mlx_lm_iters} steps)", params=None, ranks=[rank], val_loss_start=float("nan"),
+                val_loss=float("nan"), accuracy=float("nan"), tokens_per_s=sum(rates) / len(rates) if rates else float("nan"),
+                train_s=wall, returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-400:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-seq-length", type=int, default=384)
+    p.add_argument("--n-train", type=int, default=800)
+    p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--mlx-lm-iters", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS / "lora.json"))
+    args = p.parse_args()
+    if not GSM8K.exists():
+        sys.exit(f"benchmarks/lora.py needs {GSM8K} (the shared GSM8K data)")
+
+    from optiq.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    model_path = args.model or default_model()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_data(Path(tmp) / "data", args.n_train)
+        first = run_rule(model_path, data, "constant", args.rank, None, args)
+        rows.append(first)
+        print(first, flush=True)
+        for rule in ("by_bits", "by_kl"):
+            rows.append(run_rule(model_path, data, rule, args.rank, first["params"], args))
+            print(rows[-1], flush=True)
+        rows.append(run_mlx_lm(model_path, data, args.rank, args))
+        print(rows[-1], flush=True)
+    print(f"\nmodel {model_path}; GSM8K chat, {args.n_train} train, {args.iters} steps x batch {args.batch_size}, "
+          f"lr {args.lr}; test {args.n_test} problems, 0-shot greedy\n")
+    print("| rank rule | trainable params | ranks | val loss (start -> end) | GSM8K acc | train tok/s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        params = f"{r['params']:,}" if r["params"] else "-"
+        print(f"| {r['rule']} | {params} | {r['ranks'][0]}-{r['ranks'][-1]} | {r['val_loss_start']:.3f} -> {r['val_loss']:.3f} | "
+              f"{r['accuracy']:.3f} | {r['tokens_per_s']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(model=model_path, args=vars(args), rows=rows), indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
