@@ -42,8 +42,18 @@ class Ticket:
     detokenizer: object = None
     done: bool = False
 
+    outbox: list = None  # set by the engine while a step runs: events leave in one wake-up
+
     def post(self, event: dict):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.outbox is not None:
+            self.outbox.append((self, event))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _deliver(batch):
+    for ticket, event in batch:
+        ticket.events.put_nowait(event)
 
 
 class InterleavedGenerator:
@@ -240,10 +250,20 @@ class Engine:
         if self.selector is not None:
             self.selector.active = adapter
         _, responses = gen.next()
+        outbox = []  # one event-loop wake-up per step, not one per request
         for r in responses:
             t = self.tickets.get((adapter, r.uid))
             if t is not None and not t.done:
-                self._token(t, r)
+                t.outbox = outbox
+                try:
+                    self._token(t, r)
+                finally:
+                    t.outbox = None
+        by_loop = {}
+        for t, event in outbox:
+            by_loop.setdefault(t.loop, []).append((t, event))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _command(self, cmd, t):
         if cmd == "add":
