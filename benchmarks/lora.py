@@ -11,7 +11,9 @@ number, no few-shot examples: the adapter learns the format). Rows: constant
 rank, by_bits and by_kl, each given the constant row's parameter count as
 --param-budget; validation loss after the same steps; accuracy; training
 tokens/s. A last row runs mlx_lm.lora (its CLI, one rank everywhere) on the
-same model and data for a few steps and reports its tokens/s.
+same data for a few steps and reports its tokens/s, against optiq's trainer on
+the same model (SmolLM2 in fp32: mlx_lm.lora on a quantized model computes
+fp16 quantized matmuls, which on this CPU take hours per step).
 Writes benchmarks/results/lora.json.
 """
 
@@ -41,6 +43,17 @@ def default_model() -> str:
     return str(out)
 
 
+def fp32_model() -> str:
+    from optiq.source import cache_dir, resolve_model
+
+    out = cache_dir() / "bench" / "SmolLM2-135M-Instruct-fp32"
+    if not (out / "config.json").exists():
+        from mlx_lm import convert
+
+        convert(str(resolve_model(None)), mlx_path=str(out), dtype="float32")
+    return str(out)
+
+
 def write_data(folder: Path, n_train: int) -> Path:
     from optiq.tasks import read_gsm8k
 
@@ -52,7 +65,7 @@ def write_data(folder: Path, n_train: int) -> Path:
     return folder
 
 
-def run_rule(model_path, data, scaling, rank, budget, args):
+def run_rule(model_path, data, scaling, rank, budget, args, iters=None, n_test=None):
     import mlx.core as mx
     import mlx_lm
 
@@ -64,20 +77,23 @@ def run_rule(model_path, data, scaling, rank, budget, args):
     mx.random.seed(0)
     model, tok = mlx_lm.load(model_path)
     adapt_for_cpu(model)
-    bits, kl = layer_signals(json.loads((Path(model_path) / "optiq_metadata.json").read_text()))
+    meta = Path(model_path) / "optiq_metadata.json"
+    bits, kl = layer_signals(json.loads(meta.read_text())) if meta.exists() else ({}, {})
     plan = plan_lora(target_dims(model), rank, scaling, bits, kl, budget)
     apply_plan(model, plan)
     tr, va = load_datasets(data, tok, True)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        reports, _ = train(model, plan, tr, va, Path(work), args.iters, args.lr, args.batch_size, args.max_seq_length,
-                           args.iters, 10**9, val_batches=16, resume=False)
+        iters = iters or args.iters
+        reports, _ = train(model, plan, tr, va, Path(work), iters, args.lr, args.batch_size, args.max_seq_length,
+                           iters, 10**9, val_batches=args.val_batches, resume=False)
         wall = time.perf_counter() - t0
     model.eval()
-    test = read_gsm8k(GSM8K / "test.jsonl")[: args.n_test]
-    acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens) if args.n_test else {"accuracy": float("nan")}
+    n_test = args.n_test if n_test is None else n_test
+    test = read_gsm8k(GSM8K / "test.jsonl")[:n_test]
+    acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens) if n_test else {"accuracy": float("nan")}
     tps = [r["tokens_per_second"] for r in reports.train]
-    return dict(rule=scaling, params=plan.trainable_params, ranks=sorted({m.rank for m in plan.modules}),
+    return dict(rule=scaling if iters == args.iters else f"optiq lora ({scaling}, {iters} steps, speed model)", params=plan.trainable_params, ranks=sorted({m.rank for m in plan.modules}),
                 val_loss_start=reports.val[0]["val_loss"], val_loss=reports.val[-1]["val_loss"],
                 accuracy=acc["accuracy"], tokens_per_s=sum(tps) / len(tps) if tps else float("nan"), train_s=wall)
 
@@ -109,6 +125,9 @@ def main():
     p.add_argument("--n-test", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--mlx-lm-iters", type=int, default=3)
+    p.add_argument("--val-batches", type=int, default=8)
+    p.add_argument("--speed-model", default=None, help="model for the speed pair against mlx_lm.lora (default: SmolLM2 in fp32; "
+                   "mlx_lm.lora on a quantized model runs fp16 quantized matmuls, hours per step on a CPU)")
     p.add_argument("--out", default=str(RESULTS / "lora.json"))
     args = p.parse_args()
     if not GSM8K.exists():
@@ -127,9 +146,12 @@ def main():
         for rule in ("by_bits", "by_kl"):
             rows.append(run_rule(model_path, data, rule, args.rank, first["params"], args))
             print(rows[-1], flush=True)
-        rows.append(run_mlx_lm(model_path, data, args.rank, args))
+        speed_model = args.speed_model or fp32_model()
+        rows.append(run_rule(speed_model, data, "constant", args.rank, None, args, iters=args.mlx_lm_iters, n_test=0))
         print(rows[-1], flush=True)
-    print(f"\nmodel {model_path}; GSM8K chat, {args.n_train} train, {args.iters} steps x batch {args.batch_size}, "
+        rows.append(run_mlx_lm(speed_model, data, args.rank, args))
+        print(rows[-1], flush=True)
+    print(f"\nmodel {model_path} (speed pair: {speed_model}); GSM8K chat, {args.n_train} train, {args.iters} steps x batch {args.batch_size}, "
           f"lr {args.lr}; test {args.n_test} problems, 0-shot greedy\n")
     print("| rank rule | trainable params | ranks | val loss (start -> end) | GSM8K acc | train tok/s |\n|---|---|---|---|---|---|")
     for r in rows:
