@@ -409,3 +409,29 @@ def test_serve_bad_options_exit_2_with_a_message(tiny_llama, args, message, caps
         main(["--model", str(tiny_llama), "--port", "0", *args])
     assert exit.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_adapter_repo_ids_download_only_configs_and_safetensors(adapters, monkeypatch):
+    """The Hub path, offline: snapshot_download is asked for json and safetensors only."""
+    import huggingface_hub
+
+    from optiq.errors import OptiqError
+    from optiq.lora.adapters import read_adapter, resolve_adapter
+
+    calls = []
+
+    def fake(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(adapters[1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    folder = resolve_adapter("someone/some-adapter")
+    assert calls == [("someone/some-adapter", ["*.json", "*.safetensors"])]
+    assert read_adapter(folder).modules
+
+    def offline(repo_id, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OptiqError, match="cannot download adapter"):
+        resolve_adapter("someone/other-adapter")
