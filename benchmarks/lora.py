@@ -74,7 +74,10 @@ def run_rule(model_path, data, scaling, rank, budget, args, iters=None, n_test=N
     from optiq.lora.train import apply_plan, load_datasets, target_dims, train
     from optiq.tasks import gsm8k, read_gsm8k
 
+    import numpy as np
+
     mx.random.seed(0)
+    np.random.seed(0)  # mlx-lm draws batches with numpy's global RNG: the same batches for every rule
     model, tok = mlx_lm.load(model_path)
     adapt_for_cpu(model)
     meta = Path(model_path) / "optiq_metadata.json"
@@ -98,16 +101,28 @@ def run_rule(model_path, data, scaling, rank, budget, args, iters=None, n_test=N
                 accuracy=acc["accuracy"], tokens_per_s=sum(tps) / len(tps) if tps else float("nan"), train_s=wall)
 
 
+def mlx_lm_rates(output: str) -> list:
+    """tok/s from mlx-lm's training table (rows: iteration, loss, arrow, tok/s, tokens)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", output)
+    rows = re.findall(r"^\s*\d+\s+[\d.]+\s+[▼▲=]?\s*([\d.]+)\s+[\d.]+k?\s*$", text, flags=re.M)
+    return [float(r) for r in rows] or [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", text)]
+
+
 def run_mlx_lm(model_path, data, rank, args):
+    from optiq.lora.train import DEFAULT_TARGETS
+
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", model_path, "--train", "--data", str(data),
+        config = Path(out) / "lora.yaml"  # the same modules and scale as optiq's constant row
+        keys = [f"self_attn.{k}" if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else f"mlp.{k}" for k in DEFAULT_TARGETS]
+        config.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys}}))
+        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", model_path, "--train", "--data", str(data), "-c", str(config),
                "--iters", str(args.mlx_lm_iters), "--batch-size", str(args.batch_size), "--num-layers", "-1",
                "--learning-rate", str(args.lr), "--max-seq-length", str(args.max_seq_length), "--adapter-path", out,
                "--steps-per-report", "1", "--val-batches", "1", "--steps-per-eval", "100000"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-    rates = [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", proc.stdout + proc.stderr)]
+    rates = mlx_lm_rates(proc.stdout + proc.stderr)
     return dict(rule=f"mlx_lm.lora (rank {rank}, {args.mlx_lm_iters} steps)", params=None, ranks=[rank], val_loss_start=float("nan"),
                 val_loss=float("nan"), accuracy=float("nan"), tokens_per_s=sum(rates) / len(rates) if rates else float("nan"),
                 train_s=wall, returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-400:])
