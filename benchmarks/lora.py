@@ -115,7 +115,8 @@ def run_mlx_lm(model_path, data, rank, args):
         config = Path(out) / "lora.yaml"  # the same modules and scale as optiq's constant row
         keys = [f"self_attn.{k}" if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else f"mlp.{k}" for k in DEFAULT_TARGETS]
         config.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys}}))
-        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", model_path, "--train", "--data", str(data), "-c", str(config),
+        # --mask-prompt as optiq trains: tok/s counts only the tokens the loss sees
+        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", model_path, "--train", "--data", str(data), "-c", str(config), "--mask-prompt",
                "--iters", str(args.mlx_lm_iters), "--batch-size", str(args.batch_size), "--num-layers", "-1",
                "--learning-rate", str(args.lr), "--max-seq-length", str(args.max_seq_length), "--adapter-path", out,
                "--steps-per-report", "1", "--val-batches", "1", "--steps-per-eval", "100000"]
