@@ -127,13 +127,11 @@ def run_export(opts: ExportOptions):
     folder = Path(opts.adapter)
     weights = read_adapter(folder)
     plan = read_plan(folder)
-    n_layers = json.loads((folder / "adapter_config.json").read_text()).get("layers_to_transform")
-    from ..lora.formats import _layer_index
-
-    top = max(_layer_index(m.path) for m in plan.modules) + 1
+    if plan.n_layers < 1:
+        raise OptiqError(f"{folder}: the plan does not record the base model's layer count; export needs it")
     with atomic_output(opts.output, force=opts.force) as tmp:
         try:
-            write_mlx_lm(tmp, plan, {p: (a, b) for p, (a, b, _) in weights.modules.items()}, top if n_layers else top)
+            write_mlx_lm(tmp, plan, {p: (a, b) for p, (a, b, _) in weights.modules.items()}, plan.n_layers)
         except ValueError as exc:
             raise OptiqError(str(exc))
     print(f"wrote {opts.output} (mlx-lm adapter: mlx_lm.load(model, adapter_path={opts.output!r}))")

@@ -9,8 +9,9 @@ KV plan the caches are `PlannedKVCache`s, which mlx-lm cannot merge into a
 batch (mlx-lm's server also serialises quantized-KV requests): those requests
 are interleaved one decode step each instead.
 
-The event loop talks to the thread through a command queue; the thread
-answers each request's asyncio queue with `call_soon_threadsafe`.
+The event loop talks to the thread through a command queue; after each
+decode step the thread hands that step's events to the loop in one
+`call_soon_threadsafe`, onto each request's asyncio queue.
 """
 
 import queue

@@ -224,60 +224,62 @@ class Connection:
         req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)))
         ticket = Ticket(req, tokens, adapter, asyncio.get_running_loop(), asyncio.Queue())
         app.engine.submit(ticket)
+        watcher = asyncio.ensure_future(self._watch())  # one per request, not per event
         try:
             if req.stream:
-                await self.stream(req, ticket)
+                await self.stream(req, ticket, watcher)
                 return None
-            return await self.complete(req, ticket)
+            return await self.complete(req, ticket, watcher)
         finally:
+            watcher.cancel()
+            try:
+                await watcher
+            except (asyncio.CancelledError, ConnectionError):
+                pass
             if not ticket.done:
                 app.engine.cancel(ticket)  # a client gone mid-request frees its slot
 
-    async def _event(self, ticket):
-        """The next engine event, or ConnectionError once the client hangs up."""
-        get = asyncio.ensure_future(ticket.events.get())
-        while True:
-            peek = asyncio.ensure_future(self.reader.read(65536))
-            done, _ = await asyncio.wait({get, peek}, return_when=asyncio.FIRST_COMPLETED)
-            if peek in done:
-                data = peek.result()
-                if not data:
-                    get.cancel()
-                    raise ConnectionError("client closed the connection")
-                self.conn.receive_data(data)  # a pipelined request: h11 keeps it
-                if get not in done:
-                    continue
-            else:
-                peek.cancel()
-                try:
-                    await peek
-                except asyncio.CancelledError:
-                    pass
-            event = get.result()
-            if "error" in event:
-                ticket.done = True
-                raise ApiError(500, event["error"], type="server_error", code="generation_failed")
-            if "finish" in event:
-                ticket.done = True
-            return event
+    async def _watch(self):
+        """Read the socket while a request runs: h11 keeps any pipelined bytes;
+        the end of the stream means the client hung up."""
+        while data := await self.reader.read(65536):
+            self.conn.receive_data(data)
 
-    async def complete(self, req, ticket):
+    async def _event(self, ticket, watcher):
+        """The next engine event, or ConnectionError once the client hangs up."""
+        if ticket.events.empty():
+            get = asyncio.ensure_future(ticket.events.get())
+            await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                raise ConnectionError("client closed the connection")
+            event = get.result()
+        else:  # a step's events arrive together: no waiting for the rest
+            event = ticket.events.get_nowait()
+        if "error" in event:
+            ticket.done = True
+            raise ApiError(500, event["error"], type="server_error", code="generation_failed")
+        if "finish" in event:
+            ticket.done = True
+        return event
+
+    async def complete(self, req, ticket, watcher):
         rid, text, entries = new_id(req.kind), "", []
         while True:
-            event = await self._event(ticket)
+            event = await self._event(ticket, watcher)
             text += event["text"]
             entries += event["entries"]
             if "finish" in event:
                 use = usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"])
                 return _json(200, response(req, rid, text, event["finish"], entries, use))
 
-    async def stream(self, req, ticket):
+    async def stream(self, req, ticket, watcher):
         rid = new_id(req.kind)
         headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
         first = True
         offset = 0
         while True:
-            event = await self._event(ticket)  # errors before the first byte are plain 4xx/5xx
+            event = await self._event(ticket, watcher)  # errors before the first byte are plain 4xx/5xx
             if first:
                 await self.send(h11.Response(status_code=200, headers=headers))
                 if req.kind == "chat":

@@ -77,14 +77,16 @@ def make_kv_cache(model, plan=None, start: int = 0) -> list:
     caches = make_prompt_cache(model)
     if plan is None:
         return caches
-    for layer in getattr(plan, "layers", plan):
+    layers = list(getattr(plan, "layers", plan))
+    if any(layer.get("mode") == "turbo" for layer in layers):
+        from .turbo import TurboQuantKVCache, install
+
+        install(model)
+    for layer in layers:
         idx = layer["layer_idx"]
         if not isinstance(caches[idx], KVCache):
             raise ValueError(f"layer {idx} has a {type(caches[idx]).__name__}, not a KV cache")
-        if layer.get("mode", "affine") == "turbo":
-            from .turbo import TurboQuantKVCache, install
-
-            install(model)  # TurboQuant quantizes from the first token (no `start`)
+        if layer.get("mode", "affine") == "turbo":  # quantized from the first token (no `start`)
             caches[idx] = TurboQuantKVCache(layer["bits"], layer.get("seed", 0), idx)
         elif layer["bits"] < 16:
             caches[idx] = PlannedKVCache(layer["bits"], layer["group_size"], start)

@@ -65,7 +65,7 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
         if c.mode == "turbo":
             from .turbo import TurboQuantKVCache, install
 
-            install(model)
+            install(model)  # a no-op after the first time
             return TurboQuantKVCache(c.bits, 0, i)
         return QuantizedKVCache(group_size=c.group_size, bits=c.bits)
 

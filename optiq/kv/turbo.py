@@ -5,7 +5,10 @@ queries once (q R^T), scores the codes with MLX's 1-bit quantized matmul
 against XORs of the stored bit planes (optiq/turbo.py: an exact expansion of
 the Lloyd-Max codebook), scales by the key norms, takes the softmax, forms
 the weighted sum of value codes the same way (weights times value norms),
-and rotates the output once (out R). Keys and values are never dequantized.
+and rotates the output once (out R). Keys and values are never rotated back
+or dequantized to the original space; for prefill-sized calls and 4 bits the
+codebook values are gathered (still in the rotated space) for an fp32 matmul,
+which is faster on CPU than the 1-bit kernel there.
 
 mlx-lm's attention calls `scaled_dot_product_attention` imported into each
 model module; there is no public hook for a new cache kind, so `install`
@@ -14,13 +17,24 @@ TurboQuant caches here and everything else to mlx-lm's function unchanged.
 Sliding-window layers keep mlx-lm's rotating cache.
 """
 
+import functools
 import sys
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, _BaseCache, make_prompt_cache
+from mlx_lm.models.cache import _BaseCache
 
 from .. import turbo
+
+
+@functools.lru_cache(maxsize=128)
+def layer_rotations(seed: int, layer_idx: int, heads: int, dim: int) -> tuple:
+    """(key, value) rotations, one per KV head, for a layer: computed once per
+    process, not once per cache (the server builds caches per request)."""
+    base = (seed * 1_000_003 + layer_idx) * 1024
+    rotations = tuple(mx.stack([turbo.rotation(dim, base + 2 * h + kv) for h in range(heads)]) for kv in (0, 1))
+    mx.eval(rotations)  # concrete now: a lazy array would belong to the creating thread's stream
+    return rotations
 
 
 class TurboQuantKVCache(_BaseCache):
@@ -35,12 +49,7 @@ class TurboQuantKVCache(_BaseCache):
 
     # ---- storage -----------------------------------------------------------
     def _rotations(self, heads: int, dim: int):
-        if getattr(self, "_rot", None) is None or self._rot[0].shape != (heads, dim, dim):
-            base = (self.seed * 1_000_003 + self.layer_idx) * 1024
-            self._rot = tuple(
-                mx.stack([turbo.rotation(dim, base + 2 * h + kv) for h in range(heads)]) for kv in (0, 1)
-            )
-        return self._rot
+        return layer_rotations(self.seed, self.layer_idx, heads, dim)
 
     def _encode(self, x, rot):
         # x (B, H, L, d); one rotation per head
@@ -198,22 +207,26 @@ def _dispatching(original):
 
 
 def install(model):
-    """Route attention over TurboQuant caches to `turbo_attention` (idempotent)."""
+    """Route attention over TurboQuant caches to `turbo_attention` (idempotent;
+    the module walk runs once per model)."""
+    if getattr(model, "_optiq_turbo_installed", False):
+        return model
     modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
     for module in modules:
         fn = getattr(module, "scaled_dot_product_attention", None)
         if fn is not None and not getattr(fn, "optiq_turbo", False):
             module.scaled_dot_product_attention = _dispatching(fn)
+    object.__setattr__(model, "_optiq_turbo_installed", True)
     return model
 
 
 def make_turbo_cache(model, bits=3, seed: int = 0, layers=None) -> list:
     """The model's prompt cache with TurboQuant at `bits` on every full-attention
     layer (or per layer: `layers` = {layer_idx: bits})."""
-    install(model)
-    caches = make_prompt_cache(model)
-    for i, c in enumerate(caches):
-        b = layers.get(i) if layers is not None else bits
-        if b is not None and b < 16 and type(c) is KVCache:
-            caches[i] = TurboQuantKVCache(b, seed, i)
-    return caches
+    from .caches import make_kv_cache, uniform_layers
+
+    if layers is None:
+        entries = uniform_layers(model, bits, mode="turbo")
+    else:
+        entries = [{"layer_idx": i, "bits": b, "group_size": 0, "mode": "turbo"} for i, b in layers.items() if b is not None and b < 16]
+    return make_kv_cache(model, [dict(e, seed=seed) for e in entries])

@@ -170,7 +170,7 @@ def mount(model: nn.Module, name: str, weights: LoRAWeights, selector: AdapterSe
         if not isinstance(layer, MultiLoRALinear):
             parent_path, _, leaf = path.rpartition(".")
             layer = MultiLoRALinear(layer, selector)
-            modules[parent_path].update_modules({leaf: layer}) if parent_path else model.update_modules({leaf: layer})
+            (modules[parent_path] if parent_path else model).update_modules({leaf: layer})
         out_dims = layer.base.weight.shape[0]
         if b.shape[1] != out_dims:
             raise OptiqError(f"adapter {name!r}: {path} has output size {b.shape[1]}, the model's is {out_dims}")

@@ -17,6 +17,7 @@ import json
 import re
 from pathlib import Path
 
+import attrs
 import mlx.core as mx
 import numpy as np
 
@@ -67,10 +68,11 @@ def write_peft(folder, plan: LoRAPlan, weights: dict, n_layers: int):
         tensors[f"base_model.model.{m.path}.lora_B.weight"] = mx.array(np.ascontiguousarray(np.array(b.astype(mx.float32)).T))
     mx.save_safetensors(str(folder / "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     write_json(folder / "adapter_config.json", peft_config(plan, n_layers))
-    write_json(folder / PLAN_FILE, plan.to_dict())
+    write_json(folder / PLAN_FILE, attrs.evolve(plan, n_layers=n_layers).to_dict())
 
 
 def write_mlx_lm(folder, plan: LoRAPlan, weights: dict, n_layers: int):
+    """mlx-lm adapts the last `num_layers` blocks, so the plan's layers must be those."""
     folder = Path(folder)
     rmax = max(m.rank for m in plan.modules)
     scale = plan.alpha_ratio  # alpha / r, the same for every module by construction
@@ -94,4 +96,9 @@ def write_mlx_lm(folder, plan: LoRAPlan, weights: dict, n_layers: int):
 
 
 def read_plan(folder) -> LoRAPlan:
-    return LoRAPlan.from_dict(json.loads((Path(folder) / PLAN_FILE).read_text()))
+    from ..errors import OptiqError
+
+    try:
+        return LoRAPlan.from_dict(json.loads((Path(folder) / PLAN_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OptiqError(f"{folder}: cannot read {PLAN_FILE} (written by optiq lora train): {exc}")

@@ -43,6 +43,7 @@ class LoRAPlan:
     base_rank: int = 8
     alpha_ratio: float = 2.0
     base_model: str = ""
+    n_layers: int = 0  # the base model's blocks (0: unknown); mlx-lm export needs it
 
     @property
     def trainable_params(self) -> int:
@@ -57,7 +58,7 @@ class LoRAPlan:
     def from_dict(cls, d: dict) -> "LoRAPlan":
         return cls(
             modules=[LoRAModule(**m) for m in d["modules"]],
-            **{k: d[k] for k in ("scaling", "base_rank", "alpha_ratio", "base_model") if k in d},
+            **{k: d[k] for k in ("scaling", "base_rank", "alpha_ratio", "base_model", "n_layers") if k in d},
         )
 
 
