@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS  # also puts the repo on sys.path
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 

@@ -27,10 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RESULTS = Path(__file__).resolve().parent / "results"
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from common import RESULTS, WIKITEXT  # also puts the repo on sys.path
 FALLBACK_PROMPTS = [
     "Explain why the sky is blue in two sentences.",
     "Write a short poem about a lighthouse.",

@@ -21,14 +21,9 @@ Weights stay fp32 so the rows differ only in the KV cache.
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RESULTS = Path(__file__).resolve().parent / "results"
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from common import RESULTS, WIKITEXT, held_out_tokens, kv_decode_speed, kv_needle, kv_quality
 
 
 def configs(bits_list):
@@ -49,6 +44,10 @@ def make_caches(model, mode, bits):
     if mode == "affine":
         caches = [QuantizedKVCache(64, bits) if type(c) is KVCache else c for c in caches]
     return caches
+
+
+def rows(bits_list):
+    return [(name, lambda model, m=mode, b=bits: make_caches(model, m, b)) for name, mode, bits in configs(bits_list)]
 
 
 def kv_bits(mode, bits, head_dim):
@@ -77,17 +76,6 @@ def distortion(d=64, n=4000):
             err = mx.mean(mx.sum((x - mx.dequantize(w, s, bb, group_size=g, bits=b)) ** 2, -1)).item()
             rows.append(dict(method=f"affine {b}-bit g{g}", bits=b + 32 / g, mse=err, paper=None, bound=None))
     return rows
-
-
-def held_out_tokens(tok, n, seq_len):
-    from optiq.calibration import bos_prefix, wikitext_split, windows
-
-    if WIKITEXT.exists():
-        _, text = wikitext_split(WIKITEXT.read_text())
-    else:  # without ../shared: any fixed English text, said so in the output
-        text = " ".join(["The history of the city begins with a small settlement by the river."] * 2000)
-    ids = tok.encode(text, add_special_tokens=False)
-    return windows(ids, n, seq_len, bos_prefix(tok))
 
 
 def attention_error(model, tokens, bits_list):
@@ -139,89 +127,6 @@ def attention_error(model, tokens, bits_list):
     return {k: sum(v) / len(v) for k, v in rows.items()}
 
 
-def quality(model, tok, windows_, prefill, bits_list):
-    import mlx.core as mx
-
-    from optiq import metrics
-    from optiq.kv.sensitivity import run_with_cache
-
-    toks = mx.array(windows_)
-    refs = [run_with_cache(model, toks[i : i + 1], make_caches(model, None, None), prefill) for i in range(len(windows_))]
-    out = {}
-    for name, mode, bits in configs(bits_list):
-        t0 = time.perf_counter()
-        kls, nlls = [], []
-        for i, ref in enumerate(refs):
-            logits = ref if mode is None else run_with_cache(model, toks[i : i + 1], make_caches(model, mode, bits), prefill)
-            r = metrics.reference_from_logits(ref[:, prefill - 1 : -1])
-            kls.append(mx.mean(metrics.token_kl(r, logits[:, prefill - 1 : -1])).item())
-            nlls.append(mx.mean(metrics.token_nll(logits[:, prefill - 1 : -1], toks[i : i + 1, prefill:])).item())
-        out[name] = dict(kl=sum(kls) / len(kls), ppl=float(mx.exp(mx.array(sum(nlls) / len(nlls))).item()), seconds=time.perf_counter() - t0)
-        print(f"  {name}: KL {out[name]['kl']:.4f} ppl {out[name]['ppl']:.2f}", flush=True)
-    return out
-
-
-def needle(model, tok, bits_list, filler_tokens=400, depths=(0.1, 0.5, 0.9)):
-    import mlx.core as mx
-    import mlx_lm
-
-    from optiq.calibration import wikitext_split
-
-    text = wikitext_split(WIKITEXT.read_text())[1] if WIKITEXT.exists() else "The river flows past the old mill. " * 400
-    filler = tok.encode(text, add_special_tokens=False)[:filler_tokens]
-    fact = tok.encode(" The secret number is 4172. ", add_special_tokens=False)
-    results = {}
-    for name, mode, bits in configs(bits_list):
-        hits = []
-        for depth in depths:
-            cut = int(len(filler) * depth)
-            context = tok.decode(filler[:cut] + fact + filler[cut:])
-            messages = [{"role": "user", "content": context + "\n\nWhat is the secret number? Answer with the number only."}]
-            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            answer = mlx_lm.generate(model, tok, prompt, max_tokens=8, prompt_cache=make_caches(model, mode, bits))
-            hits.append("4172" in answer)
-        results[name] = dict(hits=sum(hits), of=len(hits))
-        print(f"  needle {name}: {sum(hits)}/{len(hits)}", flush=True)
-        mx.clear_cache()
-    return results
-
-
-def decode_speed(model, tok, contexts, bits_list, steps=8):
-    import mlx.core as mx
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    # Decode cost does not depend on what the cache holds, only on its shape:
-    # fill every full-attention layer with random keys and values of the
-    # model's own shapes instead of a prefill that takes minutes per context
-    # on this CPU (its fp32 attention over 16k keys is the slow part).
-    probe = make_prompt_cache(model)
-    model(mx.array([[1, 2]]), cache=probe)
-    shapes = {i: (c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for i, c in enumerate(probe) if type(c) is KVCache}
-    ids = held_out_tokens(tok, 1, 64)[0].tolist()
-    rows = []
-    for ctx in contexts:
-        mx.random.seed(ctx)
-        kv = {i: (mx.random.normal((1, h, ctx, dk)), mx.random.normal((1, h, ctx, dv))) for i, (h, dk, dv) in shapes.items()}
-        for name, mode, bits in configs(bits_list):
-            caches = make_caches(model, mode, bits)
-            for i, (k, v) in kv.items():
-                caches[i].update_and_fetch(k, v)
-            mx.eval([c.state for c in caches])
-            nbytes = sum(c.nbytes for c in caches)
-            y = mx.array([[ids[-1]]])
-            mx.eval(model(y, cache=caches))  # warm-up step
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                logits = model(y, cache=caches)
-                y = mx.argmax(logits[:, -1:], axis=-1)
-                mx.eval(y)
-            rows.append(dict(context=ctx, method=name, tok_per_s=steps / (time.perf_counter() - t0), kv_bytes=nbytes))
-            print(f"  {ctx} {name}: {rows[-1]['tok_per_s']:.2f} tok/s, KV {nbytes / 2**20:.1f} MiB", flush=True)
-            del caches
-            mx.clear_cache()
-    return rows
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -271,15 +176,15 @@ def main():
             print(f"| {k} | {v:.4f} |")
     if "quality" not in skip:
         print("\nquality (KL and perplexity vs the unquantized cache):")
-        result["quality"] = quality(model, tok, windows_, args.prefill, bits_list)
+        result["quality"] = kv_quality(model, windows_, args.prefill, rows(bits_list), first=args.prefill - 1)
         save()
     if "needle" not in skip:
         print("\nneedle:")
-        result["needle"] = needle(model, tok, bits_list, args.needle_tokens)
+        result["needle"] = kv_needle(model, tok, rows(bits_list), args.needle_tokens)
         save()
     if "speed" not in skip:
         print("\ndecode speed:")
-        result["speed"] = decode_speed(model, tok, [int(c) for c in args.contexts.split(",")], bits_list, args.steps)
+        result["speed"] = kv_decode_speed(model, tok, [int(c) for c in args.contexts.split(",")], rows(bits_list), args.steps)
         save()
 
     print(f"\nmodel {folder}; WikiText-2 held out: {result['wikitext']}; {args.windows}x{args.seq_len} tokens, prefill {args.prefill}\n")

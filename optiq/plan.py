@@ -22,15 +22,14 @@ MAX_DP_UNITS = 1 << 20  # beyond this the DP coarsens its cost unit and proves a
 
 
 def layer_cost_bits(n_params: int, candidate: Candidate) -> int:
-    """Storage of one layer in bits: packed weights plus fp16 scales and biases."""
-    if candidate.bits >= 16:
-        return n_params * 16
-    return n_params * candidate.bits + (n_params // candidate.group_size) * 32
+    """Storage of one layer in bits: packed weights plus fp16 scales and biases
+    (TurboQuant: plus one fp16 norm per vector); Candidate.effective_bits counts them."""
+    return round(n_params * candidate.effective_bits)
 
 
 def nominal_cost_bits(n_params: int, candidate: Candidate) -> int:
     """Bits as KV-cache plans usually count them: the code width alone."""
-    return n_params * min(candidate.bits, 16)
+    return round(n_params * min(candidate.code_bits, 16))
 
 
 def effective_bpw(assignments, n_params: dict) -> float:

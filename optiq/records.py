@@ -17,34 +17,44 @@ FLOAT_BITS = 16  # an unquantized weight, stored as fp16/bf16
 class Candidate:
     """One way to store a layer: affine `bits` with `group_size` (bits=16: unquantized),
     or, for KV caches, mode "turbo": TurboQuant codes with one fp16 norm per
-    vector of `group_size` (the head dimension) elements."""
+    vector of `group_size` (the head dimension) elements. A KV candidate may
+    give values their own width (`v_bits`; 0: the same as the keys' `bits`)."""
 
     bits: int
     group_size: int = 64
     mode: str = "affine"
+    v_bits: int = 0
+
+    @property
+    def code_bits(self) -> float:
+        """Mean code width over the layer (keys and values hold equal counts)."""
+        return (self.bits + self.v_bits) / 2 if self.v_bits else float(self.bits)
 
     @property
     def effective_bits(self) -> float:
         if self.bits >= FLOAT_BITS:
             return float(FLOAT_BITS)
         if self.mode == "turbo":
-            return self.bits + 16.0 / self.group_size
+            return self.code_bits + 16.0 / self.group_size
         # One fp16 scale and one fp16 bias per group, as MLX's affine mode stores them.
-        return self.bits + 32.0 / self.group_size
+        return self.code_bits + 32.0 / self.group_size
 
     @property
     def key(self) -> str:
-        return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}@{self.group_size}"
+        v = f"/{self.v_bits}" if self.v_bits else ""
+        return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}{v}@{self.group_size}"
 
     def to_dict(self) -> dict:
         d = {"bits": self.bits, "group_size": self.group_size}
         if self.mode != "affine":
             d["mode"] = self.mode
+        if self.v_bits:
+            d["v_bits"] = self.v_bits
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
-        return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")))
+        return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")), int(d.get("v_bits", 0)))
 
 
 def _candidates(value) -> tuple:
@@ -104,6 +114,17 @@ class SensitivityTable:
     n_tokens: int = 0
     reference: str = "fp32"
     method: str = "probe"
+
+    def restricted(self, keep) -> "SensitivityTable":
+        """The same table with only the candidates `keep(candidate)` accepts
+        (unquantized always stays): plan over a subset without re-measuring."""
+
+        def one(layer):
+            idx = [i for i, c in enumerate(layer.candidates) if c.bits >= FLOAT_BITS or keep(c)]
+            pick = lambda v: [v[i] for i in idx]  # noqa: E731
+            return attrs.evolve(layer, candidates=pick(layer.candidates), kl=pick(layer.kl), measured=pick(layer.measured), error=pick(layer.error))
+
+        return attrs.evolve(self, layers=[one(layer) for layer in self.layers])
 
     def layer(self, path: str) -> LayerSensitivity:
         for layer in self.layers:

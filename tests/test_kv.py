@@ -1,4 +1,5 @@
-"""The KV path on tiny llama, qwen3_5 (hybrid) and gemma3 (sliding-window) models."""
+"""The KV path on tiny llama, qwen3_5 (hybrid), gemma3 (sliding-window) and
+gemma4/gemma3n (shared-KV) models."""
 
 import json
 
@@ -24,6 +25,9 @@ def kv_models(tmp_path_factory):
     return {
         "llama": build_model(root / "llama", "llama", hidden_size=128),
         "qwen3_5": build_model(root / "qwen3_5", "qwen3_5", head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32),
+        "gemma3_text": build_model(root / "gemma3_text", "gemma3_text", head_dim=32),
+        "gemma4_text": build_model(root / "gemma4_text", "gemma4_text"),
+        "gemma3n": build_model(root / "gemma3n", "gemma3n"),
     }
 
 
@@ -51,27 +55,115 @@ def test_kv_table_more_bits_less_kl_and_exact_budget(kv_models):
     assert plan.effective_bits > plan.average_bits  # scales and biases cost extra
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def _kl(ref, got):
+    from optiq import metrics
+
+    return float(mx.mean(metrics.token_kl(metrics.reference_from_logits(ref), got)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5", "gemma3_text", "gemma4_text", "gemma3n"])
 def test_planned_cache_at_8_bits_generates_like_the_unquantized_cache(kv_models, arch):
     loaded = load_reference(kv_models[arch])
     model, tok = loaded.model, loaded.tokenizer
-    layers = [i for i, kind in cache_layers(model) if kind == "full"]
     from optiq.kv.plan import KVPlan
 
+    layers = [i for i, _ in cache_layers(model)]  # sliding-window layers included
     plan = KVPlan(layers=[{"layer_idx": i, "bits": 8, "group_size": 32} for i in layers], target_bits=8, average_bits=8, effective_bits=9, predicted_kl=0.0)
-    tokens = mx.array(sample_tokens(model, tok, 1, 40, seed=4))
+    tokens = mx.array(sample_tokens(model, tok, 1, 48, seed=4))  # longer than gemma's 16-token window
     ref = run_with_cache(model, tokens, make_prompt_cache(model), 20)
     caches = make_kv_cache(model, plan, start=8)
     got = run_with_cache(model, tokens, caches, 20)
-    assert all(c.quantized for c in caches if isinstance(c, PlannedKVCache))
-    from optiq import metrics
-
-    kl = metrics.token_kl(metrics.reference_from_logits(ref), got)
-    assert float(mx.mean(kl)) < 2e-3, float(mx.mean(kl))
+    planned = [c for c in caches if isinstance(c, PlannedKVCache)]
+    assert len(planned) == len(layers) and all(c.quantized for c in planned)
+    assert _kl(ref, got) < 2e-3, _kl(ref, got)
     assert (np.array(ref.argmax(-1)) == np.array(got.argmax(-1))).mean() > 0.95
+    # 2 bits must show: the quantized caches are really read, shared layers included
+    two = make_kv_cache(model, [{"layer_idx": i, "bits": 2, "group_size": 32} for i in layers], start=0)
+    assert _kl(ref, run_with_cache(model, tokens, two, 20)) > 10 * _kl(ref, got)
     # and mlx-lm's own generate takes the per-layer cache list as its prompt cache
     text = generate(model, tok, "The quick brown", max_tokens=5, prompt_cache=make_kv_cache(model, plan))
     assert isinstance(text, str)
+
+
+def test_quantized_rotating_cache_is_mlx_lms_rotating_cache_over_quantized_values():
+    """Prefill past the window, then decode past it again: the same keys and
+    values as mlx-lm's RotatingKVCache fed the dequantized entries."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    mx.random.seed(0)
+    cache, ref = PlannedKVCache(4, 32, start=0, max_size=16), RotatingKVCache(16)
+    dq = lambda x: mx.dequantize(*mx.quantize(x, group_size=32, bits=4), group_size=32, bits=4)  # noqa: E731
+    for n in (24, 1, 1, 5, *([1] * 20)):
+        k, v = mx.random.normal((1, 2, n, 32)), mx.random.normal((1, 2, n, 32))
+        qk, qv = cache.update_and_fetch(k, v)
+        rk, rv = ref.update_and_fetch(dq(k), dq(v))
+        got_k = mx.dequantize(*qk, group_size=32, bits=4)
+        assert got_k.shape == rk.shape and cache.offset == ref.offset
+        assert float(mx.abs(got_k - rk).max()) < 2e-2  # fp16 scales against fp32
+        assert float(mx.abs(mx.dequantize(*qv, group_size=32, bits=4) - rv).max()) < 2e-2
+        assert np.array_equal(np.array(cache.make_mask(1, window_size=8) if cache.offset > 8 else 0), np.array(ref.make_mask(1, window_size=8) if ref.offset > 8 else 0))
+    assert cache.nbytes < ref.nbytes / 4
+
+
+def test_split_kv_bits_attention_matches_dequantized_attention():
+    from optiq.kv.attention import split_quantized_attention
+
+    mx.random.seed(1)
+    q = mx.random.normal((1, 4, 3, 32))
+    k, v = mx.random.normal((1, 2, 40, 32)), mx.random.normal((1, 2, 40, 32))
+    cache = PlannedKVCache(8, 32, v_bits=3)
+    qk, qv = cache.update_and_fetch(k, v)
+    assert not hasattr(cache, "bits") and hasattr(cache, "attention")  # mlx-lm must not read it as one width
+    got = split_quantized_attention(q, qk, qv, 0.2, "causal", 32, 8, 3)
+    fp32 = lambda w, s, b: (w, s.astype(mx.float32), b.astype(mx.float32))  # noqa: E731  (fp16 scales)
+    dk = mx.dequantize(*fp32(*qk), group_size=32, bits=8)
+    dv = mx.dequantize(*fp32(*qv), group_size=32, bits=3)
+    want = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.2, mask="causal")
+    assert float(mx.abs(got - want).max()) < 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(v_bits=4), dict(max_size=16)])
+def test_planned_cache_survives_mlx_lms_prompt_cache_files(tmp_path, kw):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    cache = PlannedKVCache(8, 32, start=4, **kw)
+    for n in (3, 20, 1):
+        cache.update_and_fetch(mx.random.normal((1, 2, n, 32)), mx.random.normal((1, 2, n, 32)))
+    save_prompt_cache(str(tmp_path / "c.safetensors"), [cache])
+    (back,) = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert isinstance(back, PlannedKVCache) and back.offset == cache.offset and back.quantized
+    assert (back.k_bits, back.v_bits, back.max_size) == (cache.k_bits, cache.v_bits, cache.max_size)
+    k, v = mx.random.normal((1, 2, 1, 32)), mx.random.normal((1, 2, 1, 32))
+    a, b = cache.update_and_fetch(k, v)[0], back.update_and_fetch(k, v)[0]
+    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b))
+
+
+def test_mlx_lm_quantized_cache_fails_on_gemma4_shared_layers_and_ours_does_not(kv_models):
+    """The seed's failure: Gemma-4's shared layers get the owner's quantized
+    tuples with no cache to tell attention so."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    model = load_reference(kv_models["gemma4_text"]).model
+    tokens = mx.array([[1, 2, 3, 4, 5, 6]])
+    caches = make_prompt_cache(model)
+    caches[1] = QuantizedKVCache(group_size=32, bits=4)
+    with pytest.raises(Exception):
+        mx.eval(model(tokens, cache=caches))
+    ours = make_kv_cache(model, [{"layer_idx": 1, "bits": 4, "group_size": 32}])
+    mx.eval(model(tokens, cache=ours))
+
+
+def test_kv_plan_covers_sliding_and_shared_owners_with_split_candidates(kv_models, tmp_path):
+    out = tmp_path / "kv"
+    args = ["kv-cache", str(kv_models["gemma4_text"]), "-o", str(out), "--n-calibration", "1", "--seq-len", "40", "--candidate-bits", "2,8", "--split-bits", "8:2", "--target-bits", "5", "--group-size", "32", "--quiet"]
+    assert cli(args) == 0
+    plan = read_kv_config(out / "kv_plan.json")
+    assert [e["layer_idx"] for e in plan.layers] == [0, 1]  # owners only; 0 is sliding-window
+    assert plan.skipped_layers == (2, 3) and plan.average_bits <= 5 + 1e-9
+    assert all(e["bits"] in (2, 8, 16) and e.get("v_bits", e["bits"]) in (2, 8, 16) for e in plan.layers)
+    loaded = load_reference(kv_models["gemma4_text"])
+    caches = make_kv_cache(loaded.model, read_kv_config(out / "kv_config.json"))
+    mx.eval(loaded.model(mx.array([[1, 2, 3]]), cache=caches))
 
 
 def test_planned_cache_stays_full_precision_until_start():
@@ -91,6 +183,8 @@ def test_bad_kv_inputs(kv_models, tmp_path, capsys):
         (["--candidate-bits", "7"], "candidate-bits"),
         (["--group-size", "48"], "group-size"),
         (["--prefill", "500"], "--prefill"),
+        (["--split-bits", "8-4"], "--split-bits"),
+        (["--split-bits", "4:4"], "--split-bits"),
     ]:
         with pytest.raises(SystemExit) as exc:
             cli(["kv-cache", src, "-o", str(tmp_path / "x"), *args])
@@ -100,4 +194,7 @@ def test_bad_kv_inputs(kv_models, tmp_path, capsys):
     from optiq.errors import OptiqError
 
     with pytest.raises(OptiqError, match="cannot read KV config"):
+        read_kv_config(bad)
+    bad.write_text('[{"layer_idx": 0, "bits": 7, "group_size": 32}]')
+    with pytest.raises(OptiqError, match="bits must be one of"):
         read_kv_config(bad)

@@ -14,6 +14,7 @@ class KVOptions:
     output: str = field(default="kv-plan", metadata=dict(args=["-o", "--output"], help="output folder for kv_config.json"))
     target_bits: float = field(default=4.5, metadata=dict(help="average bits per cached element (nominal unless --effective)"))
     candidate_bits: str = field(default="2,3,4,6,8", metadata=dict(help="affine candidates (mlx-lm's quantized cache)"))
+    split_bits: str = field(default="8:4,4:2", metadata=dict(help="K:V pairs, keys and values at their own bits ('' for none)"))
     turbo_bits: str = field(default="", metadata=dict(help="TurboQuant candidates, e.g. 2,3,4 (the planner picks the family per layer)"))
     group_size: int = 64
     effective: bool = field(default=False, metadata=dict(help="budget effective bits (scales and biases counted)"))
@@ -39,6 +40,7 @@ def run(opts: KVOptions):
     turbo = int_list(opts.turbo_bits)
     if any(b not in (1, 2, 3, 4) for b in turbo):
         raise OptiqError(f"--turbo-bits {opts.turbo_bits!r}: choose from 1,2,3,4")
+    split = split_pairs(opts.split_bits)
     if not bits and not turbo:
         raise OptiqError("no candidates: give --candidate-bits and/or --turbo-bits")
     if opts.group_size not in (32, 64, 128):
@@ -50,17 +52,31 @@ def run(opts: KVOptions):
     if not cache_layers(loaded.model):
         raise OptiqError(f"{loaded.config.get('model_type')} has no KV-cache layers to plan")
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
-    table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits] + [Candidate(b, 0, "turbo") for b in turbo], prefill=opts.prefill, progress=not opts.quiet)
+    table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits] + [Candidate(k, opts.group_size, v_bits=v) for k, v in split] + [Candidate(b, 0, "turbo") for b in turbo], prefill=opts.prefill, progress=not opts.quiet)
     plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective)
     with atomic_output(opts.output, force=opts.force) as tmp:
         write_kv_config(plan, tmp)
     print(
         f"wrote {opts.output}/kv_config.json: {len(plan.layers)} cached layers at {plan.average_bits:.3f} average bits "
         f"({plan.effective_bits:.3f} effective), predicted KL {plan.predicted_kl:.4f}; "
-        + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}" for e in plan.layers)
+        + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}{'/' + str(e['v_bits']) if 'v_bits' in e else ''}" for e in plan.layers)
         + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
     )
     return plan
+
+
+def split_pairs(text: str) -> list:
+    """'8:4,4:2' -> [(8, 4), (4, 2)]: key bits, value bits."""
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            k, v = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise OptiqError(f"--split-bits {text!r}: expected K:V pairs such as 8:4,4:2")
+        if k not in (2, 3, 4, 5, 6, 8) or v not in (2, 3, 4, 5, 6, 8) or k == v:
+            raise OptiqError(f"--split-bits {item!r}: K and V bits differ, each one of 2,3,4,5,6,8")
+        pairs.append((k, v))
+    return pairs
 
 
 def main(argv=None, prog="optiq kv-cache") -> int:

@@ -1,74 +1,235 @@
 """Per-layer KV caches for mlx-lm's generation loop.
 
-mlx-lm quantizes every layer's cache to one bit-width (`kv_bits`). A
-`PlannedKVCache` carries its own layer's bits: it stores keys and values in
-full precision until it holds `start` tokens (mlx-lm's `quantized_kv_start`
-rule), then moves to mlx-lm's own `QuantizedKVCache`. mlx-lm's attention picks
-its quantized kernel by `hasattr(cache, "bits")`, so `bits` exists exactly
-when the cache is quantized. A list of these is a `prompt_cache` that
-`generate`/`stream_generate` accept as is: no patching of mlx-lm.
+mlx-lm quantizes every layer's cache to one bit-width (`kv_bits`), cannot
+quantize its rotating (sliding-window) cache, and its shared-KV attention
+(Gemma-4) cannot read a quantized cache. A `PlannedKVCache` carries its own
+layer's bits, for keys and values separately: it keeps full precision until it
+holds `start` tokens (mlx-lm's `quantized_kv_start` rule), then stores affine
+codes. Storage is three of mlx-lm's own caches kept in lockstep (codes, scales,
+biases): `KVCache` for full-attention layers and `RotatingKVCache` for
+sliding-window layers, so the window logic, masks and trimming are mlx-lm's.
+Scales and biases are stored in fp16 whatever the activations' dtype.
+
+With equal K and V bits the cache exposes `bits`/`group_size`, and mlx-lm's
+own quantized attention reads it; with different bits it computes its own
+(`attention`, through optiq.kv.attention's dispatcher). A list of these is a
+`prompt_cache` that `generate`/`stream_generate` accept as is.
 """
 
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache, make_prompt_cache
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, make_prompt_cache
+
+import mlx.core as mx
+
+from .attention import install, split_quantized_attention
+
+_SETTINGS = 9  # scalars after the arrays in `state`
+
+
+def quantize_kv(x, group_size: int, bits: int) -> tuple:
+    """(codes, scales, biases) in MLX's affine layout, scales and biases in fp16."""
+    w, s, b = mx.quantize(x, group_size=group_size, bits=bits)
+    return w, s.astype(mx.float16), b.astype(mx.float16)
 
 
 class PlannedKVCache(_BaseCache):
-    def __init__(self, bits: int, group_size: int = 64, start: int = 0):
-        self.plan_bits, self.plan_group_size, self.start = bits, group_size, start
-        self._cache = KVCache()
+    def __init__(self, bits: int, group_size: int = 64, start: int = 0, v_bits: int | None = None, max_size: int | None = None, keep: int = 0):
+        for b in (bits, v_bits or bits):
+            if b not in (2, 3, 4, 5, 6, 8):
+                raise ValueError(f"KV bits must be one of 2, 3, 4, 5, 6, 8, got {b}")
+        self.k_bits, self.v_bits = bits, v_bits or bits
+        self.plan_group_size, self.start = group_size, start
+        self.max_size, self.keep = max_size, keep
+        self._full, self._parts = self._new(), None
+
+    def _new(self):
+        return KVCache() if self.max_size is None else RotatingKVCache(self.max_size, self.keep)
 
     @property
     def quantized(self) -> bool:
-        return isinstance(self._cache, QuantizedKVCache)
+        return self._parts is not None
+
+    @property
+    def split(self) -> bool:
+        return self.k_bits != self.v_bits
 
     def __getattr__(self, name):
-        # `bits`/`group_size` only once quantized, like mlx-lm's own caches.
-        if name in ("bits", "group_size") and self.quantized:
-            return getattr(self._cache, name)
+        # `bits`/`group_size` only once quantized with one width, like mlx-lm's
+        # caches: mlx-lm's attention takes the quantized path exactly then.
+        d = self.__dict__
+        if name in ("bits", "group_size") and d.get("_parts") is not None and d["k_bits"] == d["v_bits"]:
+            return d["k_bits"] if name == "bits" else d["plan_group_size"]
+        if name == "attention" and d.get("_parts") is not None and d["k_bits"] != d["v_bits"]:
+            return self._split_attention
         raise AttributeError(name)
 
+    def _split_attention(self, queries, keys, values, scale, mask):
+        return split_quantized_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits)
+
+    def _quantize(self):
+        g = self.plan_group_size
+        parts = [self._new() for _ in range(3)]
+        full = self._full
+        if full.keys is not None:
+            ks, vs = quantize_kv(full.keys, g, self.k_bits), quantize_kv(full.values, g, self.v_bits)
+            for part, k, v in zip(parts, ks, vs):
+                part.__dict__.update(full.__dict__)  # offset and, when rotating, the write index
+                part.keys, part.values = k, v
+        self._full, self._parts = None, parts
+
     def update_and_fetch(self, keys, values):
-        if not self.quantized and self._cache.offset >= self.start and self.plan_bits < 16:
-            self._cache = self._cache.to_quantized(group_size=self.plan_group_size, bits=self.plan_bits)
-        return self._cache.update_and_fetch(keys, values)
+        if self._parts is None and self._full.offset >= self.start:
+            self._quantize()
+        if self._parts is None:
+            return self._full.update_and_fetch(keys, values)
+        g = self.plan_group_size
+        ks, vs = quantize_kv(keys, g, self.k_bits), quantize_kv(values, g, self.v_bits)
+        fetched = [p.update_and_fetch(k, v) for p, k, v in zip(self._parts, ks, vs)]
+        return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
+
+    def keys_and_values(self):
+        """What the last update returned (Gemma-3n's shared layers read their owner this way)."""
+        if self._parts is None:
+            return self._full.keys_and_values()
+        fetched = [p.keys_and_values() for p in self._parts]
+        return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
+
+    @property
+    def _caches(self):
+        return [self._full] if self._parts is None else self._parts
 
     @property
     def offset(self):
-        return self._cache.offset
+        return self._caches[0].offset
+
+    def size(self):
+        return self._caches[0].size()
+
+    def is_trimmable(self):
+        return self._caches[0].is_trimmable()
+
+    def trim(self, n):
+        return [c.trim(n) for c in self._caches][0]
+
+    def make_mask(self, *args, **kwargs):
+        return self._caches[0].make_mask(*args, **kwargs)
+
+    def empty(self):
+        return self._caches[0].empty()
 
     @property
+    def nbytes(self):
+        return sum(c.nbytes for c in self._caches)
+
+    # mlx-lm's save_prompt_cache stores `state` only: settings ride along as scalars.
+    @property
     def state(self):
-        return self._cache.state
+        first = self._caches[0]
+        settings = [self.k_bits, self.v_bits, self.plan_group_size, self.start, self.max_size or 0, self.keep, first.offset, getattr(first, "_idx", 0), int(self.quantized)]
+        if first.keys is None:
+            return settings
+        return [a for c in self._caches for a in (c.keys, c.values)] + settings
 
     @state.setter
     def state(self, v):
-        self._cache.state = v
+        arrays, s = v[:-_SETTINGS], [int(x) for x in v[-_SETTINGS:]]
+        self.__init__(s[0], s[2], s[3], s[1], s[4] or None, s[5])
+        if s[8]:
+            self._full, self._parts = None, [self._new() for _ in range(3)]
+        for i, c in enumerate(self._caches):
+            c.offset = s[6]
+            if self.max_size is not None:
+                c._idx = s[7]
+            if arrays:
+                c.keys, c.values = arrays[2 * i], arrays[2 * i + 1]
+
+
+class SharedKVView(_BaseCache):
+    """A KV-shared layer's cache entry (Gemma-4): the layer receives its owner's
+    fetched keys and values, and this view hands them through unchanged while
+    telling attention how the owner stores them."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+    def __getattr__(self, name):
+        if name in ("bits", "group_size", "attention"):
+            return getattr(self.__dict__["owner"], name)
+        raise AttributeError(name)
+
+    @property
+    def offset(self):
+        return self.owner.offset
+
+    def make_mask(self, *args, **kwargs):
+        return self.owner.make_mask(*args, **kwargs)
 
     def is_trimmable(self):
         return True
 
-    def trim(self, n):
-        return self._cache.trim(n)
+    def trim(self, n):  # the owner trims itself
+        return n
 
-    def make_mask(self, *args, **kwargs):
-        return self._cache.make_mask(*args, **kwargs)
+    def size(self):
+        return self.owner.size()
 
     def empty(self):
-        return self._cache.empty()
+        return self.owner.empty()
 
     @property
     def nbytes(self):
-        return self._cache.nbytes
+        return 0
 
 
-def uniform_layers(model, bits: int, group_size: int = 64, mode: str = "affine") -> list:
+# mlx-lm's load_prompt_cache looks cache classes up by name in its own module.
+mlx_cache.PlannedKVCache = PlannedKVCache
+
+
+def shared_kv_owners(model) -> dict:
+    """{shared layer: owner layer} for models whose later layers reuse an
+    earlier layer's keys and values (Gemma-4's `previous_kvs`, Gemma-3n's
+    `layer_idx_to_cache_idx`); empty for everything else."""
+    for _, m in model.named_modules():
+        owners = getattr(m, "previous_kvs", None) or getattr(m, "layer_idx_to_cache_idx", None)
+        if owners:
+            return {j: int(o) for j, o in enumerate(owners) if int(o) != j}
+    return {}
+
+
+def uniform_layers(model, bits: int, group_size: int = 64, mode: str = "affine", v_bits: int | None = None) -> list:
     """kv_config entries giving every KV-cache layer the same bits."""
     extra = {"mode": mode} if mode != "affine" else {}
+    if v_bits and v_bits != bits:
+        extra["v_bits"] = v_bits
     return [
         {"layer_idx": i, "bits": bits, "group_size": group_size, **extra}
         for i, c in enumerate(make_prompt_cache(model))
-        if isinstance(c, KVCache)
+        if isinstance(c, (KVCache, RotatingKVCache)) and not (mode == "turbo" and isinstance(c, RotatingKVCache))
     ]
+
+
+def planned_cache(entry: dict, mlx_cache_entry, start: int = 0):
+    """The cache for one kv_config entry, replacing mlx-lm's default for that layer."""
+    idx = entry["layer_idx"]
+    rotating = isinstance(mlx_cache_entry, RotatingKVCache)
+    if not isinstance(mlx_cache_entry, (KVCache, RotatingKVCache)):
+        raise ValueError(f"layer {idx} has a {type(mlx_cache_entry).__name__}, not a KV cache")
+    if entry.get("mode", "affine") == "turbo":  # quantized from the first token (no `start`)
+        if rotating:
+            raise ValueError(f"layer {idx} is a sliding-window layer: TurboQuant covers full-attention layers only")
+        from .turbo import TurboQuantKVCache
+
+        return TurboQuantKVCache(entry["bits"], entry.get("seed", 0), idx)
+    bits, v_bits = entry["bits"], entry.get("v_bits", entry["bits"])
+    if min(bits, v_bits) >= 16:
+        return mlx_cache_entry
+    if max(bits, v_bits) >= 16:
+        raise ValueError(f"layer {idx}: keys and values are quantized together (bits {bits}, v_bits {v_bits})")
+    window = dict(max_size=mlx_cache_entry.max_size, keep=mlx_cache_entry.keep) if rotating else {}
+    return PlannedKVCache(bits, entry["group_size"], start, v_bits=v_bits, **window)
 
 
 def make_kv_cache(model, plan=None, start: int = 0) -> list:
@@ -77,17 +238,15 @@ def make_kv_cache(model, plan=None, start: int = 0) -> list:
     caches = make_prompt_cache(model)
     if plan is None:
         return caches
-    layers = list(getattr(plan, "layers", plan))
-    if any(layer.get("mode") == "turbo" for layer in layers):
-        from .turbo import TurboQuantKVCache, install
-
+    entries = list(getattr(plan, "layers", plan))
+    for entry in entries:
+        caches[entry["layer_idx"]] = planned_cache(entry, caches[entry["layer_idx"]], start)
+    if any(e.get("mode") == "turbo" or e.get("v_bits", e["bits"]) != e["bits"] for e in entries):
         install(model)
-    for layer in layers:
-        idx = layer["layer_idx"]
-        if not isinstance(caches[idx], KVCache):
-            raise ValueError(f"layer {idx} has a {type(caches[idx]).__name__}, not a KV cache")
-        if layer.get("mode", "affine") == "turbo":  # quantized from the first token (no `start`)
-            caches[idx] = TurboQuantKVCache(layer["bits"], layer.get("seed", 0), idx)
-        elif layer["bits"] < 16:
-            caches[idx] = PlannedKVCache(layer["bits"], layer["group_size"], start)
+    owners = shared_kv_owners(model)
+    if owners and len(caches) < len(model.layers):
+        # Gemma-4 pads the list with None for its shared layers, whose attention
+        # then cannot tell a quantized owner: give each a view of its owner.
+        # (Gemma-3n hands shared layers the owner's cache itself.)
+        caches += [SharedKVView(caches[owners[j]]) for j in range(len(caches), len(model.layers))]
     return caches

@@ -13,7 +13,9 @@ from ..records import SensitivityTable
 
 @attrs.frozen
 class KVPlan:
-    layers: tuple = attrs.field(converter=lambda v: tuple(dict(x) for x in v))  # kv_config entries
+    # kv_config entries: {layer_idx, bits, group_size} plus "v_bits" when values
+    # have their own width ("bits" is then the keys') and "mode" for TurboQuant
+    layers: tuple = attrs.field(converter=lambda v: tuple(dict(x) for x in v))
     target_bits: float
     average_bits: float  # nominal
     effective_bits: float  # with fp16 scales and biases per group
@@ -37,7 +39,7 @@ def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal:
     n = {l.path: l.n_params for l in table.layers}
     total = sum(n.values())
     entries = [
-        {"layer_idx": int(p.split(".")[1]), "bits": c.bits, "group_size": c.group_size, **({"mode": c.mode} if c.mode != "affine" else {})}
+        {"layer_idx": int(p.split(".")[1]), **c.to_dict()}
         for p, c in plan.assignments
     ]
     planned = {e["layer_idx"] for e in entries}
@@ -73,6 +75,24 @@ def read_kv_config(path) -> KVPlan:
         return KVPlan.from_dict(data)
     if not isinstance(data, list) or not all(isinstance(e, dict) and {"layer_idx", "bits", "group_size"} <= set(e) for e in data):
         raise OptiqError(f"{path}: expected a list of {{layer_idx, bits, group_size}}")
-    bits = [e["bits"] for e in data]
+    for e in data:
+        problem = entry_problem(e)
+        if problem:
+            raise OptiqError(f"{path}: layer {e.get('layer_idx')}: {problem}")
+    bits = [(e["bits"] + e.get("v_bits", e["bits"])) / 2 for e in data]
     avg = sum(bits) / len(bits) if bits else 16.0
     return KVPlan(layers=data, target_bits=avg, average_bits=avg, effective_bits=avg, predicted_kl=float("nan"))
+
+
+def entry_problem(e: dict) -> str | None:
+    """What is wrong with one kv_config entry, or None."""
+    if e.get("mode", "affine") == "turbo":
+        return None if e["bits"] in (1, 2, 3, 4) else f"TurboQuant bits must be 1-4, got {e['bits']}"
+    if e.get("mode", "affine") != "affine":
+        return f"unknown mode {e['mode']!r} (affine or turbo)"
+    for key in ("bits", "v_bits"):
+        if key in e and e[key] not in (2, 3, 4, 5, 6, 8, 16):
+            return f"{key} must be one of 2, 3, 4, 5, 6, 8 (16: unquantized), got {e[key]}"
+    if e["group_size"] not in (32, 64, 128):
+        return f"group_size must be 32, 64 or 128, got {e['group_size']}"
+    return None

@@ -1,20 +1,23 @@
 """KV sensitivity: KL(reference || model with only one layer's cache quantized),
 over a prefill and a stretch of teacher-forced decoding.
 
-Only layers whose cache is a KV cache are measured, keyed by their true layer
-index: hybrid models (qwen3_5) skip their linear-attention layers. Layers with
-a sliding-window (rotating) cache are listed but kept unquantized for now:
-mlx-lm has no quantized rotating cache and optiq does not yet provide one.
-Candidates are affine (mlx-lm's QuantizedKVCache) or TurboQuant (mode
-"turbo", optiq.kv.turbo), so the planner chooses the family per layer.
+Only layers that own a KV cache are measured, keyed by their true layer
+index: hybrid models (qwen3_5) skip their linear-attention layers, and
+KV-shared layers (Gemma-3n, Gemma-4) follow their owner, whose probe covers
+them. Sliding-window layers are measured with a quantized rotating cache.
+Candidates are affine (optiq.kv.caches, keys and values at the same or at
+their own bits) or TurboQuant (mode "turbo", full-attention layers only), so
+the planner chooses the family and the K/V split per layer. Probes use the
+same caches generation does (make_kv_cache).
 """
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .. import metrics
 from ..records import Candidate, LayerSensitivity, SensitivityTable
+from .caches import make_kv_cache
 
 UNQUANTIZED = Candidate(16, 64)
 
@@ -51,30 +54,25 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
     ref = metrics.reference_from_logits(run_with_cache(model, tokens_mx, ref_caches, prefill))
     layers = cache_layers(model)
 
-    def fits(i, c):  # MLX groups run along the head dimension; TurboQuant rotates whole heads
+    def fits(i, kind, c):  # MLX groups run along the head dimension; TurboQuant rotates whole heads
         dk, dv = ref_caches[i].keys.shape[3], ref_caches[i].values.shape[3]
         if c.mode == "turbo":
-            return c.bits <= 4 and dk == dv == c.group_size and dk % 32 == 0
+            return kind == "full" and c.bits <= 4 and dk == dv == c.group_size and dk % 32 == 0
         return c.bits < 16 and dk % c.group_size == 0 and dv % c.group_size == 0
 
     def head_candidates(i):  # a TurboQuant candidate's group is the head dimension
         d = ref_caches[i].keys.shape[3]
         return [Candidate(c.bits, d, "turbo") if c.mode == "turbo" else c for c in candidates]
 
-    def quantized_cache(i, c):
-        if c.mode == "turbo":
-            from .turbo import TurboQuantKVCache, install
+    def probe_caches(i, c):
+        entry = {"layer_idx": i, **c.to_dict()}
+        return make_kv_cache(model, [entry])
 
-            install(model)  # a no-op after the first time
-            return TurboQuantKVCache(c.bits, 0, i)
-        return QuantizedKVCache(group_size=c.group_size, bits=c.bits)
-
-    todo = [(i, kind, c) for i, kind in layers if kind == "full" for c in head_candidates(i) if fits(i, c)]
+    todo = [(i, c) for i, kind in layers for c in head_candidates(i) if fits(i, kind, c)]
     bar = tqdm(total=len(todo), desc="kv sensitivity", unit="probe", disable=not progress)
     kls = {}
-    for i, kind, c in todo:
-        caches = make_prompt_cache(model)
-        caches[i] = quantized_cache(i, c)
+    for i, c in todo:
+        caches = probe_caches(i, c)
         kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, run_with_cache(model, tokens_mx, caches, prefill))))
         bar.update(1)
     bar.close()
@@ -82,7 +80,7 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
     for i, kind in layers:
         k = ref_caches[i]
         per_token = int(k.keys.shape[1] * (k.keys.shape[3] + k.values.shape[3]))  # heads x (Dk + Dv)
-        cands = [c for c in head_candidates(i) if kind == "full" and fits(i, c)]
+        cands = [c for c in head_candidates(i) if fits(i, kind, c)]
         cands = [*cands, UNQUANTIZED]
         out.append(
             LayerSensitivity(

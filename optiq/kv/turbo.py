@@ -10,21 +10,19 @@ or dequantized to the original space; for prefill-sized calls and 4 bits the
 codebook values are gathered (still in the rotated space) for an fp32 matmul,
 which is faster on CPU than the 1-bit kernel there.
 
-mlx-lm's attention calls `scaled_dot_product_attention` imported into each
-model module; there is no public hook for a new cache kind, so `install`
-wraps that name in the model's own modules with a dispatcher that sends
-TurboQuant caches here and everything else to mlx-lm's function unchanged.
-Sliding-window layers keep mlx-lm's rotating cache.
+The cache computes its own attention (`attention`), reached through
+optiq.kv.attention's dispatcher (`install`). Sliding-window layers keep an
+affine cache (optiq.kv.caches).
 """
 
 import functools
-import sys
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import _BaseCache
 
 from .. import turbo
+from .attention import apply_mask, install  # noqa: F401  (install: public here since session 2)
 
 
 @functools.lru_cache(maxsize=128)
@@ -120,6 +118,9 @@ class TurboQuantKVCache(_BaseCache):
     def make_mask(self, *args, **kwargs):
         return mlx_cache.create_attention_mask(*args, offset=self.offset, **kwargs)
 
+    def attention(self, queries, keys, values, scale, mask):
+        return turbo_attention(queries, self, scale, mask)
+
     def empty(self):
         return self.keys is None
 
@@ -178,46 +179,12 @@ def turbo_attention(queries, cache: TurboQuantKVCache, scale: float, mask):
     q = (queries.astype(mx.float32) * scale).reshape(B, H, rep * L, d) @ rk.transpose(0, 2, 1)[None]
     scores = _codes_matmul(q, kp, cache.turbo_bits, transpose=True)  # (B, H, rep L, T)
     scores = (scores * cache.key_norms[:, :, None, :o].astype(mx.float32)).reshape(B, H, rep, L, o)
-    if mask is not None:
-        if isinstance(mask, str):
-            mask = mx.arange(o - L, o)[:, None] >= mx.arange(o)[None]
-        elif mask.ndim > 3:
-            mask = mx.expand_dims(mask, -3)
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
+    scores = apply_mask(scores, mask, grouped=True)
     weights = mx.softmax(scores, axis=-1, precise=True).reshape(B, H, rep * L, o)
     weights = weights * cache.value_norms[:, :, None, :o].astype(mx.float32)
     out = _codes_matmul(weights, vp, cache.turbo_bits, transpose=False)  # (B, H, rep L, d), rotated
     out = out @ rv[None]
     return out.reshape(B, n_q, L, d).astype(queries.dtype)
-
-
-def _dispatching(original):
-    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if isinstance(cache, TurboQuantKVCache):
-            if sinks is not None:
-                raise ValueError("TurboQuant KV does not support attention sinks")
-            return turbo_attention(queries, cache, scale, mask)
-        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-
-    scaled_dot_product_attention.optiq_turbo = True
-    return scaled_dot_product_attention
-
-
-def install(model):
-    """Route attention over TurboQuant caches to `turbo_attention` (idempotent;
-    the module walk runs once per model)."""
-    if getattr(model, "_optiq_turbo_installed", False):
-        return model
-    modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
-    for module in modules:
-        fn = getattr(module, "scaled_dot_product_attention", None)
-        if fn is not None and not getattr(fn, "optiq_turbo", False):
-            module.scaled_dot_product_attention = _dispatching(fn)
-    object.__setattr__(model, "_optiq_turbo_installed", True)
-    return model
 
 
 def make_turbo_cache(model, bits=3, seed: int = 0, layers=None) -> list:

@@ -1,0 +1,74 @@
+"""Attention for caches mlx-lm's own attention cannot read.
+
+mlx-lm's attention calls `scaled_dot_product_attention` imported into each
+model module, and picks its quantized kernel by `hasattr(cache, "bits")` with
+one bit-width for keys and values. Two optiq caches need more: TurboQuant
+(attention in the rotated space) and affine caches whose keys and values have
+different bits. There is no public hook for a new cache kind, so `install`
+wraps that one name in the model's own modules with a dispatcher: a cache
+with an `attention` method computes its own, everything else goes to mlx-lm's
+function unchanged. Caches that mlx-lm reads natively never need it.
+"""
+
+import sys
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+
+def _dispatching(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        attend = getattr(cache, "attention", None)
+        if attend is not None:
+            if sinks is not None:
+                raise ValueError(f"{type(cache).__name__} does not support attention sinks")
+            return attend(queries, keys, values, scale, mask)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    scaled_dot_product_attention.optiq_dispatch = True
+    return scaled_dot_product_attention
+
+
+def install(model):
+    """Route attention over caches that define `attention` to them (idempotent;
+    the module walk runs once per model)."""
+    if getattr(model, "_optiq_attention_installed", False):
+        return model
+    modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
+    for module in modules:
+        fn = getattr(module, "scaled_dot_product_attention", None)
+        if fn is not None and not getattr(fn, "optiq_dispatch", False):
+            module.scaled_dot_product_attention = _dispatching(fn)
+    object.__setattr__(model, "_optiq_attention_installed", True)
+    return model
+
+
+def apply_mask(scores, mask, grouped: bool):
+    """mlx-lm's mask conventions ("causal", boolean or additive arrays) on
+    scores shaped (..., L, T); `grouped` when queries carry a head-repeat axis."""
+    if mask is None:
+        return scores
+    if isinstance(mask, str):
+        L, T = scores.shape[-2:]
+        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
+    elif grouped and mask.ndim > 3:
+        mask = mx.expand_dims(mask, -3)
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    return scores + mask
+
+
+def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int):
+    """mlx-lm's quantized attention with keys and values at their own bits."""
+    B, n_q, L, D = queries.shape
+    n_kv = q_keys[0].shape[-3]
+    rep = n_q // n_kv
+    queries = queries * scale
+    if rep > 1:
+        queries = queries.reshape(B, n_kv, rep, L, D)
+        q_keys = tree_map(lambda x: mx.expand_dims(x, -3), q_keys)
+        q_values = tree_map(lambda x: mx.expand_dims(x, -3), q_values)
+    scores = mx.quantized_matmul(queries, *q_keys, transpose=True, group_size=group_size, bits=k_bits)
+    scores = mx.softmax(apply_mask(scores, mask, rep > 1), axis=-1, precise=True)
+    out = mx.quantized_matmul(scores, *q_values, transpose=False, group_size=group_size, bits=v_bits)
+    return out.reshape(B, n_q, L, -1) if rep > 1 else out
