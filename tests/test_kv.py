@@ -43,6 +43,22 @@ def test_hybrid_model_plans_only_full_attention_layers_by_true_index(kv_models, 
     assert plan.skipped_layers == (0, 2) and plan.average_bits <= 6 + 1e-9
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5", "gemma3_text"])
+def test_replayed_prefill_probes_equal_prefill_then_decoding(kv_models, arch):
+    """The fast probe (one prefill from the probed layer's recorded input)
+    measures what a prefill followed by teacher-forced decoding measures."""
+    loaded = load_reference(kv_models[arch])
+    tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 40, seed=5)  # past gemma's 16-token window
+    cands = [Candidate(2, 32), Candidate(8, 32, v_bits=4)]
+    fast = measure_kv(loaded.model, tokens, cands, progress=False)
+    slow = measure_kv(loaded.model, tokens, cands, prefill=24, progress=False)
+    assert "replayed" in fast.method and "decoding" in slow.method
+    for a, b in zip(fast.layers, slow.layers):
+        assert a.candidates == b.candidates
+        np.testing.assert_allclose(a.kl, b.kl, rtol=0.05, atol=1e-5)
+        assert max(a.kl) > 1e-3  # the probes do perturb the model
+
+
 def test_kv_table_more_bits_less_kl_and_exact_budget(kv_models):
     loaded = load_reference(kv_models["llama"])
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 24, seed=3)

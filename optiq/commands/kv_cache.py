@@ -21,7 +21,7 @@ class KVOptions:
     calibration: Optional[str] = None
     n_calibration: int = 4
     seq_len: int = 256
-    prefill: Optional[int] = field(default=None, metadata=dict(help="tokens prefilled before teacher-forced decoding (default 3/4 of --seq-len)"))
+    prefill: Optional[int] = field(default=None, metadata=dict(help="run N tokens as a prefill, then decode the rest one token at a time (default: one prefill, replayed from each probed layer: the same logits, faster)"))
     seed: int = 0
     force: bool = False
     quiet: bool = False

@@ -1,6 +1,17 @@
 """KV sensitivity: KL(reference || model with only one layer's cache quantized),
 over a prefill and a stretch of teacher-forced decoding.
 
+Teacher-forced decoding through a cache that quantizes from the first token
+gives the same logits as one prefill through it: each token's keys and values
+are quantized on their own, and every position attends to the quantized
+entries of the positions before it either way (tested). So by default a probe
+is one prefill, and it starts at the probed layer: the reference pass records
+every block's input and the probe replays it (optiq.sensitivity's stand-ins),
+running only the blocks from the probed layer on. `prefill=N` instead runs the
+whole model over N tokens and decodes the rest one token at a time, for real.
+Models whose later layers read earlier layers' caches (shared KV) always run
+whole.
+
 Only layers that own a KV cache are measured, keyed by their true layer
 index: hybrid models (qwen3_5) skip their linear-attention layers, and
 KV-shared layers (Gemma-3n, Gemma-4) follow their owner, whose probe covers
@@ -42,16 +53,59 @@ def run_with_cache(model, tokens: mx.array, caches: list, prefill: int) -> mx.ar
     return mx.concatenate(logits, axis=1).astype(mx.float32)
 
 
+def _replayed(model, tokens, caches, start: int, inputs: list) -> mx.array:
+    """Logits of one prefill with blocks before `start` replaced by the
+    recorded input of block `start` (their caches stay empty, unread)."""
+    from ..sensitivity import _Stand, block_list
+
+    blocks = block_list(model)
+    originals = list(blocks)
+    try:
+        if start > 0:
+            for j in range(start - 1):
+                blocks[j] = _Stand(originals[j])
+            blocks[start - 1] = _Stand(originals[start - 1], replay=inputs[start])
+        return model(tokens, cache=caches).astype(mx.float32)
+    finally:
+        blocks[:] = originals
+
+
+def _reference_inputs(model, tokens) -> tuple:
+    """(logits, every block's input) of one unquantized prefill."""
+    from ..sensitivity import _Stand, block_list
+
+    blocks = block_list(model)
+    originals = list(blocks)
+    inputs = []
+    try:
+        for j, block in enumerate(originals):
+            blocks[j] = _Stand(block, inputs=inputs)
+        logits = model(tokens, cache=make_prompt_cache(model)).astype(mx.float32)
+        mx.eval(logits, inputs)
+    finally:
+        blocks[:] = originals
+    return logits, inputs
+
+
 def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: bool = True) -> SensitivityTable:
-    """The KV sensitivity table; a layer's `n_params` is its KV elements per token."""
+    """The KV sensitivity table; a layer's `n_params` is its KV elements per token.
+    `prefill`: run N tokens as a prefill and decode the rest (default: one
+    prefill of everything, replayed from the probed layer)."""
     from tqdm.auto import tqdm
 
     from ..calibration import digest
+    from .caches import shared_kv_owners
 
     tokens_mx = mx.array(np.asarray(tokens, dtype=np.int32))
-    prefill = prefill or max(1, (tokens_mx.shape[1] * 3) // 4)
     ref_caches = make_prompt_cache(model)
-    ref = metrics.reference_from_logits(run_with_cache(model, tokens_mx, ref_caches, prefill))
+    replay = prefill is None and not shared_kv_owners(model)
+    if replay:
+        logits, inputs = _reference_inputs(model, tokens_mx)
+        model(tokens_mx[:, :1], cache=ref_caches)  # shapes for the candidate checks below
+    else:
+        logits = run_with_cache(model, tokens_mx, ref_caches, prefill or tokens_mx.shape[1])
+    ref = metrics.reference_from_logits(logits)
+    del logits
     layers = cache_layers(model)
 
     def fits(i, kind, c):  # MLX groups run along the head dimension; TurboQuant rotates whole heads
@@ -73,7 +127,8 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
     kls = {}
     for i, c in todo:
         caches = probe_caches(i, c)
-        kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, run_with_cache(model, tokens_mx, caches, prefill))))
+        got = _replayed(model, tokens_mx, caches, i, inputs) if replay else run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
+        kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, got)))
         bar.update(1)
     bar.close()
     out = []
@@ -94,4 +149,4 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
                 roles=(kind,),
             )
         )
-    return SensitivityTable(model="", layers=tuple(out), calibration_digest=digest(tokens), n_tokens=int(tokens_mx.size), method=f"kv probes, prefill {prefill}")
+    return SensitivityTable(model="", layers=tuple(out), calibration_digest=digest(tokens), n_tokens=int(tokens_mx.size), method="kv probes, one prefill replayed from each layer" if replay else f"kv probes, prefill {prefill}, then decoding")
