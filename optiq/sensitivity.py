@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import metrics
+from . import distributed, metrics
 from .errors import OptiqError
 from .records import Candidate, LayerSensitivity, SensitivityTable
 
@@ -412,7 +412,7 @@ def measure_weights(
 
     candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
     cal = calibrated or Calibrated(model, tokens, batch_size, kl_stride, quantizer=quantizer)
-    cache = ProbeCache(cache_path)
+    cache = ProbeCache(cache_path if distributed.is_writer() else None)  # one writer under mlx.launch
     n_blocks = len(cal.blocks)
     tied = is_tied(model)
     proxy = anchors is not None and len(anchors) == 0
@@ -426,24 +426,36 @@ def measure_weights(
     if proxy:
         return _proxy_table(cal, plan, model_id, reference, digest(tokens), int(np.asarray(tokens).size), tied)
     n_probes = sum(len(t) for *_, t in plan)
-    bar = tqdm(total=n_probes, desc="sensitivity", unit="probe", disable=not progress)
+    bar = tqdm(total=n_probes, desc="sensitivity", unit="probe", disable=not progress or not distributed.is_writer())
     cal_digest = digest(tokens)
+    probes = [(path, c) for path, _, _, todo in plan for c in todo]
+    modules = {path: module for path, module, _, _ in plan}
+    probed = {}
+    for n, (path, c) in enumerate(probes):
+        bar.update(1)
+        if not distributed.mine(n):  # another rank's probe (mlx.launch)
+            continue
+        kl = cache.get(path, c)
+        if kl is None:
+            module = modules[path]
+            original = module.weight
+            module.weight = cal.quantized(path, module, original, c)
+            try:
+                kl = cal.probe(start_block(path, n_blocks))
+            finally:
+                module.weight = original
+            cache.put(path, c, kl)
+        probed[(path, c)] = kl
+    bar.close()
+    if distributed.group().size() > 1:
+        probed = distributed.gather(probed, probes)
+        for (path, c), kl in probed.items():
+            if cache.get(path, c) is None:
+                cache.put(path, c, kl)
     layers = []
     for path, module, cands, todo in plan:
-        original = module.weight
         errors = [cal.output_error(path, module, c) for c in cands]
-        measured = {}
-        for c in todo:
-            kl = cache.get(path, c)
-            if kl is None:
-                module.weight = cal.quantized(path, module, original, c)
-                try:
-                    kl = cal.probe(start_block(path, n_blocks))
-                finally:
-                    module.weight = original
-                cache.put(path, c, kl)
-            measured[c] = kl
-            bar.update(1)
+        measured = {c: probed[(path, c)] for c in todo}
         idx = [cands.index(c) for c in todo]
         predicted = predict_kl(errors, [errors[i] for i in idx], [measured[c] for c in todo])
         kls = [measured.get(c, float(p)) for c, p in zip(cands, predicted)]
@@ -461,7 +473,6 @@ def measure_weights(
                 roles=roles,
             )
         )
-    bar.close()
     return SensitivityTable(
         model=model_id,
         layers=tuple(layers),

@@ -188,6 +188,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from mlx_lm import load as mlx_load
     from mlx_lm.utils import compute_bits_per_weight
 
+    from .. import distributed
     from ..calibration import load_calibration
     from ..evaluate import quality, reference_batches, simulated
     from ..io import check_output, write_json
@@ -233,6 +234,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     calibrated.clear()
     log(opts, plan_summary(plan))
     log(opts, per_block_bits(plan))
+    if not distributed.is_writer():  # under mlx.launch rank 0 evaluates and writes
+        return QuantizedWeights(path="", plan=plan, bytes=0, mlx_bits_per_weight=0.0, measured={})
 
     measured, rows = {}, []
     if not opts.no_eval:

@@ -28,6 +28,7 @@ class KVOptions:
 
 
 def run(opts: KVOptions):
+    from .. import distributed
     from ..calibration import load_calibration
     from ..io import atomic_output, check_output
     from ..kv import cache_layers, measure_kv, plan_kv, write_kv_config
@@ -54,6 +55,8 @@ def run(opts: KVOptions):
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
     table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits] + [Candidate(k, opts.group_size, v_bits=v) for k, v in split] + [Candidate(b, 0, "turbo") for b in turbo], prefill=opts.prefill, progress=not opts.quiet)
     plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective)
+    if not distributed.is_writer():  # under mlx.launch rank 0 writes
+        return plan
     with atomic_output(opts.output, force=opts.force) as tmp:
         write_kv_config(plan, tmp)
     print(

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from .. import metrics
+from .. import distributed, metrics
 from ..records import Candidate, LayerSensitivity, SensitivityTable
 from .caches import make_kv_cache
 
@@ -123,14 +123,17 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
         return make_kv_cache(model, [entry])
 
     todo = [(i, c) for i, kind in layers for c in head_candidates(i) if fits(i, kind, c)]
-    bar = tqdm(total=len(todo), desc="kv sensitivity", unit="probe", disable=not progress)
+    bar = tqdm(total=len(todo), desc="kv sensitivity", unit="probe", disable=not progress or not distributed.is_writer())
     kls = {}
-    for i, c in todo:
+    for n, (i, c) in enumerate(todo):
+        bar.update(1)
+        if not distributed.mine(n):  # another rank's probe (mlx.launch)
+            continue
         caches = probe_caches(i, c)
         got = _replayed(model, tokens_mx, caches, i, inputs) if replay else run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
         kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, got)))
-        bar.update(1)
     bar.close()
+    kls = distributed.gather(kls, todo)
     out = []
     for i, kind in layers:
         k = ref_caches[i]
