@@ -77,15 +77,21 @@ def model_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict, force=False, extra_weights=None):
+def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict, force=False, extra_weights=None, max_shard_bytes=None):
     """Write an mlx-lm model folder atomically, with optiq_metadata.json beside it.
 
     extra_weights: tensors kept as they are (e.g. a vision tower kept with
-    --keep-unused-modalities) in model-unused-modalities.safetensors."""
+    --keep-unused-modalities) in model-unused-modalities.safetensors.
+    max_shard_bytes: smaller shards than mlx-lm's 5 GB, for a model whose
+    weights are still lazy loads (streaming): each shard is computed, written
+    and freed before the next."""
     from mlx_lm.utils import save_config, save_model
 
     with atomic_output(out, force=force) as tmp:
-        save_model(tmp, model)
+        if max_shard_bytes:
+            write_shards(tmp, model, max_shard_bytes)
+        else:
+            save_model(tmp, model)
         save_config(dict(config), config_path=tmp / "config.json", keep_vision_config=bool(extra_weights))
         if extra_weights:
             mx.save_safetensors(str(tmp / "model-unused-modalities.safetensors"), extra_weights, metadata={"format": "mlx"})
@@ -96,3 +102,30 @@ def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict
                     shutil.copy(file, tmp)
         write_json(tmp / "optiq_metadata.json", metadata)
     return Path(out)
+
+
+def write_shards(folder, model, max_shard_bytes: int):
+    """mlx-lm's sharded layout (model-0000i-of-0000n.safetensors and its index),
+    one shard evaluated at a time."""
+    import json
+
+    weights = dict(tree_flatten(model.parameters()))
+    total = sum(v.nbytes for v in weights.values())
+    shards, size = [{}], 0  # mlx-lm's make_shards counts whole GB; this needs finer
+    for k, v in weights.items():
+        if size + v.nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    del weights
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for i, name in enumerate(names):
+        shard, shards[i] = shards[i], None
+        mx.save_safetensors(str(Path(folder) / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+        del shard
+        mx.clear_cache()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))

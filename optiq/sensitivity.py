@@ -122,8 +122,9 @@ class _Stand:
     """Stands in a block list: records the block's input (and output), or
     replays a cached output, or (neither) passes its input through."""
 
-    def __init__(self, block, inputs=None, outputs=None, replay=None):
+    def __init__(self, block, inputs=None, outputs=None, replay=None, after=None):
         self._block, self._inputs, self._outputs, self._replay = block, inputs, outputs, replay
+        self._after = after  # streaming: evaluate the output, then give the weights back
 
     def __getattr__(self, name):  # layer attributes the model reads (use_sliding, is_linear)
         return getattr(self._block, name)
@@ -131,13 +132,52 @@ class _Stand:
     def __call__(self, x, *args, **kwargs):
         if self._replay is not None:
             return self._replay
-        if self._inputs is None:
+        if self._inputs is None and self._after is None:
             return x
-        self._inputs.append(x.astype(mx.float32))
+        if self._inputs is not None:
+            self._inputs.append(x.astype(mx.float32))
         out = self._block(x, *args, **kwargs)
         if self._outputs is not None:
             self._outputs.append(out.astype(mx.float32))
+        if self._after is not None:
+            mx.eval(out, *(self._outputs or ()))
+            self._after()
         return out
+
+
+class _StopForward(Exception):
+    """Ends a forward pass after the block being measured (streaming)."""
+
+
+class _DiskGrams(dict):
+    """Gram matrices that go to disk once complete; every read of a stored one
+    is a fresh lazy load, freed when its reader is done with it."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder, self.files = Path(folder), {}
+
+    def flush(self, paths):
+        for path in paths:
+            if dict.__contains__(self, path):
+                file = self.folder / f"{len(self.files)}.safetensors"
+                mx.save_safetensors(str(file), {"gram": dict.__getitem__(self, path)})
+                self.files[path] = file
+                dict.__delitem__(self, path)
+
+    def get(self, path, default=None):
+        if path in self.files:
+            return mx.load(str(self.files[path]))["gram"]
+        return dict.get(self, path, default)
+
+    def __getitem__(self, path):
+        value = self.get(path)
+        if value is None:
+            raise KeyError(path)
+        return value
+
+    def __contains__(self, path):
+        return path in self.files or dict.__contains__(self, path)
 
 
 class _Positions:
@@ -174,10 +214,12 @@ class _Tap(nn.Module):
 class Calibrated:
     """Everything the probes need, from one reference pass over the calibration set."""
 
-    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1, refs=None, quantizer: str = "rtn"):
+    def __init__(self, model, tokens, batch_size: int, kl_stride: int = 1, refs=None, quantizer: str = "rtn", streamed=None):
         """refs: the reference's view of the same batches, when the model being
-        cached is not the reference (a plan in place, for refinement)."""
+        cached is not the reference (a plan in place, for refinement).
+        streamed: an optiq.stream.Streamed when the blocks live on disk."""
         self.model = model
+        self.streamed = streamed
         self.quantizer = quantizer
         self.blocks = block_list(model)
         self.owner = next(
@@ -205,6 +247,19 @@ class Calibrated:
         for path, module in linears:
             container, key = container_of(self.model, path)
             container[key] = _Tap(module, self.grams, path)
+        try:
+            if self.streamed is not None:
+                self._streamed_reference_pass(refs, [p for p, _ in linears])
+            else:
+                self._memory_reference_pass(refs)
+        finally:
+            for path, module in linears:
+                container, key = container_of(self.model, path)
+                container[key] = module
+        if is_tied(self.model) and refs is None:
+            self._head_gram()
+
+    def _memory_reference_pass(self, refs):
         originals = list(self.blocks)
         try:
             for n, batch in enumerate(self.batches):
@@ -220,11 +275,57 @@ class Calibrated:
                 self.blocks[:] = originals
         finally:
             self.blocks[:] = originals
-            for path, module in linears:
-                container, key = container_of(self.model, path)
-                container[key] = module
-        if is_tied(self.model) and refs is None:
-            self._head_gram()
+
+    def _streamed_reference_pass(self, refs, linear_paths):
+        """Blocks outer, batches inner: each block's weights are read from disk
+        once, and its Gram matrices, complete, go to disk before the next block."""
+        import tempfile
+
+        self._gram_folder = tempfile.TemporaryDirectory(prefix="optiq-grams-")
+        self.grams = _DiskGrams(self._gram_folder.name)
+        for path in linear_paths:  # the taps hold the dict they add into
+            container, key = container_of(self.model, path)
+            container[key]._grams = self.grams
+        originals = list(self.blocks)
+        n = len(originals)
+        hidden = [[] for _ in self.batches]  # per batch: block inputs, then the last output
+
+        def stop(j):
+            def after():
+                self.streamed.unload(j)
+                raise _StopForward
+            return after
+
+        try:
+            self._stream_blocks(originals, hidden, linear_paths, stop, refs)
+        finally:
+            self.blocks[:] = originals
+        self.block_inputs = hidden
+
+    def _stream_blocks(self, originals, hidden, linear_paths, stop, refs):
+        n = len(originals)
+        for j in range(n):
+            for b, batch in enumerate(self.batches):
+                self.blocks[:] = originals
+                for i in range(j - 1):
+                    self.blocks[i] = _Stand(originals[i])
+                if j > 0:
+                    self.blocks[j - 1] = _Stand(originals[j - 1], replay=hidden[b][j])
+                self.blocks[j] = _Stand(originals[j], inputs=hidden[b] if j == 0 else None, outputs=hidden[b], after=stop(j))
+                try:
+                    self.model(batch)
+                except _StopForward:
+                    pass
+            self.grams.flush([p for p in linear_paths if start_block(p, n) == j])
+        self.blocks[:] = originals
+        for b, batch in enumerate(self.batches):
+            for i in range(n - 1):
+                self.blocks[i] = _Stand(originals[i])
+            self.blocks[n - 1] = _Stand(originals[n - 1], replay=hidden[b][n])
+            logits = self.logits(batch)
+            self.refs.append(refs[b] if refs is not None else metrics.reference_from_logits(logits))
+            mx.eval(self.refs[-1])
+            self.blocks[:] = originals
 
     def _head_gram(self):
         """X^T X of the tied head's input: the final norm of the last block's output."""
@@ -251,6 +352,10 @@ class Calibrated:
         finally:
             self.owner["norm"] = norm
 
+    def unloader(self, i: int):
+        """After block i runs: nothing, or (streaming) hand its weights back to disk."""
+        return None if self.streamed is None else (lambda: self.streamed.unload(i))
+
     def probe(self, start: int) -> float:
         """Mean KL of the current (perturbed) model, run from block `start`."""
         originals = list(self.blocks)
@@ -261,6 +366,9 @@ class Calibrated:
                     for i in range(start - 1):
                         self.blocks[i] = _Stand(originals[i])
                     self.blocks[start - 1] = _Stand(originals[start - 1], replay=inputs[start])
+                if self.streamed is not None:
+                    for i in range(start, len(originals)):
+                        self.blocks[i] = _Stand(originals[i], after=self.unloader(i))
                 kl = metrics.token_kl(ref, self.logits(batch))
                 kl_sum += float(mx.sum(kl))
                 count += kl.size
@@ -400,6 +508,7 @@ def measure_weights(
     progress: bool = True,
     calibrated=None,
     quantizer: str = "rtn",
+    streamed=None,
 ) -> SensitivityTable:
     """The sensitivity table of `model` on calibration `tokens`.
 
@@ -411,7 +520,13 @@ def measure_weights(
     from .calibration import digest
 
     candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
-    cal = calibrated or Calibrated(model, tokens, batch_size, kl_stride, quantizer=quantizer)
+    cal = calibrated or Calibrated(model, tokens, batch_size, kl_stride, quantizer=quantizer, streamed=streamed)
+    streamed = cal.streamed
+
+    def release(path):  # streaming: the probed layer's weights back to disk
+        if streamed is not None and _BLOCK.search(path):
+            streamed.unload(start_block(path, n_blocks))
+
     cache = ProbeCache(cache_path if distributed.is_writer() else None)  # one writer under mlx.launch
     n_blocks = len(cal.blocks)
     tied = is_tied(model)
@@ -444,6 +559,7 @@ def measure_weights(
                 kl = cal.probe(start_block(path, n_blocks))
             finally:
                 module.weight = original
+                release(path)
             cache.put(path, c, kl)
         probed[(path, c)] = kl
     bar.close()
@@ -455,6 +571,7 @@ def measure_weights(
     layers = []
     for path, module, cands, todo in plan:
         errors = [cal.output_error(path, module, c) for c in cands]
+        release(path)
         measured = {c: probed[(path, c)] for c in todo}
         idx = [cands.index(c) for c in todo]
         predicted = predict_kl(errors, [errors[i] for i in idx], [measured[c] for c in todo])

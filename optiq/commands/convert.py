@@ -1,6 +1,7 @@
 """optiq convert: sensitivity -> exact bit plan -> a mixed-precision MLX model."""
 
 import sys
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class ConvertOptions:
     seed: int = 0
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
     keep_unused_modalities: bool = field(default=False, metadata=dict(help="keep vision/audio towers of a multimodal checkpoint (default: strip them)"))
+    max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     quiet: bool = False
 
 
@@ -197,6 +199,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..source import dequantized_fp32, load_reference, resolve_model
     from ..refine import refine
     from ..sensitivity import Calibrated
+    from ..stream import checkpoint_bytes_fp32, load_streamed, machine_memory
     from ..strip import is_multimodal, strip_cached, unused_weights
 
     candidates = validate(opts)
@@ -211,14 +214,25 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         else:
             path, stripped = strip_cached(path)
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
-    loaded = load_reference(path)
-    log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
-    tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+    streamed = None
+    if opts.max_memory is not None and opts.max_memory <= 0:
+        raise OptiqError(f"--max-memory {opts.max_memory}: give a positive number of GB")
+    budget = int((opts.max_memory or 0) * 2**30) or machine_memory()
+    if checkpoint_bytes_fp32(path) > budget:
+        if opts.refine_rounds:
+            raise OptiqError("--refine-rounds measures whole plans in memory: not with a model streamed from disk")
+        loaded, streamed = load_streamed(path)
+        log(opts, f"model: {path} ({loaded.config.get('model_type')}) streamed from disk: {checkpoint_bytes_fp32(path) / 2**30:.2f} GB in fp32 > {budget / 2**30:.2f} GB; the written model is not evaluated")
+    else:
+        loaded = load_reference(path)
+        log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
+    with streamed.forwarding() if streamed else contextlib.nullcontext():  # self-sampled calibration runs the model
+        tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
     calibrated = []
 
     def cal():  # one reference pass, shared by the probes and refinement
         if not calibrated:
-            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride, quantizer=opts.quantizer))
+            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride, quantizer=opts.quantizer, streamed=streamed))
         return calibrated[0]
 
     table = sensitivity_table(opts, loaded, tokens, candidates, cal)
@@ -238,7 +252,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         return QuantizedWeights(path="", plan=plan, bytes=0, mlx_bits_per_weight=0.0, measured={})
 
     measured, rows = {}, []
-    if not opts.no_eval:
+    if not opts.no_eval and streamed is None:
         eval_tokens = load_calibration(opts.eval_data, loaded.tokenizer, loaded.model, opts.n_eval, opts.seq_len, seed=opts.seed + 1)
         refs = reference_batches(loaded.model, eval_tokens)
         base = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
@@ -263,9 +277,12 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     metadata["effective_bpw"] = plan.effective_bpw
     metadata["mlx_bits_per_weight"] = mlx_bpw
     metadata["predicted_kl"] = plan.predicted_kl
-    save_model_folder(out, qmodel, loaded.tokenizer, qconfig, loaded.path, metadata, force=opts.force, extra_weights=extra)
+    # Lazy fp32 sources: each shard is computed, written and freed; a shard of
+    # 4-bit output reads ~8x its size in fp32, hence 1/16 of the budget.
+    shard = max(budget // 16, 2**16) if streamed else None
+    save_model_folder(out, qmodel, loaded.tokenizer, qconfig, loaded.path, metadata, force=opts.force, extra_weights=extra, max_shard_bytes=shard)
     del qmodel
-    if not opts.no_eval:
+    if not opts.no_eval and streamed is None:
         # Measure what was written, opened by stock mlx-lm, with fp32 activations.
         written, _ = mlx_load(str(out))
         q = quality(dequantized_fp32(written), eval_tokens, refs)

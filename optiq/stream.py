@@ -1,0 +1,141 @@
+"""Models larger than memory: decoder blocks whose weights stay on disk
+between uses.
+
+`mx.load` reads safetensors lazily: an array is read from disk when it is
+evaluated, and freed when nothing holds it. A streamed model keeps its
+embedding, final norm and head resident (in fp32) and leaves every block's
+weights as lazy loads. Whoever runs a block evaluates its output and then
+calls `unload(j)`, which swaps the block's now-evaluated weights for fresh
+lazy loads of the same tensors, so the memory goes back. Peak memory is then
+the resident parts, one block in fp32 and the activations being pushed
+through it.
+"""
+
+import glob
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import OptiqError
+
+FP32 = 4  # bytes per weight once cast to fp32, as the sensitivity pass runs
+
+
+def checkpoint_bytes_fp32(path) -> int:
+    """What the model's weights take in fp32 (from the safetensors headers)."""
+    total = 0
+    for f in glob.glob(str(Path(path) / "model*.safetensors")):
+        total += sum(a.size for a in mx.load(f).values()) * FP32  # lazy: headers only
+    return total
+
+
+def block_prefixes(model) -> list:
+    """The parameter-path prefix of every decoder block, in order."""
+    from .sensitivity import block_list
+
+    blocks = block_list(model)
+    paths = {id(m): p for p, m in model.named_modules()}
+    return [paths[id(b)] + "." for b in blocks]
+
+
+class Streamed:
+    """A model whose blocks are re-read from its safetensors files on demand."""
+
+    def __init__(self, path, model):
+        from .sensitivity import block_list
+
+        self.files = sorted(glob.glob(str(Path(path) / "model*.safetensors")))
+        self.model = model
+        self.prefixes = block_prefixes(model)
+        self.blocks = list(block_list(model))  # the modules themselves, whatever stands in the list
+        self.installed = {}
+
+    def _lazy(self) -> dict:
+        weights = {}
+        for f in self.files:
+            weights.update(mx.load(f))  # lazy: nothing is read until evaluated
+        return self.model.sanitize(weights) if hasattr(self.model, "sanitize") else weights
+
+    def unload(self, j: int):
+        """Block j's weights back to lazy loads (its evaluated arrays are freed)."""
+        prefix = self.prefixes[j]
+        for k, v in self._lazy().items():
+            if not k.startswith(prefix):
+                continue
+            node, leaf = leaf_owner(self.blocks[j], k[len(prefix) :])
+            # A weight someone swapped in (a probe's quantized copy) stays until
+            # they put ours back: only arrays this streamer installed are
+            # replaced. Weak references, so that holding them keeps nothing alive.
+            if k in self.installed and node[leaf] is not self.installed[k]():
+                continue
+            node[leaf] = as_fp32(v)
+            self.installed[k] = weakref.ref(node[leaf])
+
+    @contextmanager
+    def forwarding(self):
+        """Any forward pass inside streams: each block runs, is evaluated, and
+        gives its weights back (slow for generation, but within memory)."""
+        from .sensitivity import _Stand, block_list
+
+        live = block_list(self.model)
+        originals = list(live)
+        live[:] = [_Stand(b, after=lambda j=j: self.unload(j)) for j, b in enumerate(originals)]
+        try:
+            yield self.model
+        finally:
+            live[:] = originals
+
+    def unload_all(self):
+        for j in range(len(self.prefixes)):
+            self.unload(j)
+
+
+def leaf_owner(module, dotted: str):
+    """(node, name) with node[name] the array at `dotted`, looking through
+    wrappers that hold the real module as `.inner` (the Gram taps)."""
+    *parents, leaf = dotted.split(".")
+    node = module
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+        while hasattr(node, "inner") and not hasattr(node, "weight"):
+            node = node.inner
+    return node, leaf
+
+
+def as_fp32(x):
+    return x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x
+
+
+def load_streamed(path):
+    """(Loaded, Streamed): the model with resident non-block weights in fp32 and
+    lazy blocks; unquantized checkpoints only."""
+    import mlx.nn as nn
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from .source import Loaded, refuse_unsupported
+
+    try:
+        model, config = load_model(Path(path), lazy=True)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        raise OptiqError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    refuse_unsupported(model, config)
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        raise OptiqError(f"{path} is quantized: streaming (--max-memory) needs a full-precision checkpoint")
+    streamed = Streamed(path, model)
+    streamed.unload_all()  # every block lazy and fp32
+    in_blocks = tuple(streamed.prefixes)
+    resident = [(k, as_fp32(v)) for k, v in tree_flatten(model.parameters()) if not k.startswith(in_blocks)]
+    model.update(tree_unflatten(resident))
+    mx.eval([v for _, v in resident])
+    tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+    return Loaded(model, tokenizer, config, Path(path), "fp32"), streamed
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,74 @@
+"""Larger than memory: the sensitivity pass with blocks streamed from disk
+gives the in-memory pass's table while holding a fraction of the weights."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from optiq.calibration import sample_tokens
+from optiq.records import Candidate
+from optiq.sensitivity import measure_weights
+from optiq.source import load_reference
+from optiq.stream import checkpoint_bytes_fp32, load_streamed
+from conftest import build_model
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """Weights dominate memory: 12 blocks of ~0.25M parameters, short calibration."""
+    return build_model(tmp_path_factory.mktemp("stream") / "llama", "llama", hidden_size=128, intermediate_size=512, num_hidden_layers=12)
+
+
+def test_streamed_sensitivity_equals_in_memory_under_a_budget(wide_llama):
+    cands = [Candidate(2, 32), Candidate(8, 32)]
+    loaded = load_reference(wide_llama)
+    tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 16, seed=1)
+    mx.reset_peak_memory()
+    table = measure_weights(loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False)
+    memory_peak = mx.get_peak_memory()
+    del loaded
+    mx.clear_cache()
+
+    streamed_loaded, streamed = load_streamed(wide_llama)
+    mx.reset_peak_memory()
+    streamed_table = measure_weights(streamed_loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False, streamed=streamed)
+    peak = mx.get_peak_memory()
+
+    budget = checkpoint_bytes_fp32(wide_llama) // 2  # half the model: in memory it cannot fit
+    assert memory_peak > budget > peak, (memory_peak, budget, peak)
+    assert [l.path for l in table.layers] == [l.path for l in streamed_table.layers]
+    for a, b in zip(table.layers, streamed_table.layers):
+        np.testing.assert_allclose(a.kl, b.kl, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(a.error, b.error, rtol=1e-4)
+
+
+def test_convert_streams_a_model_larger_than_max_memory(wide_llama, tmp_path, capsys):
+    """The same plan and the same written weights as the in-memory convert,
+    with the peak under --max-memory; stock mlx-lm opens the (sharded) output."""
+    from mlx_lm import load
+
+    from optiq.cli import main as cli
+
+    budget_gb = checkpoint_bytes_fp32(wide_llama) / 2 / 2**30
+    common = ["--target-bpw", "4.5", "--n-calibration", "2", "--seq-len", "16", "--candidate-bits", "2,4,8", "--group-size", "32", "--measure", "all", "--quiet"]
+    assert cli(["convert", str(wide_llama), "-o", str(tmp_path / "memory"), "--no-eval", *common]) == 0
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    assert cli(["convert", str(wide_llama), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]) == 0
+    peak = mx.get_peak_memory()
+    assert peak < budget_gb * 2**30, (peak, budget_gb * 2**30)
+    import json
+
+    meta = [json.loads((tmp_path / d / "optiq_metadata.json").read_text()) for d in ("memory", "streamed")]
+    assert meta[0]["plan"]["assignments"] == meta[1]["plan"]["assignments"]
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) > 1  # written a shard at a time
+    a, _ = load(str(tmp_path / "memory"))
+    b, _ = load(str(tmp_path / "streamed"))
+    from mlx.utils import tree_flatten
+
+    fa, fb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    assert fa.keys() == fb.keys()
+    assert all(mx.array_equal(fa[k], fb[k]).item() for k in fa)
+    with pytest.raises(SystemExit) as exc:
+        cli(["convert", str(wide_llama), "-o", str(tmp_path / "x"), "--max-memory", "-1", *common])
+    assert exc.value.code == 2 and "--max-memory" in capsys.readouterr().err
