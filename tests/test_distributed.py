@@ -66,3 +66,47 @@ def test_convert_sensitivity_over_two_processes_gives_the_single_process_table(m
     two = json.loads((tmp_path / "two" / "optiq_metadata.json").read_text())
     assert one["sensitivity"]["layers"] == two["sensitivity"]["layers"]
     assert one["plan"]["assignments"] == two["plan"]["assignments"]
+
+
+def served_completion(cmd, port, env, prompt="The quick brown"):
+    """Start a server command, ask one greedy completion, stop it."""
+    import signal
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start: {proc.stdout.read()[-3000:]}")
+                time.sleep(0.5)
+        model = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read())["data"][0]["id"]
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
+        answers = []
+        for _ in range(2):  # twice: the ranks stay in step across requests
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+            answers.append(json.loads(urllib.request.urlopen(req, timeout=120).read()))
+        return answers
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_serve_sharded_over_two_processes_answers_like_one(model_factory):
+    if not Path(LAUNCH).exists():
+        pytest.skip("mlx.launch not installed")
+    src = str(model_factory("llama"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    serve = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", src, "--max-tokens", "12"]
+    port_one, port_two = free_port_pair(), free_port_pair()
+    one = served_completion([*serve, "--port", str(port_one)], port_one, env)
+    launch_port = free_port_pair()
+    two = served_completion([LAUNCH, "-n", "2", "--backend", "ring", "-p", str(launch_port), "--", *serve, "--port", str(port_two)], port_two, env)
+    for a, b in zip(one, two):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"] and a["usage"] == b["usage"]
+    assert two[0]["choices"][0]["text"] == two[1]["choices"][0]["text"]

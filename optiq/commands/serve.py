@@ -34,6 +34,7 @@ class ServeOptions:
     timeout: float = field(default=60.0, metadata=dict(help="seconds an idle or slow connection may wait"))
     batch_size: int = field(default=16, metadata=dict(help="requests decoded together"))
     dtype: str = field(default="auto", metadata=dict(choices=["auto", "float32", "native"], help="activation dtype; auto = float32 on CPU, where bf16/fp16 matmuls are slow and quantized ones accumulate in low precision (see optiq/cpu.py)"))
+    pipeline: bool = field(default=False, metadata=dict(help="under mlx.launch: shard the model by layers (pipeline) instead of tensor parallel"))
 
 
 def adapter_sources(specs) -> dict:
@@ -74,7 +75,11 @@ def build_app(opts: ServeOptions):
         raise OptiqError(f"--port {opts.port} is not a TCP port")
     sources = adapter_sources(opts.adapter)
     folder = resolve_model(opts.model)
-    model, tokenizer = mlx_lm.load(str(folder))
+    group = mx.distributed.init()
+    if group.size() > 1:  # started by mlx.launch: mlx-lm's own sharding
+        model, tokenizer = sharded_model(folder, group, opts.pipeline, sources)
+    else:
+        model, tokenizer = mlx_lm.load(str(folder))
     if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
         adapt_for_cpu(model)  # fp32 activations, row-adaptive quantized matmuls (optiq/cpu.py)
     mx.eval(model.parameters())  # materialise here: the engine thread has its own stream
@@ -99,17 +104,33 @@ def build_app(opts: ServeOptions):
         mount(model, name, read_adapter(resolve_adapter(source)), selector)
     args = getattr(model, "args", None)
     context = opts.max_context or getattr(args, "max_position_embeddings", None) or 4096
-    engine = Engine(model, tokenizer, make_cache, selector, opts.prompt_cache_bytes, opts.batch_size)
+    engine = Engine(model, tokenizer, make_cache, selector, opts.prompt_cache_bytes, opts.batch_size, group=group)
     name = opts.model or folder.name
     defaults = Defaults(name, opts.max_tokens, opts.temp, opts.top_p, opts.top_k, opts.seed)
     vocab = getattr(args, "vocab_size", None) or len(tokenizer.get_vocab())
     return App(engine, tokenizer, defaults, tuple(sources), int(context), opts.api_key, opts.max_body_bytes, opts.timeout, vocab)
 
 
+def sharded_model(folder, group, pipeline: bool, sources):
+    """mlx-lm's sharded_load over the mlx.launch group (tensor parallel, or
+    pipeline by layers), as mlx_lm.server does."""
+    from mlx_lm.utils import sharded_load
+
+    if sources:
+        raise OptiqError("adapters are not served with a model sharded over processes (mlx-lm cannot either)")
+    try:
+        return sharded_load(str(folder), pipeline_group=group if pipeline else None, tensor_group=None if pipeline else group)
+    except (ValueError, FileNotFoundError) as exc:
+        raise OptiqError(f"cannot shard {folder} over {group.size()} processes: {exc}")
+
+
 def run(opts: ServeOptions):
     from ..http.server import serve
 
     app = build_app(opts)
+    if not app.engine.is_leader:  # another rank: decode in step with rank 0 until it stops
+        app.engine.thread.join()
+        return
 
     def ready(server):
         host, port = server.sockets[0].getsockname()[:2]

@@ -12,7 +12,17 @@ are interleaved one decode step each instead.
 The event loop talks to the thread through a command queue; after each
 decode step the thread hands that step's events to the loop in one
 `call_soon_threadsafe`, onto each request's asyncio queue.
+
+Sharded over processes (mlx.launch, the model split by mlx-lm's own tensor or
+pipeline sharding), every rank runs this engine in lockstep: rank 0 takes the
+commands from its event loop and shares them each iteration with one
+`mx.distributed.all_sum` (as mlx_lm.server does); the other ranks apply the
+same commands and take the same decode steps, their events going nowhere.
+Sampling stays identical because the random state is shared at start and the
+logits are the same on every rank.
 """
+
+import json
 
 import queue
 import threading
@@ -44,8 +54,11 @@ class Ticket:
     done: bool = False
 
     outbox: list = None  # set by the engine while a step runs: events leave in one wake-up
+    sync_id: int = 0  # the same request on every rank (distributed)
 
     def post(self, event: dict):
+        if self.loop is None:  # a follower rank's copy: nobody listens
+            return
         if self.outbox is not None:
             self.outbox.append((self, event))
         else:
@@ -130,7 +143,9 @@ class Engine:
     """Owns the model; `submit` from the event loop, results arrive as events."""
 
     def __init__(self, model, tokenizer, make_cache=None, selector=None, prompt_cache_bytes=1 << 30,
-                 batch_size=16, prefill_step_size=512):
+                 batch_size=16, prefill_step_size=512, group=None):
+        self.group = group if group is not None and group.size() > 1 else None
+        self.next_sync_id = 0
         self.model, self.tokenizer = model, tokenizer
         self.make_cache = make_cache  # None: mlx-lm's caches, batched
         self.selector = selector
@@ -146,6 +161,8 @@ class Engine:
 
     # ---- event-loop side -------------------------------------------------
     def submit(self, ticket: Ticket):
+        self.next_sync_id += 1
+        ticket.sync_id = self.next_sync_id
         self.commands.put(("add", ticket))
 
     def cancel(self, ticket: Ticket):
@@ -277,22 +294,48 @@ class Engine:
             self.tickets.pop((t.adapter, t.uid), None)
             t.generator.remove([t.uid])
 
+    def _waiting_commands(self) -> list:
+        """Every command waiting now (blocking while nothing is in flight)."""
+        cmds = []
+        try:
+            cmds.append(self.commands.get(block=not self.tickets))
+            while True:
+                cmds.append(self.commands.get_nowait())
+        except queue.Empty:
+            pass
+        return cmds
+
     def _run(self):
         self.stream = mx.default_stream(mx.default_device())
+        if self.group is not None:
+            share_random_state(self.group)
         while True:
-            try:
-                cmd, t = self.commands.get(block=not self.tickets)
+            cmds = self._waiting_commands() if self.is_leader else []
+            if self.group is not None:
+                cmds = self._shared(cmds)
+            for cmd, t in cmds:
                 if cmd == "stop":
                     return
                 self._command(cmd, t)
-                continue  # take every waiting command before the next step
-            except queue.Empty:
-                pass
-            for adapter in {a for a, _ in self.tickets}:
+            # a fixed order: every rank must step the same generators in turn
+            for adapter in sorted({a for a, _ in self.tickets}, key=str):
                 try:
                     self._step(adapter, self.generators[adapter])
                 except Exception as exc:
                     self._fail_all(adapter, exc)
+
+    # ---- distributed: the same commands on every rank ------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self.group is None or self.group.rank() == 0
+
+    def _shared(self, cmds: list) -> list:
+        """The leader's commands, on every rank (followers block here while idle)."""
+        if self.is_leader:
+            share_bytes(self.group, json.dumps([encode_command(c, t) for c, t in cmds]).encode())
+            return cmds
+        by_id = {t.sync_id: t for t in self.tickets.values()}
+        return [decode_command(x, by_id) for x in json.loads(share_bytes(self.group, None))]
 
     def _fail_all(self, adapter, exc):
         for key, t in list(self.tickets.items()):
@@ -301,3 +344,46 @@ class Engine:
                 t.done = True
                 t.post(dict(error=f"generation failed: {type(exc).__name__}: {exc}"))
         self.generators.pop(adapter, None)
+
+
+# ---- distributed helpers ----------------------------------------------------
+
+def share_bytes(group, data: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank: two all_sums (the size, then the bytes)."""
+    import numpy as np
+
+    leader = group.rank() == 0
+    size = mx.distributed.all_sum(mx.array(len(data) if leader else 0), group=group, stream=mx.cpu).item()
+    buf = mx.array(np.frombuffer(data, dtype=np.uint8)) if leader else mx.zeros((size,), dtype=mx.uint8)
+    out = mx.distributed.all_sum(buf, group=group, stream=mx.cpu)
+    return bytes(np.array(out, dtype=np.uint8))
+
+
+def share_random_state(group):
+    """One random seed for every rank, picked by rank 0."""
+    import random
+
+    seed = random.randrange(1 << 31) if group.rank() == 0 else 0
+    mx.random.seed(int(mx.distributed.all_sum(mx.array(seed), group=group, stream=mx.cpu).item()))
+
+
+def encode_command(cmd: str, t) -> dict:
+    if cmd != "add":
+        return {"cmd": cmd, "id": getattr(t, "sync_id", 0)}
+    r = t.request
+    return {"cmd": cmd, "id": t.sync_id, "prompt": list(t.prompt), "adapter": t.adapter, "max_tokens": r.max_tokens,
+            "sampling": [r.sampling.temperature, r.sampling.top_p, r.sampling.top_k, r.sampling.seed],
+            "stop": list(r.stop), "stream": r.stream, "logprobs": r.logprobs, "top_logprobs": r.top_logprobs}
+
+
+def decode_command(x: dict, by_id: dict):
+    """A follower's copy of the leader's command (its ticket posts nowhere)."""
+    from types import SimpleNamespace
+
+    from .openai import Sampling
+
+    if x["cmd"] != "add":
+        return x["cmd"], by_id.get(x["id"], Ticket(None, [], None, None, None, done=True))
+    request = SimpleNamespace(max_tokens=x["max_tokens"], sampling=Sampling(*x["sampling"]), stop=tuple(x["stop"]),
+                              stream=x["stream"], logprobs=x["logprobs"], top_logprobs=x["top_logprobs"])
+    return "add", Ticket(request, x["prompt"], x["adapter"], None, None, sync_id=x["id"])
