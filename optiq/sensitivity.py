@@ -287,7 +287,6 @@ class Calibrated:
             container, key = container_of(self.model, path)
             container[key]._grams = self.grams
         originals = list(self.blocks)
-        n = len(originals)
         hidden = [[] for _ in self.batches]  # per batch: block inputs, then the last output
 
         def stop(j):

@@ -139,3 +139,16 @@ def machine_memory() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_within(path, max_memory_gb=None):
+    """(Loaded, Streamed or None): the model in memory when its fp32 weights fit
+    in `max_memory_gb` (default: the machine's memory), streamed otherwise."""
+    from .source import load_reference
+
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise OptiqError(f"--max-memory {max_memory_gb}: give a positive number of GB")
+    budget = int((max_memory_gb or 0) * 2**30) or machine_memory()
+    if checkpoint_bytes_fp32(path) > budget:
+        return load_streamed(path)
+    return load_reference(path), None

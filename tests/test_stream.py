@@ -72,3 +72,23 @@ def test_convert_streams_a_model_larger_than_max_memory(wide_llama, tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         cli(["convert", str(wide_llama), "-o", str(tmp_path / "x"), "--max-memory", "-1", *common])
     assert exc.value.code == 2 and "--max-memory" in capsys.readouterr().err
+
+
+def test_kv_cache_streams_a_model_larger_than_max_memory(tmp_path):
+    """optiq kv-cache with every forward streamed: the same plan, within the budget
+    (weights wide enough to dominate the probes' preallocated 256-step caches)."""
+    import json
+
+    from optiq.cli import main as cli
+
+    src = build_model(tmp_path / "llama", "llama", hidden_size=128, intermediate_size=1536, num_hidden_layers=8)  # head dim 32
+    budget_gb = checkpoint_bytes_fp32(src) / 2 / 2**30
+    common = ["--n-calibration", "2", "--seq-len", "16", "--candidate-bits", "2,8", "--split-bits", "", "--target-bits", "5", "--group-size", "32", "--quiet"]
+    assert cli(["kv-cache", str(src), "-o", str(tmp_path / "memory"), *common]) == 0
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    assert cli(["kv-cache", str(src), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]) == 0
+    assert mx.get_peak_memory() < budget_gb * 2**30
+    a, b = (json.loads((tmp_path / d / "kv_plan.json").read_text()) for d in ("memory", "streamed"))
+    assert a["layers"] == b["layers"]
+    assert abs(a["predicted_kl"] - b["predicted_kl"]) <= 1e-4 * abs(a["predicted_kl"])

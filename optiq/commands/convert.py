@@ -196,10 +196,10 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..io import check_output, write_json
     from ..plan import plan_bits, uniform_plan
     from ..quantize import model_bytes, quantize, save_model_folder
-    from ..source import dequantized_fp32, load_reference, resolve_model
+    from ..source import dequantized_fp32, resolve_model
     from ..refine import refine
     from ..sensitivity import Calibrated
-    from ..stream import checkpoint_bytes_fp32, load_streamed, machine_memory
+    from ..stream import checkpoint_bytes_fp32, load_within, machine_memory
     from ..strip import is_multimodal, strip_cached, unused_weights
 
     candidates = validate(opts)
@@ -214,17 +214,13 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         else:
             path, stripped = strip_cached(path)
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
-    streamed = None
-    if opts.max_memory is not None and opts.max_memory <= 0:
-        raise OptiqError(f"--max-memory {opts.max_memory}: give a positive number of GB")
+    loaded, streamed = load_within(path, opts.max_memory)
     budget = int((opts.max_memory or 0) * 2**30) or machine_memory()
-    if checkpoint_bytes_fp32(path) > budget:
+    if streamed:
         if opts.refine_rounds:
             raise OptiqError("--refine-rounds measures whole plans in memory: not with a model streamed from disk")
-        loaded, streamed = load_streamed(path)
         log(opts, f"model: {path} ({loaded.config.get('model_type')}) streamed from disk: {checkpoint_bytes_fp32(path) / 2**30:.2f} GB in fp32 > {budget / 2**30:.2f} GB; the written model is not evaluated")
     else:
-        loaded = load_reference(path)
         log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
     with streamed.forwarding() if streamed else contextlib.nullcontext():  # self-sampled calibration runs the model
         tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)

@@ -1,5 +1,6 @@
 """optiq kv-cache: per-layer KV sensitivity -> kv_config.json for per-layer quantized caches."""
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,17 +24,17 @@ class KVOptions:
     seq_len: int = 256
     prefill: Optional[int] = field(default=None, metadata=dict(help="run N tokens as a prefill, then decode the rest one token at a time (default: one prefill, replayed from each probed layer: the same logits, faster)"))
     seed: int = 0
+    max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     force: bool = False
     quiet: bool = False
 
 
 def run(opts: KVOptions):
     from .. import distributed
-    from ..calibration import load_calibration
     from ..io import atomic_output, check_output
-    from ..kv import cache_layers, measure_kv, plan_kv, write_kv_config
-    from ..records import Candidate
-    from ..source import load_reference, resolve_model
+    from ..kv import cache_layers, plan_kv, write_kv_config
+    from ..source import resolve_model
+    from ..stream import load_within
 
     bits = int_list(opts.candidate_bits)
     if any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
@@ -49,11 +50,11 @@ def run(opts: KVOptions):
     if opts.prefill is not None and not 1 <= opts.prefill < opts.seq_len:
         raise OptiqError("--prefill must be between 1 and --seq-len - 1")
     check_output(Path(opts.output), opts.force)
-    loaded = load_reference(resolve_model(opts.model))
+    loaded, streamed = load_within(resolve_model(opts.model), opts.max_memory)
     if not cache_layers(loaded.model):
         raise OptiqError(f"{loaded.config.get('model_type')} has no KV-cache layers to plan")
-    tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
-    table = measure_kv(loaded.model, tokens, [Candidate(b, opts.group_size) for b in bits] + [Candidate(k, opts.group_size, v_bits=v) for k, v in split] + [Candidate(b, 0, "turbo") for b in turbo], prefill=opts.prefill, progress=not opts.quiet)
+    with streamed.forwarding() if streamed else contextlib.nullcontext():  # every forward streams its blocks
+        table = measure_kv_table(opts, loaded, bits, split, turbo)
     plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective)
     if not distributed.is_writer():  # under mlx.launch rank 0 writes
         return plan
@@ -66,6 +67,16 @@ def run(opts: KVOptions):
         + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
     )
     return plan
+
+
+def measure_kv_table(opts, loaded, bits, split, turbo):
+    from ..calibration import load_calibration
+    from ..kv import measure_kv
+    from ..records import Candidate
+
+    tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+    candidates = [Candidate(b, opts.group_size) for b in bits] + [Candidate(k, opts.group_size, v_bits=v) for k, v in split] + [Candidate(b, 0, "turbo") for b in turbo]
+    return measure_kv(loaded.model, tokens, candidates, prefill=opts.prefill, progress=not opts.quiet)
 
 
 def split_pairs(text: str) -> list:
