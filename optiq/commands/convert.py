@@ -295,7 +295,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     mx.clear_cache()
     if rows:
         print(results_table(rows))
-    log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s")
+    log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s; peak memory {mx.get_peak_memory() / 2**20:.0f} MiB")
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
 
 
