@@ -87,7 +87,7 @@ def kv_quality(model, windows_, prefill, rows, first: int = 0):
     return out
 
 
-def passkey_prompt(tok, filler_ids, depth: float, key: str) -> str:
+def passkey_prompt(tok, filler_ids, depth: float, key: str, chat: bool | None = None) -> str:
     """A pass key planted at `depth` of real text (the passkey-retrieval format
     of Mohtashami and Jaggi 2023), asked for at the end: through the chat
     template when the tokenizer has one, as a completion otherwise."""
@@ -95,13 +95,13 @@ def passkey_prompt(tok, filler_ids, depth: float, key: str) -> str:
     fact = f" The pass key is {key}. Remember it. {key} is the pass key. "
     context = tok.decode(filler_ids[:cut]) + fact + tok.decode(filler_ids[cut:])
     intro = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
-    if getattr(tok, "chat_template", None):
+    if chat if chat is not None else bool(getattr(tok, "chat_template", None)):
         messages = [{"role": "user", "content": intro + context + "\n\nWhat is the pass key? Answer with the number only."}]
         return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return intro + context + "\n\nWhat is the pass key? The pass key is"
 
 
-def kv_needle(model, tok, rows, filler_tokens=1500, depths=(0.1, 0.5, 0.9)):
+def kv_needle(model, tok, rows, filler_tokens=1500, depths=(0.1, 0.5, 0.9), chat: bool | None = None):
     import mlx.core as mx
     import mlx_lm
 
@@ -111,7 +111,7 @@ def kv_needle(model, tok, rows, filler_tokens=1500, depths=(0.1, 0.5, 0.9)):
         hits = []
         for j, depth in enumerate(depths):
             key = str(41729 + 1111 * j)
-            answer = mlx_lm.generate(model, tok, passkey_prompt(tok, filler, depth, key), max_tokens=16, prompt_cache=make(model))
+            answer = mlx_lm.generate(model, tok, passkey_prompt(tok, filler, depth, key, chat), max_tokens=16, prompt_cache=make(model))
             hits.append(key in answer)
         results[name] = dict(hits=sum(hits), of=len(hits))
         print(f"  needle {name}: {sum(hits)}/{len(hits)}", flush=True)

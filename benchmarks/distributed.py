@@ -9,6 +9,8 @@ environment): one process in memory; N processes under `mlx.launch --backend
 ring` on this machine; one process with --max-memory below the model's fp32
 size (streaming). Columns: wall time, the peak memory the command reports
 (rank 0's for mlx.launch), and whether the plan equals the in-memory one.
+A last run with every probe cached gives the part that does not split, and
+from it the expected speed-up on N machines (Amdahl's law).
 The table prints as markdown and goes to benchmarks/results/distributed.json.
 """
 
@@ -57,21 +59,24 @@ def main():
     folder = resolve_model(args.model)
     fp32_gb = checkpoint_bytes_fp32(folder) / 2**30
     budget = args.max_memory or fp32_gb / 4
+    work = Path(tempfile.mkdtemp(prefix="optiq-distributed-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     launch = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
     convert = [sys.executable, str(ROOT / "scripts" / "convert.py"), str(folder), *args.convert_args.split()]
-    work = Path(tempfile.mkdtemp(prefix="optiq-distributed-"))
     rows = {}
     try:
         variants = [
-            ("1 process, in memory", convert + ["-o", str(work / "one")], "one"),
-            (f"{args.processes} processes (mlx.launch, ring)", [launch, "-n", str(args.processes), "--backend", "ring", "--", *convert, "-o", str(work / "many")], "many"),
-            (f"1 process, streamed (--max-memory {budget:.3f} GB)", convert + ["-o", str(work / "streamed"), "--max-memory", f"{budget:.4f}"], "streamed"),
+            ("1 process, in memory", convert + ["-o", str(work / "one")], "one", "one"),
+            (f"{args.processes} processes (mlx.launch, ring)", [launch, "-n", str(args.processes), "--backend", "ring", "--", *convert, "-o", str(work / "many")], "many", "many"),
+            (f"1 process, streamed (--max-memory {budget:.3f} GB)", convert + ["-o", str(work / "streamed"), "--max-memory", f"{budget:.4f}"], "streamed", "streamed"),
+            # the first run's probe cache: what is left is the part that does not split
+            ("1 process, probes cached", convert + ["-o", str(work / "cached")], "cached", "one"),
         ]
         plans = {}
-        for name, cmd, folder_name in variants:
+        for name, cmd, folder_name, cache in variants:
             print(f"running: {name}", flush=True)
-            seconds, peak = run(cmd, env)
+            # each run its own probe cache (the model folder is resolved already)
+            seconds, peak = run(cmd, dict(env, OPTIQ_CACHE_DIR=str(work / f"cache-{cache}")))
             meta = json.loads((work / folder_name / "optiq_metadata.json").read_text())
             plans[folder_name] = meta["plan"]["assignments"]
             rows[name] = dict(seconds=seconds, peak_mib=peak, same_plan=plans[folder_name] == plans["one"])
@@ -79,12 +84,18 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = rows["1 process, in memory"]["seconds"]
+    serial = rows["1 process, probes cached"]["seconds"]  # load, calibration, reference pass, plan, write
+    probes = base - serial
+    paper = {n: base / (serial + probes / n) for n in (2, 4, 8)}
     print(f"\nmodel {folder} ({fp32_gb:.3f} GB in fp32); optiq convert {args.convert_args}; {os.cpu_count()} CPUs\n")
     print("| run | wall time (s) | speed-up | peak memory (MiB) | same plan |\n|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['seconds']:.0f} | {base / r['seconds']:.2f}x | {r['peak_mib']} | {r['same_plan']} |")
+    print(f"\nprobes {probes:.0f} s of {base:.0f} s; on paper, N machines each as fast as this one: "
+          + ", ".join(f"{n}: {v:.2f}x" for n, v in paper.items()) + " (Amdahl: the unsplit part runs on every rank)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(model=str(folder), fp32_gb=fp32_gb, args=vars(args), cpus=os.cpu_count(), rows=rows), indent=2))
+    Path(args.out).write_text(json.dumps(dict(model=str(folder), fp32_gb=fp32_gb, args=vars(args), cpus=os.cpu_count(), rows=rows,
+                                              probe_seconds=probes, serial_seconds=serial, paper_speedup=paper), indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -76,6 +76,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--decode", type=int, default=64, help="of --seq-len, the tokens decoded one at a time")
     p.add_argument("--needle-tokens", type=int, default=1500)
+    p.add_argument("--needle-format", choices=["auto", "chat", "completion"], default="auto", help="auto: chat when the tokenizer has a template (a base model asks as a completion)")
     p.add_argument("--contexts", default="2048,8192,16384")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip", default="", help="comma-separated sections to skip: quality,needle,speed")
@@ -122,7 +123,8 @@ def main():
         save()
     if "needle" not in skip:
         print("\nneedle:")
-        result["needle"] = kv_needle(model, tok, rows, args.needle_tokens)
+        chat = {"auto": None, "chat": True, "completion": False}[args.needle_format]
+        result["needle"] = kv_needle(model, tok, rows, args.needle_tokens, chat=chat)
         save()
     contexts = [int(c) for c in args.contexts.split(",")]
     if "speed" not in skip:

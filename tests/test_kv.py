@@ -214,3 +214,14 @@ def test_bad_kv_inputs(kv_models, tmp_path, capsys):
     bad.write_text('[{"layer_idx": 0, "bits": 7, "group_size": 32}]')
     with pytest.raises(OptiqError, match="bits must be one of"):
         read_kv_config(bad)
+
+
+def test_restricted_table_plans_over_a_subset_without_remeasuring(kv_models):
+    loaded = load_reference(kv_models["llama"])
+    tokens = sample_tokens(loaded.model, loaded.tokenizer, 1, 24, seed=3)
+    table = measure_kv(loaded.model, tokens, [Candidate(2, 32), Candidate(8, 32), Candidate(8, 32, v_bits=2)], progress=False)
+    same_width = table.restricted(lambda c: not c.v_bits)
+    for full, sub in zip(table.layers, same_width.layers):
+        assert [c.key for c in sub.candidates] == ["2@32", "8@32", "16@64"]
+        assert list(sub.kl) == [full.kl_of(c) for c in sub.candidates]
+    assert all("v_bits" not in e for e in plan_kv(same_width, 5.0, n_layers=3).layers)
