@@ -50,7 +50,8 @@ def measure_plans(model, tok, args):
     affine = [Candidate(b, 64) for b in (2, 3, 4, 5, 6, 8)] + [Candidate(k, 64, v_bits=v) for k, v in ((8, 4), (4, 2), (4, 8), (2, 4))]
     turbo = [Candidate(int(b), 0, "turbo") for b in args.turbo_bits.split(",") if b]
     t0 = time.perf_counter()
-    table = measure_kv(model, tokens, affine + turbo, prefill=args.calibration_len - args.calibration_decode)
+    prefill = args.calibration_len - args.calibration_decode if args.calibration_decode else None
+    table = measure_kv(model, tokens, affine + turbo, prefill=prefill)
     seconds = time.perf_counter() - t0
     print(f"{len(cache_layers(model))} cache layers measured in {seconds:.0f} s")
     plans = {}
@@ -70,7 +71,7 @@ def main():
     p.add_argument("--target-bits", type=float, default=4.5)
     p.add_argument("--n-calibration", type=int, default=2)
     p.add_argument("--calibration-len", type=int, default=512)
-    p.add_argument("--calibration-decode", type=int, default=4, help="teacher-forced decode steps per probe")
+    p.add_argument("--calibration-decode", type=int, default=0, help="teacher-forced decode steps per probe (0: one prefill replayed from the probed layer, optiq kv-cache's default)")
     p.add_argument("--turbo-bits", default="3,4", help="TurboQuant candidates for the second plan ('' for none)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
