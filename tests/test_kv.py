@@ -121,6 +121,21 @@ def test_quantized_rotating_cache_is_mlx_lms_rotating_cache_over_quantized_value
     assert cache.nbytes < ref.nbytes / 4
 
 
+def test_affine_attention_prefill_and_decode_formulations_agree():
+    """Many rows dequantize into an fp32 attention, few read the codes: the
+    same numbers either way, with a causal mask and grouped heads."""
+    from optiq.kv.attention import FEW_ROWS, affine_attention, split_quantized_attention
+
+    mx.random.seed(2)
+    cache = PlannedKVCache(4, 32, v_bits=8)
+    qk, qv = cache.update_and_fetch(mx.random.normal((1, 2, 30, 32)), mx.random.normal((1, 2, 30, 32)))
+    q = mx.random.normal((1, 4, 20, 32))
+    assert q.shape[2] > FEW_ROWS
+    fast = affine_attention(q, qk, qv, 0.2, "causal", 32, 4, 8)
+    codes = split_quantized_attention(q, qk, qv, 0.2, "causal", 32, 4, 8)
+    assert float(mx.abs(fast - codes).max()) < 1e-4
+
+
 def test_split_kv_bits_attention_matches_dequantized_attention():
     from optiq.kv.attention import split_quantized_attention
 

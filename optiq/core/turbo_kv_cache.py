@@ -1,5 +1,6 @@
 """The seed's import path: `from optiq.core.turbo_kv_cache import TurboQuantKVCache`."""
 
-from ..kv.turbo import TurboQuantKVCache, install, make_turbo_cache, turbo_attention
+from ..kv.attention import install
+from ..kv.turbo import TurboQuantKVCache, make_turbo_cache, turbo_attention
 
 __all__ = ["TurboQuantKVCache", "install", "make_turbo_cache", "turbo_attention"]

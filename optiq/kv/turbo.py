@@ -22,7 +22,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import _BaseCache
 
 from .. import turbo
-from .attention import apply_mask, install  # noqa: F401  (install is public here since session 2)
+from .attention import apply_mask
 
 
 @functools.lru_cache(maxsize=128)
