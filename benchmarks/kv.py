@@ -49,10 +49,16 @@ def measure_plans(model, tok, args):
     tokens = text_windows(tok, "calibration", args.n_calibration, args.calibration_len)
     affine = [Candidate(b, 64) for b in (2, 3, 4, 5, 6, 8)] + [Candidate(k, 64, v_bits=v) for k, v in ((8, 4), (4, 2), (4, 8), (2, 4))]
     turbo = [Candidate(int(b), 0, "turbo") for b in args.turbo_bits.split(",") if b]
-    t0 = time.perf_counter()
-    prefill = args.calibration_len - args.calibration_decode if args.calibration_decode else None
-    table = measure_kv(model, tokens, affine + turbo, prefill=prefill)
-    seconds = time.perf_counter() - t0
+    if args.table:  # an earlier run's table (its JSON), not measured again
+        from optiq.records import SensitivityTable
+
+        saved = json.loads(Path(args.table).read_text())
+        table, seconds = SensitivityTable.from_dict(saved["table"]), saved["sensitivity_seconds"]
+    else:
+        t0 = time.perf_counter()
+        prefill = args.calibration_len - args.calibration_decode if args.calibration_decode else None
+        table = measure_kv(model, tokens, affine + turbo, prefill=prefill)
+        seconds = time.perf_counter() - t0
     print(f"{len(cache_layers(model))} cache layers measured in {seconds:.0f} s")
     plans = {}
     for label, keep in (("", lambda c: c.mode == "affine"), (" + turbo", lambda c: True)):
@@ -80,6 +86,7 @@ def main():
     p.add_argument("--needle-format", choices=["auto", "chat", "completion"], default="auto", help="auto: chat when the tokenizer has a template (a base model asks as a completion)")
     p.add_argument("--contexts", default="2048,8192,16384")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--table", default=None, help="reuse the sensitivity table of an earlier run's JSON")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: quality,needle,speed")
     p.add_argument("--out", default=None)
     args = p.parse_args()
