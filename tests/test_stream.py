@@ -49,7 +49,9 @@ def test_convert_streams_a_model_larger_than_max_memory(wide_llama, tmp_path, ca
 
     from optiq.cli import main as cli
 
-    budget_gb = checkpoint_bytes_fp32(wide_llama) / 2 / 2**30
+    # 70% of the fp32 model: streaming is forced; the peak must stay under it
+    # (the quantized output and the calibration's generation share the budget)
+    budget_gb = checkpoint_bytes_fp32(wide_llama) * 0.7 / 2**30
     common = ["--target-bpw", "4.5", "--n-calibration", "2", "--seq-len", "16", "--candidate-bits", "2,4,8", "--group-size", "32", "--measure", "all", "--quiet"]
     assert cli(["convert", str(wide_llama), "-o", str(tmp_path / "memory"), "--no-eval", *common]) == 0
     mx.clear_cache()
