@@ -140,7 +140,7 @@ class _Stand:
         if self._outputs is not None:
             self._outputs.append(out.astype(mx.float32))
         if self._after is not None:
-            mx.eval(out, *(self._outputs or ()))
+            mx.eval(out, *(self._outputs or ())[-1:])  # what was just recorded, not the whole list again
             self._after()
         return out
 

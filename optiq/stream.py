@@ -59,10 +59,11 @@ class Streamed:
             weights.update(mx.load(f))  # lazy: nothing is read until evaluated
         return self.model.sanitize(weights) if hasattr(self.model, "sanitize") else weights
 
-    def unload(self, j: int):
-        """Block j's weights back to lazy loads (its evaluated arrays are freed)."""
+    def unload(self, j: int, lazy: dict | None = None):
+        """Block j's weights back to lazy loads (its evaluated arrays are freed).
+        `lazy`: one `_lazy()` read shared by several blocks."""
         prefix = self.prefixes[j]
-        for k, v in self._lazy().items():
+        for k, v in (lazy or self._lazy()).items():
             if not k.startswith(prefix):
                 continue
             node, leaf = leaf_owner(self.blocks[j], k[len(prefix) :])
@@ -89,8 +90,9 @@ class Streamed:
             live[:] = originals
 
     def unload_all(self):
+        lazy = self._lazy()  # one read of the headers, not one per block
         for j in range(len(self.prefixes)):
-            self.unload(j)
+            self.unload(j, lazy)
 
 
 def leaf_owner(module, dotted: str):
@@ -141,14 +143,18 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def budget_bytes(max_memory_gb=None) -> int:
+    """--max-memory in bytes (default: the machine's memory)."""
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise OptiqError(f"--max-memory {max_memory_gb}: give a positive number of GB")
+    return int((max_memory_gb or 0) * 2**30) or machine_memory()
+
+
 def load_within(path, max_memory_gb=None):
     """(Loaded, Streamed or None): the model in memory when its fp32 weights fit
     in `max_memory_gb` (default: the machine's memory), streamed otherwise."""
     from .source import load_reference
 
-    if max_memory_gb is not None and max_memory_gb <= 0:
-        raise OptiqError(f"--max-memory {max_memory_gb}: give a positive number of GB")
-    budget = int((max_memory_gb or 0) * 2**30) or machine_memory()
-    if checkpoint_bytes_fp32(path) > budget:
+    if checkpoint_bytes_fp32(path) > budget_bytes(max_memory_gb):
         return load_streamed(path)
     return load_reference(path), None

@@ -199,7 +199,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..source import dequantized_fp32, resolve_model
     from ..refine import refine
     from ..sensitivity import Calibrated
-    from ..stream import checkpoint_bytes_fp32, load_within, machine_memory
+    from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
     from ..strip import is_multimodal, strip_cached, unused_weights
 
     candidates = validate(opts)
@@ -215,7 +215,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
             path, stripped = strip_cached(path)
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
     loaded, streamed = load_within(path, opts.max_memory)
-    budget = int((opts.max_memory or 0) * 2**30) or machine_memory()
+    budget = budget_bytes(opts.max_memory)
     if streamed:
         if opts.refine_rounds:
             raise OptiqError("--refine-rounds measures whole plans in memory: not with a model streamed from disk")

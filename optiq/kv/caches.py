@@ -197,11 +197,17 @@ def shared_kv_owners(model) -> dict:
     """{shared layer: owner layer} for models whose later layers reuse an
     earlier layer's keys and values (Gemma-4's `previous_kvs`, Gemma-3n's
     `layer_idx_to_cache_idx`); empty for everything else."""
+    known = model.__dict__.get("_optiq_shared_kv")
+    if known is not None:  # the walk runs once per model, not once per request's cache
+        return known
+    found = {}
     for _, m in model.named_modules():
         owners = getattr(m, "previous_kvs", None) or getattr(m, "layer_idx_to_cache_idx", None)
         if owners:
-            return {j: int(o) for j, o in enumerate(owners) if int(o) != j}
-    return {}
+            found = {j: int(o) for j, o in enumerate(owners) if int(o) != j}
+            break
+    object.__setattr__(model, "_optiq_shared_kv", found)
+    return found
 
 
 def uniform_layers(model, bits: int, group_size: int = 64, mode: str = "affine", v_bits: int | None = None) -> list:
