@@ -13,6 +13,16 @@ from optiq.stream import checkpoint_bytes_fp32, load_streamed
 from conftest import build_model
 
 
+def peak_added(run):
+    """run()'s result and the peak memory it added above what was already
+    resident (earlier tests in the same process leave arrays alive)."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    resident = mx.get_active_memory()
+    result = run()
+    return result, mx.get_peak_memory() - resident
+
+
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
     """Weights dominate memory: 12 blocks of ~0.25M parameters, short calibration."""
@@ -23,16 +33,12 @@ def test_streamed_sensitivity_equals_in_memory_under_a_budget(wide_llama):
     cands = [Candidate(2, 32), Candidate(8, 32)]
     loaded = load_reference(wide_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 16, seed=1)
-    mx.reset_peak_memory()
-    table = measure_weights(loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False)
-    memory_peak = mx.get_peak_memory()
+    table, memory_peak = peak_added(lambda: measure_weights(loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False))
     del loaded
     mx.clear_cache()
 
     streamed_loaded, streamed = load_streamed(wide_llama)
-    mx.reset_peak_memory()
-    streamed_table = measure_weights(streamed_loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False, streamed=streamed)
-    peak = mx.get_peak_memory()
+    streamed_table, peak = peak_added(lambda: measure_weights(streamed_loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False, streamed=streamed))
 
     budget = checkpoint_bytes_fp32(wide_llama) // 2  # half the model: in memory it cannot fit
     assert memory_peak > budget > peak, (memory_peak, budget, peak)
@@ -54,10 +60,8 @@ def test_convert_streams_a_model_larger_than_max_memory(wide_llama, tmp_path, ca
     budget_gb = checkpoint_bytes_fp32(wide_llama) * 0.7 / 2**30
     common = ["--target-bpw", "4.5", "--n-calibration", "2", "--seq-len", "16", "--candidate-bits", "2,4,8", "--group-size", "32", "--measure", "all", "--quiet"]
     assert cli(["convert", str(wide_llama), "-o", str(tmp_path / "memory"), "--no-eval", *common]) == 0
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    assert cli(["convert", str(wide_llama), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]) == 0
-    peak = mx.get_peak_memory()
+    code, peak = peak_added(lambda: cli(["convert", str(wide_llama), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]))
+    assert code == 0
     assert peak < budget_gb * 2**30, (peak, budget_gb * 2**30)
     import json
 
@@ -87,10 +91,8 @@ def test_kv_cache_streams_a_model_larger_than_max_memory(tmp_path):
     budget_gb = checkpoint_bytes_fp32(src) / 2 / 2**30
     common = ["--n-calibration", "2", "--seq-len", "16", "--candidate-bits", "2,8", "--split-bits", "", "--target-bits", "5", "--group-size", "32", "--quiet"]
     assert cli(["kv-cache", str(src), "-o", str(tmp_path / "memory"), *common]) == 0
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    assert cli(["kv-cache", str(src), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]) == 0
-    assert mx.get_peak_memory() < budget_gb * 2**30
+    code, peak = peak_added(lambda: cli(["kv-cache", str(src), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]))
+    assert code == 0 and peak < budget_gb * 2**30, (peak, budget_gb * 2**30)
     a, b = (json.loads((tmp_path / d / "kv_plan.json").read_text()) for d in ("memory", "streamed"))
     assert a["layers"] == b["layers"]
     assert abs(a["predicted_kl"] - b["predicted_kl"]) <= 1e-4 * abs(a["predicted_kl"])
