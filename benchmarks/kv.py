@@ -61,12 +61,13 @@ def measure_plans(model, tok, args):
         seconds = time.perf_counter() - t0
     print(f"{len(cache_layers(model))} cache layers measured in {seconds:.0f} s")
     plans = {}
+    sliding = [i for i, kind in cache_layers(model) if kind == "sliding"]
     for label, keep in (("", lambda c: c.mode == "affine"), (" + turbo", lambda c: True)):
         if label and not turbo:
             continue
-        plan = plan_kv(table.restricted(keep), args.target_bits, n_layers=len(model.layers))
+        plan = plan_kv(table.restricted(keep), args.target_bits, n_layers=len(model.layers), sliding=sliding)
         plans[f"optiq plan {args.target_bits:g}{label}"] = plan
-        print(f"plan{label}: {plan.average_bits:.3f} average bits ({plan.effective_bits:.3f} effective), predicted KL {plan.predicted_kl:.4f}")
+        print(f"plan{label}: {plan.average_bits:.3f} average bits ({plan.effective_bits:.3f} effective; {plan.long_context_bits:.3f} over the full-attention layers), predicted KL {plan.predicted_kl:.4f}")
         print("  " + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}{'/' + str(e['v_bits']) if 'v_bits' in e else ''}" for e in plan.layers))
     return table, plans, seconds
 

@@ -68,6 +68,14 @@ def solve_exact(costs, values, budget: int):
 
 
 def _dp(w, values, cap: int):
+    dp, picks = _dp_table(w, values, cap)
+    if not np.isfinite(dp[cap]):
+        return None
+    return _backtrack(w, picks, cap)
+
+
+def _dp_table(w, values, cap: int):
+    """(best value with cost <= u for every u <= cap, the pick per item and u)."""
     inf = np.inf
     dp = np.zeros(cap + 1)  # best value using the items so far with cost <= u
     picks = np.empty((len(w), cap + 1), dtype=np.uint8)
@@ -83,14 +91,43 @@ def _dp(w, values, cap: int):
             new[better] = cand[better]
             arg[better] = k
         dp, picks[i] = new, arg
-    if not np.isfinite(dp[cap]):
-        return None
-    choices, u = [], cap
+    return dp, picks
+
+
+def _backtrack(w, picks, u: int) -> list:
+    choices = []
     for i in range(len(w) - 1, -1, -1):
         k = int(picks[i, u])
         choices.append(k)
         u -= int(w[i][k])
     return choices[::-1]
+
+
+def solve_exact_nested(costs, values, budget: int, inner: set, inner_budget: int):
+    """solve_exact with a second budget on a subset of the items: the items
+    in `inner` together cost <= inner_budget, all items <= budget. Exact: the
+    inner and outer items' DP tables are joined at the best split of the budget."""
+    inner_ix = [i for i in range(len(costs)) if i in inner]
+    outer_ix = [i for i in range(len(costs)) if i not in inner]
+    if not inner_ix or not outer_ix:
+        return solve_exact(costs, values, min(budget, inner_budget) if not outer_ix else budget)
+    if sum(int(costs[i].min()) for i in inner_ix) > inner_budget or sum(int(c.min()) for c in costs) > budget:
+        raise ValueError("budget below the cheapest choice of every item")
+    unit = reduce(math.gcd, (int(x) for c in costs for x in c), 0) or 1
+    if budget // unit > MAX_DP_UNITS:  # KV plans have tens of layers; weights never nest
+        raise ValueError(f"nested budget too fine for an exact DP ({budget // unit} units)")
+    w = [(c.astype(np.int64) // unit) for c in costs]
+    cap, inner_cap = budget // unit, min(inner_budget // unit, budget // unit)
+    dp_in, picks_in = _dp_table([w[i] for i in inner_ix], [values[i] for i in inner_ix], inner_cap)
+    dp_out, picks_out = _dp_table([w[i] for i in outer_ix], [values[i] for i in outer_ix], cap)
+    joined = dp_in + dp_out[cap - np.arange(inner_cap + 1)]
+    u = int(np.argmin(joined))
+    choices = [0] * len(costs)
+    for ix, k in zip(inner_ix, _backtrack([w[i] for i in inner_ix], picks_in, u)):
+        choices[ix] = k
+    for ix, k in zip(outer_ix, _backtrack([w[i] for i in outer_ix], picks_out, cap - u)):
+        choices[ix] = k
+    return choices, 0.0
 
 
 def lagrangian_bound(costs, values, budget: int) -> float:
@@ -163,9 +200,11 @@ def plan_bits(
     protect=(),
     protect_bits: int = 8,
     cost=layer_cost_bits,
+    nested=(),
 ) -> BitPlan:
     """The plan with the least predicted total KL at effective bpw <= target
-    (`cost=nominal_cost_bits` budgets the code width alone)."""
+    (`cost=nominal_cost_bits` budgets the code width alone). The layers named
+    in `nested` must also meet the target among themselves (method exact)."""
     layers = [layer for layer in table.layers if layer.candidates]
     guarded = protected_paths([layer.path for layer in layers], protect)
     options = []  # per layer: list of (candidate, kl)
@@ -186,7 +225,16 @@ def plan_bits(
             f"target {target_bpw} bpw is below the smallest plan these candidates allow "
             f"({floor_bpw:.3f} effective bpw)"
         )
-    if method == "exact":
+    inner = {i for i, l in enumerate(layers) if l.path in set(nested)}
+    if inner and method == "exact":
+        inner_total = sum(layers[i].n_params for i in inner)
+        inner_budget = int(math.floor(target_bpw * inner_total + 1e-9))
+        if inner_budget < sum(int(costs[i].min()) for i in inner):
+            raise OptiqError(f"target {target_bpw} bpw is below the smallest plan these candidates allow for {sorted(nested)}")
+        choices, gap = solve_exact_nested(costs, values, budget, inner, inner_budget)
+    elif inner:
+        raise OptiqError("a nested budget needs the exact method")
+    elif method == "exact":
         choices, gap = solve_exact(costs, values, budget)
     elif method == "greedy":
         choices, gap = solve_greedy(costs, values, budget), float("nan")

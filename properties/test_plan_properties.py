@@ -122,3 +122,22 @@ def pytest_approx(x):
     import pytest
 
     return pytest.approx(x, rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.data())
+def test_nested_budget_matches_brute_force(inst, data):
+    """A subset of the items under its own budget as well (KV plans: the
+    full-attention layers' mean must meet the target by themselves)."""
+    costs, values, budget = inst
+    inner = set(data.draw(st.lists(st.integers(0, len(costs) - 1), unique=True, max_size=len(costs))))
+    lo = sum(int(costs[i].min()) for i in inner)
+    inner_budget = data.draw(st.integers(lo, lo + 60))
+    choices, _ = planner.solve_exact_nested(costs, values, budget, inner, inner_budget)
+    assert spent(costs, choices) <= budget
+    assert sum(int(costs[i][choices[i]]) for i in inner) <= inner_budget
+    best = np.inf
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        if spent(costs, pick) <= budget and sum(int(costs[i][pick[i]]) for i in inner) <= inner_budget:
+            best = min(best, total(values, pick))
+    assert total(values, choices) == pytest_approx(best)

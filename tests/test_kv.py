@@ -13,7 +13,7 @@ from optiq.calibration import sample_tokens
 from optiq.cli import main as cli
 from optiq.kv import PlannedKVCache, cache_layers, make_kv_cache, measure_kv, plan_kv, read_kv_config
 from optiq.kv.sensitivity import run_with_cache
-from optiq.records import Candidate
+from optiq.records import Candidate, LayerSensitivity, SensitivityTable
 from optiq.source import load_reference
 from conftest import build_model
 
@@ -240,3 +240,21 @@ def test_restricted_table_plans_over_a_subset_without_remeasuring(kv_models):
         assert [c.key for c in sub.candidates] == ["2@32", "8@32", "16@64"]
         assert list(sub.kl) == [full.kl_of(c) for c in sub.candidates]
     assert all("v_bits" not in e for e in plan_kv(same_width, 5.0, n_layers=3).layers)
+
+
+def test_plan_meets_the_target_at_every_context_with_sliding_layers():
+    """Sliding layers stop at their window while full-attention layers keep
+    the whole context: the full layers' own mean must meet the target too."""
+    c4, c8 = Candidate(4, 64), Candidate(8, 64)
+
+    def layer(i, kl4):  # 8 bits is nearly lossless everywhere; full layers are the sensitive ones
+        return LayerSensitivity(path=f"kv.{i}", n_params=512, candidates=(c4, c8), kl=(kl4, 0.001), measured=(True, True), error=(0, 0))
+
+    table = SensitivityTable(model="toy", layers=[layer(i, 1.0 if i in (2, 5) else 0.1) for i in range(6)])
+    free = plan_kv(table, 6.0, n_layers=6)
+    assert free.average_bits <= 6 and {2, 5} <= {e["layer_idx"] for e in free.layers if e["bits"] == 8}
+    assert [e["bits"] for e in free.layers if e["layer_idx"] in (2, 5)] == [8, 8]  # 8 bits per entry at long context
+    held = plan_kv(table, 6.0, n_layers=6, sliding=[0, 1, 3, 4])
+    assert held.average_bits <= 6 and held.long_context_bits <= 6
+    assert sorted(e["bits"] for e in held.layers if e["layer_idx"] in (2, 5)) == [4, 8]
+    assert held.predicted_kl == pytest.approx(1.0 + 3 * 0.001 + 2 * 0.1)  # the best plan under both budgets

@@ -51,11 +51,13 @@ def run(opts: KVOptions):
         raise OptiqError("--prefill must be between 1 and --seq-len - 1")
     check_output(Path(opts.output), opts.force)
     loaded, streamed = load_within(resolve_model(opts.model), opts.max_memory)
-    if not cache_layers(loaded.model):
+    kinds = cache_layers(loaded.model)
+    if not kinds:
         raise OptiqError(f"{loaded.config.get('model_type')} has no KV-cache layers to plan")
     with streamed.forwarding() if streamed else contextlib.nullcontext():  # every forward streams its blocks
         table = measure_kv_table(opts, loaded, bits, split, turbo)
-    plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective)
+    sliding = [i for i, kind in kinds if kind == "sliding"]
+    plan = plan_kv(table, opts.target_bits, n_layers=len(loaded.model.layers), nominal=not opts.effective, sliding=sliding)
     if not distributed.is_writer():  # under mlx.launch rank 0 writes
         return plan
     with atomic_output(opts.output, force=opts.force) as tmp:
@@ -65,6 +67,7 @@ def run(opts: KVOptions):
         f"({plan.effective_bits:.3f} effective), predicted KL {plan.predicted_kl:.4f}; "
         + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}{'/' + str(e['v_bits']) if 'v_bits' in e else ''}" for e in plan.layers)
         + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
+        + (f"; {plan.long_context_bits:.3f} average bits over the full-attention layers (long context)" if sliding else "")
     )
     return plan
 

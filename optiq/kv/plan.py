@@ -21,6 +21,9 @@ class KVPlan:
     effective_bits: float  # with fp16 scales and biases per group
     predicted_kl: float
     skipped_layers: tuple = attrs.field(default=(), converter=tuple)  # layers with no KV cache
+    # nominal mean over the full-attention layers alone: what the cache averages
+    # once the context is long (sliding-window layers stop growing at their window)
+    long_context_bits: float = float("nan")
 
     def to_dict(self) -> dict:
         d = attrs.asdict(self)
@@ -33,13 +36,24 @@ class KVPlan:
         return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
 
 
-def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal: bool = True) -> KVPlan:
+def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal: bool = True, sliding=()) -> KVPlan:
+    """The least-KL plan whose cache holds at most `target_bits` per entry on
+    average at every context length. A sliding-window layer (index in
+    `sliding`) keeps at most its window while a full-attention layer keeps the
+    whole context, so the bytes-weighted mean moves from the plain per-layer
+    mean (context within the window) to the full layers' mean (long context):
+    both must meet the target, a knapsack with a nested budget."""
     cost = nominal_cost_bits if nominal else layer_cost_bits
-    plan = plan_bits(table, target_bits, cost=cost)
+    sliding = set(sliding)
+    full = [l.path for l in table.layers if _layer_idx(l.path) not in sliding]
+    nested = full if sliding and full else ()
+    plan = plan_bits(table, target_bits, cost=cost, nested=nested)
     n = {l.path: l.n_params for l in table.layers}
     total = sum(n.values())
+    chosen = dict(plan.assignments)
+    long_bits = sum(nominal_cost_bits(n[p], chosen[p]) for p in full) / sum(n[p] for p in full) if full else float("nan")
     entries = [
-        {"layer_idx": int(p.split(".")[1]), **c.to_dict()}
+        {"layer_idx": _layer_idx(p), **c.to_dict()}
         for p, c in plan.assignments
     ]
     planned = {e["layer_idx"] for e in entries}
@@ -50,7 +64,12 @@ def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal:
         effective_bits=sum(layer_cost_bits(n[p], c) for p, c in plan.assignments) / total,
         predicted_kl=plan.predicted_kl,
         skipped_layers=tuple(i for i in range(n_layers) if i not in planned),
+        long_context_bits=long_bits,
     )
+
+
+def _layer_idx(path: str) -> int:
+    return int(path.split(".")[1])
 
 
 def write_kv_config(plan: KVPlan, folder) -> Path:
