@@ -45,7 +45,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--max-memory", type=float, default=None, help="GB for the streaming row (default: a quarter of the fp32 model)")
+    p.add_argument("--max-memory", type=float, default=None, help="GB for the streaming row (default: half the fp32 model)")
     p.add_argument("--convert-args", default="--n-calibration 4 --seq-len 128 --no-eval", help="not --quiet: the run reports its peak memory in its last line")
     p.add_argument("--out", default=str(RESULTS / "distributed.json"))
     args = p.parse_args()
@@ -58,7 +58,7 @@ def main():
 
     folder = resolve_model(args.model)
     fp32_gb = checkpoint_bytes_fp32(folder) / 2**30
-    budget = args.max_memory or fp32_gb / 4
+    budget = args.max_memory or fp32_gb / 2
     work = Path(tempfile.mkdtemp(prefix="optiq-distributed-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     launch = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))

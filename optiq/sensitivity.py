@@ -25,6 +25,7 @@ from . import distributed, metrics
 from .errors import OptiqError
 from .records import Candidate, LayerSensitivity, SensitivityTable
 
+ERROR_SLAB = 1 << 20  # weights per slab of rows (quantizing, estimating output error)
 SCALE_DTYPE = mx.float16  # scales/biases are stored in fp16: round them the same way
 
 
@@ -32,11 +33,25 @@ def fake_quantize(weight: mx.array, candidate: Candidate) -> mx.array:
     """The fp32 weight a layer holds after quantize-then-dequantize."""
     if candidate.bits >= 16:
         return weight.astype(mx.float16).astype(mx.float32)
-    w = weight.astype(mx.float32)
-    q, scales, biases = mx.quantize(w, group_size=candidate.group_size, bits=candidate.bits)
-    scales = scales.astype(SCALE_DTYPE).astype(mx.float32)
-    biases = biases.astype(SCALE_DTYPE).astype(mx.float32)
-    return mx.dequantize(q, scales, biases, group_size=candidate.group_size, bits=candidate.bits)
+    return dequantize_rows(quantize_rows(weight, candidate), candidate)
+
+
+def quantize_rows(weight: mx.array, candidate: Candidate) -> tuple:
+    """MLX's (codes, scales, biases), scales and biases rounded through fp16
+    as they are stored. A slab of rows at a time: mx.quantize holds up to
+    six times its input in temporaries at 3, 5 and 6 bits, and groups run
+    along a row, so slabs give the same codes."""
+    rows = max(1, ERROR_SLAB // max(1, weight.shape[-1]))
+    parts = []
+    for lo in range(0, weight.shape[0], rows):
+        q, scales, biases = mx.quantize(weight[lo : lo + rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
+        parts.append((q, scales.astype(SCALE_DTYPE).astype(mx.float32), biases.astype(SCALE_DTYPE).astype(mx.float32)))
+        mx.eval(parts[-1])
+    return tuple(mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
+
+
+def dequantize_rows(parts: tuple, candidate: Candidate) -> mx.array:
+    return mx.dequantize(*parts, group_size=candidate.group_size, bits=candidate.bits)
 
 
 QUANTIZERS = ("rtn", "gptq")
@@ -206,6 +221,34 @@ class _Tap(nn.Module):
         self._grams[self._path] = self._grams.get(self._path, 0) + gram
         mx.eval(self._grams[self._path])
         return self.inner(x)
+
+
+class _SlabbedCodes:
+    """A probe's quantized copy of a large resident layer (a 49k-row tied
+    embedding) that never exists whole in fp32: a lookup dequantizes the rows
+    it takes, a product dequantizes a slab of rows at a time. Streaming only;
+    in memory the probe holds fake_quantize's full copy."""
+
+    def __init__(self, inner, codes, candidate):
+        self._inner, self._codes, self._candidate = inner, codes, candidate
+
+    def __getattr__(self, name):  # attributes the model reads (e.g. bias)
+        return getattr(self._inner, name)
+
+    def __call__(self, x):
+        if isinstance(self._inner, nn.Embedding):
+            return dequantize_rows(tuple(p[x] for p in self._codes), self._candidate)
+        y = self.as_linear(x)
+        return y + self._inner.bias if "bias" in self._inner else y
+
+    def as_linear(self, x):
+        rows = max(1, ERROR_SLAB // max(1, x.shape[-1]))
+        n = self._codes[0].shape[0]
+        outs = []
+        for lo in range(0, n, rows):
+            w = dequantize_rows(tuple(p[lo : lo + rows] for p in self._codes), self._candidate)
+            outs.append(x @ w.T)
+        return mx.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
 
 
 # -- the reference pass -------------------------------------------------------
@@ -382,35 +425,47 @@ class Calibrated:
             return self.grams.get(path)
         return getattr(self, "head_gram", None)  # a tied embedding's head role
 
+    def uses_gptq(self, path: str, module, candidate: Candidate) -> bool:
+        """GPTQ where this pass uses it and an input Gram matrix exists; else MLX's rounding."""
+        return self.quantizer == "gptq" and candidate.bits < 16 and self.gram_for(path, module) is not None
+
     def quantized(self, path: str, module, weight: mx.array, candidate: Candidate) -> mx.array:
         """The fp32 weight this layer holds at `candidate`, with this pass's quantizer."""
-        gram = self.gram_for(path, module)
-        if self.quantizer == "gptq" and gram is not None and candidate.bits < 16:
-            return gptq_weight(weight, gram, candidate)[0]
+        if self.uses_gptq(path, module, candidate):
+            return gptq_weight(weight, self.gram_for(path, module), candidate)[0]
         return fake_quantize(weight, candidate)
 
     def codes(self, path: str, module, weight: mx.array, candidate: Candidate):
         """(codes, scales, biases) to write, or None where mlx-lm's own rounding is used."""
-        gram = self.gram_for(path, module)
-        if self.quantizer == "gptq" and gram is not None and candidate.bits < 16:
-            return gptq_weight(weight, gram, candidate)[1]
+        if self.uses_gptq(path, module, candidate):
+            return gptq_weight(weight, self.gram_for(path, module), candidate)[1]
         return None
 
     def output_error(self, path: str, module, candidate: Candidate) -> float:
-        """Weight-space output error tr(dW G dW^T) summed over calibration tokens."""
-        w = module.weight.astype(mx.float32)
-        dw = self.quantized(path, module, w, candidate) - w
-        if isinstance(module, nn.Linear):
-            gram = self.grams.get(path)
-            if gram is None:
-                return float(mx.sum(dw * dw))
-            return float(mx.sum((dw @ gram) * dw))
-        if hasattr(self, "head_gram"):  # tied embedding: its head role dominates
-            return float(mx.sum((dw @ self.head_gram) * dw))
-        counts = np.zeros(w.shape[0])
-        k = min(len(self.token_counts), w.shape[0])
-        counts[:k] = self.token_counts[:k]
-        return float(mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts, dtype=mx.float32)))
+        """Weight-space output error tr(dW G dW^T) summed over calibration tokens.
+        Rows are independent (groups run along a row), so a large layer (a
+        49k-row embedding) is taken a slab of rows at a time: a few MB live
+        instead of several fp32 copies of the whole matrix."""
+        gram = self.grams.get(path) if isinstance(module, nn.Linear) else getattr(self, "head_gram", None)
+        counts = None
+        if not isinstance(module, nn.Linear) and gram is None:  # embedding lookups: weight rows by token counts
+            counts = np.zeros(module.weight.shape[0], dtype=np.float32)
+            k = min(len(self.token_counts), len(counts))
+            counts[:k] = self.token_counts[:k]
+        rows = max(1, ERROR_SLAB // max(1, module.weight.shape[-1]))
+        mx.eval(module.weight)  # once, not once per slab (a streamed weight is a lazy read)
+        total = 0.0
+        for lo in range(0, module.weight.shape[0], rows):
+            w = module.weight[lo : lo + rows].astype(mx.float32)
+            dw = self.quantized(path, module, w, candidate) - w
+            if gram is not None:
+                part = mx.sum((dw @ gram) * dw)
+            elif counts is not None:
+                part = mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts[lo : lo + rows]))
+            else:
+                part = mx.sum(dw * dw)
+            total += float(part)
+        return total
 
 
 def _proxy_table(cal, plan, model_id, reference, cal_digest, n_tokens, tied) -> SensitivityTable:
@@ -553,10 +608,20 @@ def measure_weights(
         if kl is None:
             module = modules[path]
             original = module.weight
-            module.weight = cal.quantized(path, module, original, c)
+            # Streaming: a resident layer (a 49k-row embedding) goes back to
+            # disk once its codes are made, rather than held next to its
+            # quantized copy; it is read again when next used.
+            on_disk = streamed.lazy_weight(path) if streamed is not None and not _BLOCK.search(path) else None
+            container, key = container_of(model, path)
+            if on_disk is not None and c.bits < 16 and not cal.uses_gptq(path, module, c):
+                container[key] = _SlabbedCodes(module, quantize_rows(original, c), c)
+                module.weight = original = on_disk  # the evaluated original goes
+            else:
+                module.weight = cal.quantized(path, module, original, c)
             try:
                 kl = cal.probe(start_block(path, n_blocks))
             finally:
+                container[key] = module
                 module.weight = original
                 release(path)
             cache.put(path, c, kl)

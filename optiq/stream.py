@@ -75,6 +75,11 @@ class Streamed:
             node[leaf] = as_fp32(v)
             self.installed[k] = weakref.ref(node[leaf])
 
+    def lazy_weight(self, path: str):
+        """A resident (non-block) layer's weight as a lazy fp32 load from disk,
+        or None (a tied head has no weight of its own there)."""
+        return _maybe(self._lazy().get(path + ".weight"))
+
     @contextmanager
     def forwarding(self):
         """Any forward pass inside streams: each block runs, is evaluated, and
@@ -107,13 +112,31 @@ def leaf_owner(module, dotted: str):
     return node, leaf
 
 
+def _maybe(x):
+    return None if x is None else as_fp32(x)
+
+
 def as_fp32(x):
     return x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x
 
 
-def load_streamed(path):
+def least_streaming_bytes(model, in_blocks: tuple) -> int:
+    """The resident (non-block) weights in fp32 plus the largest block twice
+    (its fp32 weights and the checkpoint read they are cast from)."""
+    sizes = [(k, v.size * FP32) for k, v in tree_flatten(model.parameters())]
+    blocks = {}
+    for k, n in sizes:
+        prefix = next((p for p in in_blocks if k.startswith(p)), None)
+        if prefix is not None:
+            blocks[prefix] = blocks.get(prefix, 0) + n
+    resident = sum(n for k, n in sizes if not k.startswith(in_blocks))
+    return resident + 2 * max(blocks.values(), default=0)
+
+
+def load_streamed(path, budget: int | None = None):
     """(Loaded, Streamed): the model with resident non-block weights in fp32 and
-    lazy blocks; unquantized checkpoints only."""
+    lazy blocks; unquantized checkpoints only. A `budget` (bytes) below
+    least_streaming_bytes is refused."""
     import mlx.nn as nn
     from mlx_lm.utils import load_model, load_tokenizer
 
@@ -127,8 +150,14 @@ def load_streamed(path):
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise OptiqError(f"{path} is quantized: streaming (--max-memory) needs a full-precision checkpoint")
     streamed = Streamed(path, model)
-    streamed.unload_all()  # every block lazy and fp32
     in_blocks = tuple(streamed.prefixes)
+    if budget is not None and budget < (least := least_streaming_bytes(model, in_blocks)):
+        raise OptiqError(
+            f"--max-memory {budget / 2**30:.3f} GB is below what streaming {path} holds at least: its embedding, "
+            f"norms and head stay resident in fp32 and one block is read beside them ({least / 2**30:.3f} GB, "
+            "calibration activations on top)"
+        )
+    streamed.unload_all()  # every block lazy and fp32
     resident = [(k, as_fp32(v)) for k, v in tree_flatten(model.parameters()) if not k.startswith(in_blocks)]
     model.update(tree_unflatten(resident))
     mx.eval([v for _, v in resident])
@@ -155,6 +184,7 @@ def load_within(path, max_memory_gb=None):
     in `max_memory_gb` (default: the machine's memory), streamed otherwise."""
     from .source import load_reference
 
-    if checkpoint_bytes_fp32(path) > budget_bytes(max_memory_gb):
-        return load_streamed(path)
+    budget = budget_bytes(max_memory_gb)
+    if checkpoint_bytes_fp32(path) > budget:
+        return load_streamed(path, budget)
     return load_reference(path), None

@@ -78,6 +78,9 @@ def test_convert_streams_a_model_larger_than_max_memory(wide_llama, tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         cli(["convert", str(wide_llama), "-o", str(tmp_path / "x"), "--max-memory", "-1", *common])
     assert exc.value.code == 2 and "--max-memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # below the resident parts plus one block: refused, nothing written
+        cli(["convert", str(wide_llama), "-o", str(tmp_path / "y"), "--max-memory", "0.0001", *common])
+    assert exc.value.code == 2 and "holds at least" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_kv_cache_streams_a_model_larger_than_max_memory(tmp_path):

@@ -1,6 +1,7 @@
 """optiq kv-cache: per-layer KV sensitivity -> kv_config.json for per-layer quantized caches."""
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,7 @@ def run(opts: KVOptions):
     from .. import distributed
     from ..io import atomic_output, check_output
     from ..kv import cache_layers, plan_kv, write_kv_config
+    from ..kv.sensitivity import sliding_window
     from ..source import resolve_model
     from ..stream import load_within
 
@@ -54,6 +56,10 @@ def run(opts: KVOptions):
     kinds = cache_layers(loaded.model)
     if not kinds:
         raise OptiqError(f"{loaded.config.get('model_type')} has no KV-cache layers to plan")
+    window = sliding_window(loaded.model)
+    if window and opts.seq_len <= window and not opts.quiet:
+        print(f"note: --seq-len {opts.seq_len} stays within the {window}-token sliding window: full-attention layers are measured "
+              f"as if they were sliding ones (their long-context cost goes unseen); a --seq-len above {window} measures it", file=sys.stderr)
     with streamed.forwarding() if streamed else contextlib.nullcontext():  # every forward streams its blocks
         table = measure_kv_table(opts, loaded, bits, split, turbo)
     sliding = [i for i, kind in kinds if kind == "sliding"]

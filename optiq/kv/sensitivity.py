@@ -44,6 +44,12 @@ def cache_layers(model) -> list:
     return out
 
 
+def sliding_window(model) -> int | None:
+    """The shortest sliding window among the model's caches (None: no sliding layers)."""
+    sizes = [c.max_size for c in make_prompt_cache(model) if isinstance(c, RotatingKVCache)]
+    return min(sizes) if sizes else None
+
+
 def run_with_cache(model, tokens: mx.array, caches: list, prefill: int) -> mx.array:
     """Logits for every position: one prefill call, then one call per token."""
     logits = [model(tokens[:, :prefill], cache=caches)]
