@@ -31,6 +31,8 @@ class KVOptions:
 
 
 def run(opts: KVOptions):
+    import mlx.core as mx
+
     from .. import distributed
     from ..io import atomic_output, check_output
     from ..kv import cache_layers, plan_kv, write_kv_config
@@ -74,6 +76,7 @@ def run(opts: KVOptions):
         + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}{'/' + str(e['v_bits']) if 'v_bits' in e else ''}" for e in plan.layers)
         + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
         + (f"; {plan.long_context_bits:.3f} average bits over the full-attention layers (long context)" if sliding else "")
+        + f"; peak memory {mx.get_peak_memory() / 2**20:.0f} MiB"
     )
     return plan
 
