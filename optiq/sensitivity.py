@@ -549,6 +549,27 @@ class ProbeCache:
 # -- the stage -------------------------------------------------------------------
 
 
+def _quantize_in_place(model, cal, path: str, module, c: Candidate):
+    """Layer `path` at candidate `c` for a probe; returns what puts it back.
+    Streaming, a resident layer (a 49k-row embedding) goes back to disk once
+    its codes are made and the probe runs on the codes (_SlabbedCodes), so
+    it is never held twice; it is read again when next used."""
+    original = module.weight
+    container, key = container_of(model, path)
+    on_disk = cal.streamed.lazy_weight(path) if cal.streamed is not None and not _BLOCK.search(path) else None
+    if on_disk is not None and c.bits < 16 and not cal.uses_gptq(path, module, c):
+        container[key] = _SlabbedCodes(module, quantize_rows(original, c), c)
+        module.weight = original = on_disk  # the evaluated original goes
+    else:
+        module.weight = cal.quantized(path, module, original, c)
+
+    def restore():
+        container[key] = module
+        module.weight = original
+
+    return restore
+
+
 def measure_weights(
     model,
     tokens,
@@ -606,23 +627,11 @@ def measure_weights(
             continue
         kl = cache.get(path, c)
         if kl is None:
-            module = modules[path]
-            original = module.weight
-            # Streaming: a resident layer (a 49k-row embedding) goes back to
-            # disk once its codes are made, rather than held next to its
-            # quantized copy; it is read again when next used.
-            on_disk = streamed.lazy_weight(path) if streamed is not None and not _BLOCK.search(path) else None
-            container, key = container_of(model, path)
-            if on_disk is not None and c.bits < 16 and not cal.uses_gptq(path, module, c):
-                container[key] = _SlabbedCodes(module, quantize_rows(original, c), c)
-                module.weight = original = on_disk  # the evaluated original goes
-            else:
-                module.weight = cal.quantized(path, module, original, c)
+            restore = _quantize_in_place(model, cal, path, modules[path], c)
             try:
                 kl = cal.probe(start_block(path, n_blocks))
             finally:
-                container[key] = module
-                module.weight = original
+                restore()
                 release(path)
             cache.put(path, c, kl)
         probed[(path, c)] = kl
