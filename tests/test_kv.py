@@ -258,3 +258,17 @@ def test_plan_meets_the_target_at_every_context_with_sliding_layers():
     assert held.average_bits <= 6 and held.long_context_bits <= 6
     assert sorted(e["bits"] for e in held.layers if e["layer_idx"] in (2, 5)) == [4, 8]
     assert held.predicted_kl == pytest.approx(1.0 + 3 * 0.001 + 2 * 0.1)  # the best plan under both budgets
+
+
+@pytest.mark.parametrize("seq_len, noted", [(12, True), (24, False)])
+def test_kv_cache_notes_a_calibration_within_the_sliding_window(kv_models, tmp_path, capsys, seq_len, noted):
+    """Within the window full-attention layers behave like sliding ones, so
+    their long-context cost cannot be measured: the command says so. The
+    plan it writes meets the target over the full-attention layers too."""
+    out = tmp_path / "kv"
+    args = ["kv-cache", str(kv_models["gemma3_text"]), "-o", str(out), "--n-calibration", "1", "--seq-len", str(seq_len), "--candidate-bits", "2,8", "--split-bits", "", "--target-bits", "5", "--group-size", "32"]
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert ("16-token sliding window" in err) == noted
+    plan = read_kv_config(out / "kv_plan.json")
+    assert plan.average_bits <= 5 + 1e-9 and plan.long_context_bits <= 5 + 1e-9
