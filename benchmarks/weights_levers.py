@@ -1,0 +1,87 @@
+"""The rounding and group-size levers at one size, measured side by side:
+uniform 4-bit group 64 (round-to-nearest and GPTQ) against optiq's exact plan
+over GPTQ-rounded candidates that stay near uniform (4-8 bits at groups 64
+and 128, optionally 3 bits and group 32), where single-layer KLs add up
+better than in plans that push layers to 2-3 bits.
+
+    python benchmarks/weights_levers.py                 # SmolLM2, 4.5 bpw
+    python benchmarks/weights_levers.py --quantizer rtn
+
+Data and columns as benchmarks/weights.py (same calibration and held-out
+WikiText-2 tokens, so its rows compare). Writes a markdown table and JSON to
+benchmarks/results/weights-levers-<model>-<quantizer>.json.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import RESULTS, WIKITEXT, gemma3_model  # noqa: E402  (also puts the repo on sys.path)
+from optiq.blas import ensure_fast_blas  # noqa: E402
+from weights import markdown, row  # noqa: E402
+
+CANDIDATE_SETS = {  # label: which candidates the plan may use
+    "4-8 bits, groups 64/128": lambda c: c.bits >= 4 and c.group_size >= 64,
+    "4-8 bits, groups 32-128": lambda c: c.bits >= 4,
+    "3-8 bits, groups 32-128": lambda c: True,
+}
+
+
+def main():
+    ensure_fast_blas()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: SmolLM2; 'gemma3' for Gemma-3-270M; or a path/repo id")
+    p.add_argument("--target", type=float, default=4.5)
+    p.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--n-calibration", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-eval", type=int, default=8)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--anchor-bits", default="4", help="bit-widths probed (at every group size); the rest predicted")
+    args = p.parse_args()
+
+    from optiq.calibration import tokens_from_texts, wikitext_split
+    from optiq.evaluate import quality, reference_batches, simulated
+    from optiq.plan import plan_bits, uniform_plan
+    from optiq.records import Candidate
+    from optiq.sensitivity import Calibrated, measure_weights
+    from optiq.source import load_reference, resolve_model
+
+    if not WIKITEXT.exists():
+        raise SystemExit(f"needs {WIKITEXT} (../shared/data)")
+    name = args.model or "SmolLM2-135M-Instruct"
+    loaded = load_reference(resolve_model(gemma3_model() if args.model == "gemma3" else args.model))
+    cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
+    cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
+    ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
+    refs = reference_batches(loaded.model, ev, batch_size=4)
+
+    def measure(assignments, calibrated):
+        with simulated(loaded.model, assignments, calibrated):
+            return quality(loaded.model, ev, refs, batch_size=4)
+
+    candidates = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (64, 128)] + [Candidate(3, 64), Candidate(4, 32)]
+    t0 = time.time()
+    calibrated = Calibrated(loaded.model, cal, 8, 4, quantizer=args.quantizer)
+    table = measure_weights(loaded.model, cal, candidates, anchors={int(b) for b in args.anchor_bits.split(",")}, kl_stride=4, calibrated=calibrated)
+    seconds = time.time() - t0
+    rows = []
+    for label, keep in CANDIDATE_SETS.items():
+        plan = plan_bits(table.restricted(keep), args.target)
+        rows.append(row(f"optiq exact, {args.quantizer}, {label}", plan, measure(plan.assignments, calibrated), seconds, {"predicted_kl": plan.predicted_kl}))
+        print(rows[-1], flush=True)
+    uniform = uniform_plan(table, Candidate(4, 64))
+    rows.append(row(f"uniform 4-bit g64, {args.quantizer}", uniform, measure(uniform.assignments, calibrated), seconds))
+    rtn = Calibrated(loaded.model, cal, 8, 4) if args.quantizer != "rtn" else calibrated
+    rows.append(row("uniform 4-bit g64, rtn", uniform, measure(uniform.assignments, rtn), 0.0))
+    text = markdown(rows)
+    print(f"\n{name} at {args.target} bpw; sensitivity ({table.method}) {seconds:.0f} s\n\n{text}")
+    out = RESULTS / f"weights-levers-{Path(name).name}-{args.quantizer}.json"
+    out.write_text(json.dumps({"model": name, "target": args.target, "sensitivity_seconds": seconds, "rows": rows, "args": vars(args)}, indent=2))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
