@@ -15,6 +15,7 @@ a per-layer power law fitted to the anchors.
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -207,6 +208,26 @@ class _Positions:
         return self._norm(h)[:, self._positions]
 
 
+def norm_owner(model):
+    """The module holding the blocks and the final norm (None if there is none)."""
+    return next((m for _, m in model.named_modules() if "norm" in m and "layers" in m), None)
+
+
+@contextmanager
+def positions_only(model, positions):
+    """Inside, the model's logits come out at `positions` only (see _Positions)."""
+    owner = norm_owner(model)
+    if owner is None or positions is None:
+        yield
+        return
+    norm = owner["norm"]
+    owner["norm"] = _Positions(norm, positions)
+    try:
+        yield
+    finally:
+        owner["norm"] = norm
+
+
 class _Tap(nn.Module):
     """Wraps a Linear during the reference pass to accumulate X^T X of its input."""
 
@@ -265,9 +286,7 @@ class Calibrated:
         self.streamed = streamed
         self.quantizer = quantizer
         self.blocks = block_list(model)
-        self.owner = next(
-            (m for _, m in model.named_modules() if "norm" in m and "layers" in m), None
-        )
+        self.owner = norm_owner(model)
         seq_len = int(np.asarray(tokens).shape[1])
         if self.owner is None:
             kl_stride = 1
@@ -387,12 +406,8 @@ class Calibrated:
         """The model's logits at the measured positions only."""
         if self.owner is None:
             return self.model(batch)
-        norm = self.owner["norm"]
-        self.owner["norm"] = _Positions(norm, self.positions)
-        try:
+        with positions_only(self.model, self.positions):
             return self.model(batch)
-        finally:
-            self.owner["norm"] = norm
 
     def unloader(self, i: int):
         """After block i runs: nothing, or (streaming) hand its weights back to disk."""

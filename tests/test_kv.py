@@ -216,6 +216,7 @@ def test_bad_kv_inputs(kv_models, tmp_path, capsys):
         (["--prefill", "500"], "--prefill"),
         (["--split-bits", "8-4"], "--split-bits"),
         (["--split-bits", "4:4"], "--split-bits"),
+        (["--kl-stride", "0"], "--kl-stride"),
     ]:
         with pytest.raises(SystemExit) as exc:
             cli(["kv-cache", src, "-o", str(tmp_path / "x"), *args])
@@ -272,3 +273,22 @@ def test_kv_cache_notes_a_calibration_within_the_sliding_window(kv_models, tmp_p
     assert ("16-token sliding window" in err) == noted
     plan = read_kv_config(out / "kv_plan.json")
     assert plan.average_bits <= 5 + 1e-9 and plan.long_context_bits <= 5 + 1e-9
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_kv_kl_stride_measures_the_kl_at_every_nth_position(kv_models, arch):
+    """--kl-stride N: the head runs on every Nth position only; the KL is the
+    full forward's per-position KL averaged over exactly those positions."""
+    from optiq import metrics
+
+    loaded = load_reference(kv_models[arch])
+    model = loaded.model
+    tokens = sample_tokens(model, loaded.tokenizer, 2, 40, seed=5)
+    c = Candidate(2, 32)
+    table = measure_kv(model, tokens, [c], progress=False, kl_stride=3)
+    x = mx.array(tokens)
+    ref = metrics.reference_from_logits(model(x, cache=make_prompt_cache(model)).astype(mx.float32)[:, 2::3])
+    for layer in table.layers:
+        i = int(layer.path.split(".")[1])
+        got = model(x, cache=make_kv_cache(model, [{"layer_idx": i, "bits": 2, "group_size": 32}])).astype(mx.float32)[:, 2::3]
+        np.testing.assert_allclose(layer.kl_of(c), float(mx.mean(metrics.token_kl(ref, got))), rtol=1e-3, atol=1e-6)

@@ -24,6 +24,7 @@ class KVOptions:
     n_calibration: int = 4
     seq_len: int = 256
     prefill: Optional[int] = field(default=None, metadata=dict(help="run N tokens as a prefill, then decode the rest one token at a time (default: one prefill, replayed from each probed layer: the same logits, faster)"))
+    kl_stride: int = field(default=1, metadata=dict(help="measure KL at every Nth position (all see their whole context): the head's cost, large with a big vocabulary, divides by N"))
     seed: int = 0
     max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     force: bool = False
@@ -51,6 +52,8 @@ def run(opts: KVOptions):
         raise OptiqError("no candidates: give --candidate-bits and/or --turbo-bits")
     if opts.group_size not in (32, 64, 128):
         raise OptiqError(f"--group-size {opts.group_size}: MLX supports 32, 64, 128")
+    if not 1 <= opts.kl_stride < opts.seq_len:
+        raise OptiqError(f"--kl-stride {opts.kl_stride}: between 1 and --seq-len - 1")
     if opts.prefill is not None and not 1 <= opts.prefill < opts.seq_len:
         raise OptiqError("--prefill must be between 1 and --seq-len - 1")
     check_output(Path(opts.output), opts.force)
@@ -88,7 +91,7 @@ def measure_kv_table(opts, loaded, bits, split, turbo):
 
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
     candidates = [Candidate(b, opts.group_size) for b in bits] + [Candidate(k, opts.group_size, v_bits=v) for k, v in split] + [Candidate(b, 0, "turbo") for b in turbo]
-    return measure_kv(loaded.model, tokens, candidates, prefill=opts.prefill, progress=not opts.quiet)
+    return measure_kv(loaded.model, tokens, candidates, prefill=opts.prefill, progress=not opts.quiet, kl_stride=opts.kl_stride)
 
 
 def split_pairs(text: str) -> list:

@@ -93,23 +93,30 @@ def _reference_inputs(model, tokens) -> tuple:
     return logits, inputs
 
 
-def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: bool = True) -> SensitivityTable:
+def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: bool = True, kl_stride: int = 1) -> SensitivityTable:
     """The KV sensitivity table; a layer's `n_params` is its KV elements per token.
     `prefill`: run N tokens as a prefill and decode the rest (default: one
-    prefill of everything, replayed from the probed layer)."""
+    prefill of everything, replayed from the probed layer). `kl_stride`: KL
+    at every Nth position only (each still sees its whole context); with a
+    large vocabulary the head dominates a probe and this divides its cost."""
     from tqdm.auto import tqdm
 
     from ..calibration import digest
     from .caches import shared_kv_owners
 
+    from ..sensitivity import positions_only
+
     tokens_mx = mx.array(np.asarray(tokens, dtype=np.int32))
+    positions = mx.arange(kl_stride - 1, tokens_mx.shape[1], kl_stride) if kl_stride > 1 else None
     ref_caches = make_prompt_cache(model)
     replay = prefill is None and not shared_kv_owners(model)
     if replay:
-        logits, inputs = _reference_inputs(model, tokens_mx)
+        with positions_only(model, positions):
+            logits, inputs = _reference_inputs(model, tokens_mx)
         model(tokens_mx[:, :1], cache=ref_caches)  # shapes for the candidate checks below
     else:
         logits = run_with_cache(model, tokens_mx, ref_caches, prefill or tokens_mx.shape[1])
+        logits = logits if positions is None else logits[:, positions]
     ref = metrics.reference_from_logits(logits)
     del logits
     layers = cache_layers(model)
@@ -136,7 +143,12 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
         if not distributed.mine(n):  # another rank's probe (mlx.launch)
             continue
         caches = probe_caches(i, c)
-        got = _replayed(model, tokens_mx, caches, i, inputs) if replay else run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
+        if replay:
+            with positions_only(model, positions):
+                got = _replayed(model, tokens_mx, caches, i, inputs)
+        else:
+            got = run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
+            got = got if positions is None else got[:, positions]
         kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, got)))
     bar.close()
     kls = distributed.gather(kls, todo)
