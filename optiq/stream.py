@@ -78,7 +78,8 @@ class Streamed:
     def lazy_weight(self, path: str):
         """A resident (non-block) layer's weight as a lazy fp32 load from disk,
         or None (a tied head has no weight of its own there)."""
-        return _maybe(self._lazy().get(path + ".weight"))
+        lazy = self._lazy().get(path + ".weight")
+        return None if lazy is None else as_fp32(lazy)
 
     @contextmanager
     def forwarding(self):
@@ -110,10 +111,6 @@ def leaf_owner(module, dotted: str):
         while hasattr(node, "inner") and not hasattr(node, "weight"):
             node = node.inner
     return node, leaf
-
-
-def _maybe(x):
-    return None if x is None else as_fp32(x)
 
 
 def as_fp32(x):
