@@ -1,5 +1,6 @@
 """The rounding and group-size levers at one size, measured side by side:
-uniform 4-bit group 64 (round-to-nearest and GPTQ) against optiq's exact plan
+uniform 4-bit group 64 (round-to-nearest and GPTQ) and mlx-lm's
+dynamic_quant against optiq's exact plan
 over GPTQ-rounded candidates that stay near uniform (4-8 bits at groups 64
 and 128, optionally 3 bits and group 32), where single-layer KLs add up
 better than in plans that push layers to 2-3 bits.
@@ -19,10 +20,11 @@ from pathlib import Path
 
 from common import RESULTS, WIKITEXT, gemma3_model  # noqa: E402  (also puts the repo on sys.path)
 from optiq.blas import ensure_fast_blas  # noqa: E402
-from weights import markdown, row  # noqa: E402
+from weights import dynamic_quant_plan, markdown, row  # noqa: E402
 
 CANDIDATE_SETS = {  # label: which candidates the plan may use
     "4-8 bits, groups 64/128": lambda c: c.bits >= 4 and c.group_size >= 64,
+    # = optiq convert --quantizer gptq --candidate-bits 4,5,6,8 --group-sizes 32,64,128
     "4-8 bits, groups 32-128": lambda c: c.bits >= 4,
     "3-8 bits, groups 32-128": lambda c: True,
 }
@@ -61,7 +63,7 @@ def main():
         with simulated(loaded.model, assignments, calibrated):
             return quality(loaded.model, ev, refs, batch_size=4)
 
-    candidates = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (64, 128)] + [Candidate(3, 64), Candidate(4, 32)]
+    candidates = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (32, 64, 128)] + [Candidate(3, 64)]
     t0 = time.time()
     calibrated = Calibrated(loaded.model, cal, 8, 4, quantizer=args.quantizer)
     table = measure_weights(loaded.model, cal, candidates, anchors={int(b) for b in args.anchor_bits.split(",")}, kl_stride=4, calibrated=calibrated)
@@ -75,6 +77,9 @@ def main():
     rows.append(row(f"uniform 4-bit g64, {args.quantizer}", uniform, measure(uniform.assignments, calibrated), seconds))
     rtn = Calibrated(loaded.model, cal, 8, 4) if args.quantizer != "rtn" else calibrated
     rows.append(row("uniform 4-bit g64, rtn", uniform, measure(uniform.assignments, rtn), 0.0))
+    t0 = time.time()
+    dq, (lo, hi) = dynamic_quant_plan(loaded, cal, table, args.target, 64)
+    rows.append(row(f"mlx-lm dynamic_quant {lo}/{hi}, rtn", dq, measure(dq.assignments, rtn), time.time() - t0))
     text = markdown(rows)
     print(f"\n{name} at {args.target} bpw; sensitivity ({table.method}) {seconds:.0f} s\n\n{text}")
     out = RESULTS / f"weights-levers-{Path(name).name}-{args.quantizer}.json"

@@ -201,10 +201,18 @@ def test_refinement_keeps_only_rounds_that_lower_the_measured_kl(model_factory, 
         assert meta["plan"]["method"].endswith("refined")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_path, arch):
-    """The written model holds exactly the GPTQ weights the probes measured, and
-    stock mlx-lm loads them."""
+@pytest.mark.parametrize(
+    "arch, sizes",
+    [
+        ("llama", ["--target-bpw", "3.5", "--group-size", "32"]),
+        ("qwen3", ["--target-bpw", "3.5", "--group-size", "32"]),
+        # the recipe that meets the quality target: GPTQ over bits and group sizes per layer
+        ("llama", ["--target-bpw", "4.25", "--group-sizes", "32,64", "--candidate-bits", "3,4"]),
+    ],
+)
+def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_path, arch, sizes):
+    """The written model holds exactly the GPTQ weights the probes measured, at
+    each layer's own bits and group size, and stock mlx-lm loads them."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm import load
@@ -215,7 +223,7 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
 
     src = model_factory(arch)
     out = tmp_path / "g"
-    assert run_convert([str(src), "-o", str(out), "--quantizer", "gptq", "--target-bpw", "3.5", *FAST[:-1], "--group-size", "32"]) == 0
+    assert run_convert([str(src), "-o", str(out), "--quantizer", "gptq", *FAST[:-1], *sizes]) == 0
     meta = json.loads((out / "optiq_metadata.json").read_text())
     assert meta["quantizer"] == "gptq" and meta["sensitivity"]["method"].endswith("gptq")
     written, _ = load(str(out))
@@ -223,11 +231,13 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
     tokens = sample_tokens(ref.model, ref.tokenizer, 3, 32, seed=0)  # convert's calibration (seed 0)
     cal = Calibrated(ref.model, tokens, 8, 2, quantizer="gptq")
     plan = BitPlan.from_dict(meta["plan"])
-    for path, cand in plan.assignments[1:4]:
+    assert len({c.group_size for _, c in plan.assignments}) == (2 if "--group-sizes" in sizes else 1)
+    for path, cand in plan.assignments[1:]:
         container, key = container_of(ref.model, path)
         module = container[key]
         want = np.array(cal.quantized(path, module, module.weight, cand))
         c2, k2 = container_of(written, path)
         m = c2[k2]
+        assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
         got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
