@@ -8,6 +8,10 @@ better than in plans that push layers to 2-3 bits.
     python benchmarks/weights_levers.py                 # SmolLM2, 4.5 bpw
     python benchmarks/weights_levers.py --quantizer rtn
 
+Caution: on SmolLM2 (a Q4_1 GGUF: weights on an affine 4-bit grid of 32)
+a 4-bit group-32 candidate reproduces the reference almost exactly, so rows
+allowing group 32 flatter optiq there; the groups 64/128 row is the fair one.
+
 Data and columns as benchmarks/weights.py (same calibration and held-out
 WikiText-2 tokens, so its rows compare). Writes a markdown table and JSON to
 benchmarks/results/weights-levers-<model>-<quantizer>.json.
