@@ -225,7 +225,8 @@ def plan_bits(
             f"target {target_bpw} bpw is below the smallest plan these candidates allow "
             f"({floor_bpw:.3f} effective bpw)"
         )
-    inner = {i for i, l in enumerate(layers) if l.path in set(nested)}
+    nested = set(nested)
+    inner = {i for i, l in enumerate(layers) if l.path in nested}
     if inner and method == "exact":
         inner_total = sum(layers[i].n_params for i in inner)
         inner_budget = int(math.floor(target_bpw * inner_total + 1e-9))

@@ -26,7 +26,7 @@ from . import distributed, metrics
 from .errors import OptiqError
 from .records import Candidate, LayerSensitivity, SensitivityTable
 
-ERROR_SLAB = 1 << 20  # weights per slab of rows (quantizing, estimating output error)
+ROW_SLAB = 1 << 20  # weights per slab of rows (quantizing, probing and estimating large layers)
 SCALE_DTYPE = mx.float16  # scales/biases are stored in fp16: round them the same way
 
 
@@ -42,13 +42,18 @@ def quantize_rows(weight: mx.array, candidate: Candidate) -> tuple:
     as they are stored. A slab of rows at a time: mx.quantize holds up to
     six times its input in temporaries at 3, 5 and 6 bits, and groups run
     along a row, so slabs give the same codes."""
-    rows = max(1, ERROR_SLAB // max(1, weight.shape[-1]))
     parts = []
-    for lo in range(0, weight.shape[0], rows):
-        q, scales, biases = mx.quantize(weight[lo : lo + rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
+    for rows in row_slabs(weight.shape):
+        q, scales, biases = mx.quantize(weight[rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
         parts.append((q, scales.astype(SCALE_DTYPE).astype(mx.float32), biases.astype(SCALE_DTYPE).astype(mx.float32)))
         mx.eval(parts[-1])
     return tuple(mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
+
+
+def row_slabs(shape) -> list:
+    """Slices of about ROW_SLAB weights over the rows of a (rows, columns) matrix."""
+    rows = max(1, ROW_SLAB // max(1, shape[-1]))
+    return [slice(lo, lo + rows) for lo in range(0, shape[0], rows)]
 
 
 def dequantize_rows(parts: tuple, candidate: Candidate) -> mx.array:
@@ -214,9 +219,9 @@ def norm_owner(model):
 
 
 @contextmanager
-def positions_only(model, positions):
-    """Inside, the model's logits come out at `positions` only (see _Positions)."""
-    owner = norm_owner(model)
+def positions_only(owner, positions):
+    """Inside, the logits of the model whose norm_owner is `owner` come out at
+    `positions` only (see _Positions)."""
     if owner is None or positions is None:
         yield
         return
@@ -263,11 +268,9 @@ class _SlabbedCodes:
         return y + self._inner.bias if "bias" in self._inner else y
 
     def as_linear(self, x):
-        rows = max(1, ERROR_SLAB // max(1, x.shape[-1]))
-        n = self._codes[0].shape[0]
         outs = []
-        for lo in range(0, n, rows):
-            w = dequantize_rows(tuple(p[lo : lo + rows] for p in self._codes), self._candidate)
+        for rows in row_slabs((self._codes[0].shape[0], x.shape[-1])):
+            w = dequantize_rows(tuple(p[rows] for p in self._codes), self._candidate)
             outs.append(x @ w.T)
         return mx.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
 
@@ -404,9 +407,7 @@ class Calibrated:
 
     def logits(self, batch):
         """The model's logits at the measured positions only."""
-        if self.owner is None:
-            return self.model(batch)
-        with positions_only(self.model, self.positions):
+        with positions_only(self.owner, self.positions):
             return self.model(batch)
 
     def unloader(self, i: int):
@@ -467,16 +468,15 @@ class Calibrated:
             counts = np.zeros(module.weight.shape[0], dtype=np.float32)
             k = min(len(self.token_counts), len(counts))
             counts[:k] = self.token_counts[:k]
-        rows = max(1, ERROR_SLAB // max(1, module.weight.shape[-1]))
         mx.eval(module.weight)  # once, not once per slab (a streamed weight is a lazy read)
         total = 0.0
-        for lo in range(0, module.weight.shape[0], rows):
-            w = module.weight[lo : lo + rows].astype(mx.float32)
+        for rows in row_slabs(module.weight.shape):
+            w = module.weight[rows].astype(mx.float32)
             dw = self.quantized(path, module, w, candidate) - w
             if gram is not None:
                 part = mx.sum((dw @ gram) * dw)
             elif counts is not None:
-                part = mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts[lo : lo + rows]))
+                part = mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts[rows]))
             else:
                 part = mx.sum(dw * dw)
             total += float(part)

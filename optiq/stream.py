@@ -121,13 +121,9 @@ def least_streaming_bytes(model, in_blocks: tuple) -> int:
     """The resident (non-block) weights in fp32 plus the largest block twice
     (its fp32 weights and the checkpoint read they are cast from)."""
     sizes = [(k, v.size * FP32) for k, v in tree_flatten(model.parameters())]
-    blocks = {}
-    for k, n in sizes:
-        prefix = next((p for p in in_blocks if k.startswith(p)), None)
-        if prefix is not None:
-            blocks[prefix] = blocks.get(prefix, 0) + n
+    blocks = [sum(n for k, n in sizes if k.startswith(p)) for p in in_blocks]
     resident = sum(n for k, n in sizes if not k.startswith(in_blocks))
-    return resident + 2 * max(blocks.values(), default=0)
+    return resident + 2 * max(blocks, default=0)
 
 
 def load_streamed(path, budget: int | None = None):

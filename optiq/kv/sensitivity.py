@@ -102,16 +102,16 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
     from tqdm.auto import tqdm
 
     from ..calibration import digest
+    from ..sensitivity import norm_owner, positions_only
     from .caches import shared_kv_owners
 
-    from ..sensitivity import positions_only
-
+    owner = norm_owner(model)
     tokens_mx = mx.array(np.asarray(tokens, dtype=np.int32))
     positions = mx.arange(kl_stride - 1, tokens_mx.shape[1], kl_stride) if kl_stride > 1 else None
     ref_caches = make_prompt_cache(model)
     replay = prefill is None and not shared_kv_owners(model)
     if replay:
-        with positions_only(model, positions):
+        with positions_only(owner, positions):
             logits, inputs = _reference_inputs(model, tokens_mx)
         model(tokens_mx[:, :1], cache=ref_caches)  # shapes for the candidate checks below
     else:
@@ -144,7 +144,7 @@ def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: 
             continue
         caches = probe_caches(i, c)
         if replay:
-            with positions_only(model, positions):
+            with positions_only(owner, positions):
                 got = _replayed(model, tokens_mx, caches, i, inputs)
         else:
             got = run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
