@@ -42,12 +42,13 @@ def main():
     p.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--n-calibration", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--gram-samples", type=int, default=64, help="sequences in GPTQ's Gram matrices (as optiq convert --gram-samples)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--anchor-bits", default="4", help="bit-widths probed (at every group size); the rest predicted")
     args = p.parse_args()
 
-    from optiq.calibration import tokens_from_texts, wikitext_split
+    from optiq.calibration import split_calibration, tokens_from_texts, wikitext_split
     from optiq.evaluate import quality, reference_batches, simulated
     from optiq.plan import plan_bits, uniform_plan
     from optiq.records import Candidate
@@ -59,7 +60,8 @@ def main():
     name = args.model or "SmolLM2-135M-Instruct"
     loaded = load_reference(resolve_model(gemma3_model() if args.model == "gemma3" else args.model))
     cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
-    cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
+    every = tokens_from_texts([cal_text], loaded.tokenizer, max(args.n_calibration, args.gram_samples), args.seq_len)
+    cal, gram = split_calibration(every, args.n_calibration)
     ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
     refs = reference_batches(loaded.model, ev, batch_size=4)
 
@@ -69,7 +71,7 @@ def main():
 
     candidates = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (32, 64, 128)] + [Candidate(3, 64)]
     t0 = time.time()
-    calibrated = Calibrated(loaded.model, cal, 8, 4, quantizer=args.quantizer)
+    calibrated = Calibrated(loaded.model, cal, 8, 4, quantizer=args.quantizer, gram_tokens=gram)
     table = measure_weights(loaded.model, cal, candidates, anchors={int(b) for b in args.anchor_bits.split(",")}, kl_stride=4, calibrated=calibrated)
     seconds = time.time() - t0
     rows = []
@@ -79,7 +81,7 @@ def main():
         print(rows[-1], flush=True)
     uniform = uniform_plan(table, Candidate(4, 64))
     rows.append(row(f"uniform 4-bit g64, {args.quantizer}", uniform, measure(uniform.assignments, calibrated), seconds))
-    rtn = Calibrated(loaded.model, cal, 8, 4) if args.quantizer != "rtn" else calibrated
+    rtn = Calibrated(loaded.model, cal, 8, 4, gram_tokens=gram) if args.quantizer != "rtn" else calibrated
     rows.append(row("uniform 4-bit g64, rtn", uniform, measure(uniform.assignments, rtn), 0.0))
     t0 = time.time()
     dq, (lo, hi) = dynamic_quant_plan(loaded, cal, table, args.target, 64)

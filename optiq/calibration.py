@@ -86,8 +86,27 @@ def tokens_from_texts(texts, tokenizer, n: int, seq_len: int) -> np.ndarray:
     return windows(ids, n, seq_len, bos_prefix(tokenizer))
 
 
-def sample_tokens(model, tokenizer, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0):
-    """n sequences the model writes itself from BOS, decoded together with mlx-lm's cache."""
+def split_calibration(tokens: np.ndarray, n: int):
+    """(n sequences spread evenly over `tokens` for the probes, the rest or None)."""
+    if len(tokens) <= n:
+        return tokens, None
+    probe = np.linspace(0, len(tokens) - 1, num=n).round().astype(int)
+    return tokens[probe], np.delete(tokens, probe, axis=0)
+
+
+def sample_tokens(model, tokenizer, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0, batch_size: int = 8):
+    """n sequences the model writes itself from BOS, decoded `batch_size` at a
+    time with mlx-lm's cache (its buffers grow 256 positions at a time: 64
+    sequences at once would hold 0.75 GB of fp32 cache for SmolLM2). Batch i
+    draws from its own stream of (seed, i), so the first sequences do not
+    depend on n and no batch repeats another seed's (eval uses seed + 1)."""
+    return np.concatenate([
+        _sample_batch(model, tokenizer, min(batch_size, n - start), seq_len, int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), temperature)
+        for i, start in enumerate(range(0, n, batch_size))
+    ])
+
+
+def _sample_batch(model, tokenizer, n: int, seq_len: int, seed: int, temperature: float):
     from mlx_lm.models.cache import make_prompt_cache
 
     start = getattr(tokenizer, "bos_token_id", None)

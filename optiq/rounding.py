@@ -54,14 +54,16 @@ def gptq(weight: np.ndarray, gram: np.ndarray, candidate: Candidate, damp: float
     """(codes, scales, biases) for `weight` (out, in) given H = X^T X (in, in)."""
     bits, g = candidate.bits, candidate.group_size
     levels = (1 << bits) - 1
-    w = np.array(weight, dtype=np.float64)
+    # fp64 for the inverse; the column updates in fp32 give the same output
+    # error (2.5033e6 vs 2.5035e6 on a SmolLM2 down_proj) in half the time.
+    w = np.array(weight, dtype=np.float32)
     h = np.array(gram, dtype=np.float64)
     n_in = w.shape[1]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper factor of H^-1
     q = np.zeros(w.shape, dtype=np.int64)
     scales = np.zeros((w.shape[0], n_in // g), dtype=np.float32)
     biases = np.zeros_like(scales)

@@ -217,19 +217,21 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
     import numpy as np
     from mlx_lm import load
 
-    from optiq.calibration import sample_tokens
+    from optiq.calibration import sample_tokens, split_calibration
     from optiq.sensitivity import Calibrated, container_of
     from optiq.source import load_reference
 
     src = model_factory(arch)
     out = tmp_path / "g"
-    assert run_convert([str(src), "-o", str(out), "--quantizer", "gptq", *FAST[:-1], *sizes]) == 0
+    assert run_convert([str(src), "-o", str(out), "--quantizer", "gptq", "--gram-samples", "7", *FAST[:-1], *sizes]) == 0
     meta = json.loads((out / "optiq_metadata.json").read_text())
     assert meta["quantizer"] == "gptq" and meta["sensitivity"]["method"].endswith("gptq")
     written, _ = load(str(out))
     ref = load_reference(src)
-    tokens = sample_tokens(ref.model, ref.tokenizer, 3, 32, seed=0)  # convert's calibration (seed 0)
-    cal = Calibrated(ref.model, tokens, 8, 2, quantizer="gptq")
+    every = sample_tokens(ref.model, ref.tokenizer, 7, 32, seed=0)  # convert's calibration (seed 0)
+    tokens, gram_tokens = split_calibration(every, 3)  # 3 probed, all 7 in the Grams
+    cal = Calibrated(ref.model, tokens, 8, 2, quantizer="gptq", gram_tokens=gram_tokens)
+    assert meta["calibration"]["gram_sequences"] == 7
     plan = BitPlan.from_dict(meta["plan"])
     assert len({c.group_size for _, c in plan.assignments}) == (2 if "--group-sizes" in sizes else 1)
     for path, cand in plan.assignments[1:]:

@@ -151,3 +151,21 @@ def test_proxy_estimator_ranks_layers_like_the_probes(tiny_llama):
     p = np.array([l.kl for l in proxy.layers]).ravel()
     # a weak but real signal: the proxy knows bits and inputs, not the downstream gain
     assert spearmanr(e, p).statistic > 0.5
+
+
+def test_a_probes_gptq_error_is_kept_and_equals_the_slabbed_one(tiny_llama):
+    """A GPTQ probe keeps its layer's output error for the table instead of
+    running GPTQ again; the kept number is the one output_error computes."""
+    from optiq.sensitivity import _quantize_in_place
+
+    loaded = load_reference(tiny_llama)
+    tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 16, seed=4)
+    cal = Calibrated(loaded.model, tokens, 2, kl_stride=1, quantizer="gptq")
+    c = Candidate(4, 32)
+    for path, module in [cal.layers[0], cal.layers[3]]:  # the tied embedding (head Gram) and a Linear
+        assert cal.uses_gptq(path, module, c)
+        fresh = cal.output_error(path, module, c)
+        _quantize_in_place(loaded.model, cal, path, module, c)()
+        assert (path, c) in cal._errors
+        assert cal.output_error(path, module, c) == pytest.approx(fresh, rel=1e-4)
+        assert (path, c) not in cal._errors  # used once

@@ -58,7 +58,7 @@ def test_convert_streams_a_model_larger_than_max_memory(wide_llama, tmp_path, ca
     # 70% of the fp32 model: streaming is forced; the peak must stay under it
     # (the quantized output and the calibration's generation share the budget)
     budget_gb = checkpoint_bytes_fp32(wide_llama) * 0.7 / 2**30
-    common = ["--target-bpw", "4.5", "--n-calibration", "2", "--seq-len", "16", "--candidate-bits", "2,4,8", "--group-size", "32", "--measure", "all", "--quiet"]
+    common = ["--target-bpw", "4.5", "--n-calibration", "2", "--gram-samples", "4", "--seq-len", "16", "--candidate-bits", "2,4,8", "--group-size", "32", "--measure", "all", "--quiet"]
     assert cli(["convert", str(wide_llama), "-o", str(tmp_path / "memory"), "--no-eval", *common]) == 0
     code, peak = peak_added(lambda: cli(["convert", str(wide_llama), "-o", str(tmp_path / "streamed"), "--max-memory", f"{budget_gb:.6f}", *common]))
     assert code == 0
@@ -99,3 +99,31 @@ def test_kv_cache_streams_a_model_larger_than_max_memory(tmp_path):
     a, b = (json.loads((tmp_path / d / "kv_plan.json").read_text()) for d in ("memory", "streamed"))
     assert a["layers"] == b["layers"]
     assert abs(a["predicted_kl"] - b["predicted_kl"]) <= 1e-4 * abs(a["predicted_kl"])
+
+
+def test_gram_only_sequences_add_to_the_grams_in_memory_and_streamed(wide_llama):
+    """Gram-only sequences feed GPTQ's Hessians exactly as if they had been
+    calibration sequences, in memory and streamed, while the probes (and the
+    stored block inputs) stay on the calibration sequences."""
+    from optiq.calibration import split_calibration
+    from optiq.sensitivity import Calibrated
+
+    loaded = load_reference(wide_llama)
+    every = sample_tokens(loaded.model, loaded.tokenizer, 5, 16, seed=3)
+    probe, extra = split_calibration(every, 2)
+    assert probe.shape[0] == 2 and extra.shape[0] == 3
+    whole = Calibrated(loaded.model, every, 1)
+    split = Calibrated(loaded.model, probe, 1, gram_tokens=extra)
+    alone = Calibrated(loaded.model, probe, 1)
+    assert len(split.block_inputs) == len(alone.block_inputs) == 2
+    assert alone.probe(0) == pytest.approx(split.probe(0), abs=1e-9)
+    streamed_loaded, streamed = load_streamed(wide_llama)
+    on_disk = Calibrated(streamed_loaded.model, probe, 1, streamed=streamed, gram_tokens=extra)
+    assert len(on_disk.block_inputs) == 2
+    for path in whole.grams:
+        want = np.array(whole.grams[path])
+        assert not np.allclose(np.array(alone.grams[path]), want, rtol=1e-2)  # the extra tokens count
+        np.testing.assert_allclose(np.array(split.grams[path]), want, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(np.array(on_disk.grams.get(path)), want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.array(split.head_gram), np.array(whole.head_gram), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.array(on_disk.head_gram), np.array(whole.head_gram), rtol=1e-4, atol=1e-3)

