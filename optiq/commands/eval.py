@@ -1,5 +1,6 @@
-"""optiq eval: perplexity, KL against a reference, or GSM8K accuracy; with
---baseline, two models side by side in one table."""
+"""optiq eval: perplexity, KL against a reference, GSM8K accuracy, or (for
+mlx-whisper models) word error rate on speech; with --baseline, two models
+side by side in one table."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,10 @@ from ..errors import OptiqError
 @dataclass
 class EvalOptions:
     model: str = field(metadata=dict(args=["model"], help="folder, .gguf file or Hub repo id"))
-    task: str = field(default="perplexity", metadata=dict(choices=["perplexity", "kl", "gsm8k"]))
+    task: str = field(default="perplexity", metadata=dict(choices=["perplexity", "kl", "gsm8k", "wer"]))
     reference: Optional[str] = field(default=None, metadata=dict(help="reference model for --task kl"))
     baseline: Optional[str] = field(default=None, metadata=dict(help="a second model, measured the same way"))
-    data: Optional[str] = field(default=None, metadata=dict(help="text/jsonl file (default: ../shared/data when present)"))
+    data: Optional[str] = field(default=None, metadata=dict(help="text/jsonl file (default: ../shared/data when present); for wer a folder of .wav files with .txt transcripts (default: espeak-ng speech)"))
     n_samples: int = field(default=32, metadata=dict(help="sequences (perplexity, kl) or problems (gsm8k)"))
     seq_len: int = 512
     n_shots: int = field(default=4, metadata=dict(help="GSM8K worked examples in the prompt"))
@@ -26,6 +27,8 @@ class EvalOptions:
 def data_path(opts) -> Path:
     from ..tasks import default_data
 
+    if opts.task == "wer":
+        return Path(opts.data) if opts.data else None
     if opts.data:
         path = Path(opts.data)
         if not path.is_file():
@@ -42,6 +45,13 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
     from .. import tasks
 
     path = resolve_model(spec)
+    if opts.task == "wer":
+        from .. import whisper
+
+        whisper.require()
+        if not whisper.is_whisper(path):
+            raise OptiqError(f"--task wer needs an mlx-whisper model; {spec} is not one")
+        return whisper.wer(path, data)
     if opts.task == "gsm8k":
         from mlx_lm import load
 
@@ -70,7 +80,7 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
 
 
 def table(rows, task) -> str:
-    keys = {"perplexity": ["perplexity", "n_tokens"], "kl": ["kl_mean", "kl_p99", "top1", "n_tokens"], "gsm8k": ["accuracy", "n_problems"]}[task]
+    keys = {"perplexity": ["perplexity", "n_tokens"], "kl": ["kl_mean", "kl_p99", "top1", "n_tokens"], "gsm8k": ["accuracy", "n_problems"], "wer": ["wer", "n_words"]}[task]
     head = f"{'model':<48}" + "".join(f"{k:>12}" for k in keys)
     lines = [head, "-" * len(head)]
     for name, result in rows:
@@ -89,11 +99,16 @@ def run(opts: EvalOptions) -> dict:
         raise OptiqError("--task kl needs --reference MODEL")
     data = data_path(opts)
     reference = load_reference(resolve_model(opts.reference)) if opts.task == "kl" else None
+    if opts.task == "wer":  # the speech, read (or spoken) once for both models
+        from .. import whisper
+
+        whisper.require()
+        data = whisper.speech(data, whisper.EVAL_SENTENCES)
     rows = [(opts.model, measure(opts.model, opts, data, reference))]
     if opts.baseline:
         rows.append((opts.baseline, measure(opts.baseline, opts, data, reference)))
     print(table(rows, opts.task))
-    result = {"task": opts.task, "data": str(data), "reference": opts.reference, "models": {name: r for name, r in rows}}
+    result = {"task": opts.task, "data": str(opts.data or data) if opts.task != "wer" else (opts.data or "espeak-ng sentences"), "reference": opts.reference, "models": {name: r for name, r in rows}}
     write_json(opts.json or f"optiq-eval-{opts.task}.json", result)
     return result
 
