@@ -98,8 +98,8 @@ def sample_tokens(model, tokenizer, n: int, seq_len: int, seed: int = 0, tempera
     """n sequences the model writes itself from BOS, decoded `batch_size` at a
     time with mlx-lm's cache (its buffers grow 256 positions at a time: 64
     sequences at once would hold 0.75 GB of fp32 cache for SmolLM2). Batch i
-    draws from its own stream of (seed, i), so the first sequences do not
-    depend on n and no batch repeats another seed's (eval uses seed + 1)."""
+    draws from its own stream of (seed, i), so full batches do not depend
+    on n and no batch repeats another seed's (eval uses seed + 1)."""
     return np.concatenate([
         _sample_batch(model, tokenizer, min(batch_size, n - start), seq_len, int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), temperature)
         for i, start in enumerate(range(0, n, batch_size))

@@ -69,3 +69,20 @@ def test_wikitext_split_keeps_calibration_and_evaluation_apart():
     cal, ev = wikitext_split(text)
     assert "Article 6" in cal and "Article 7" in cal and "Article 0" not in cal
     assert "Article 0" in ev and "Article 5" in ev and "Article 6" not in ev
+
+
+def test_self_sampled_in_batches_does_not_depend_on_n(loaded):
+    """Sequences are decoded 8 at a time, each batch from its own seed stream:
+    asking for more keeps the first full batches, and eval's seed + 1 repeats none."""
+    from optiq.calibration import sample_tokens, split_calibration
+
+    many = sample_tokens(loaded.model, loaded.tokenizer, 11, 12, seed=0)
+    few = sample_tokens(loaded.model, loaded.tokenizer, 8, 12, seed=0)
+    other = sample_tokens(loaded.model, loaded.tokenizer, 11, 12, seed=1)
+    assert many.shape == (11, 12)
+    np.testing.assert_array_equal(many[:8], few)
+    assert not any((row == many).all(axis=1).any() for row in other)
+    probe, rest = split_calibration(many, 4)
+    assert probe.shape == (4, 12) and rest.shape == (7, 12)
+    assert sorted(map(tuple, np.concatenate([probe, rest]))) == sorted(map(tuple, many))
+    assert split_calibration(few, 8)[1] is None and split_calibration(few, 9)[0] is few
