@@ -90,7 +90,8 @@ def dynamic_quant_plan(loaded, tokens, table, target, group_size):
         if effective_bpw(list(trial.items()), n) <= target + 1e-9:
             chosen = trial
     assignments = tuple((p, chosen[p]) for p in n)
-    kl = sum(table.layer(p).kl_of(c) for p, c in assignments)
+    known = lambda p, c: c in table.layer(p).candidates  # noqa: E731  (a table may lack dynamic_quant's widths)
+    kl = sum(table.layer(p).kl_of(c) if known(p, c) else float("nan") for p, c in assignments)
     return BitPlan(assignments=assignments, target_bpw=target, effective_bpw=effective_bpw(assignments, n), predicted_kl=kl, method=f"dynamic_quant {low}/{high}"), (low, high)
 
 

@@ -7,6 +7,7 @@ better than in plans that push layers to 2-3 bits.
 
     python benchmarks/weights_levers.py                 # SmolLM2, 4.5 bpw
     python benchmarks/weights_levers.py --quantizer rtn
+    python benchmarks/weights_levers.py --recipe        # the table over the fair row's candidates only: its cost
 
 Caution: on SmolLM2 (a Q4_1 GGUF: weights on an affine 4-bit grid of 32)
 a 4-bit group-32 candidate reproduces the reference almost exactly, so rows
@@ -45,6 +46,7 @@ def main():
     p.add_argument("--gram-samples", type=int, default=64, help="sequences in GPTQ's Gram matrices (as optiq convert --gram-samples)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--recipe", action="store_true", help="measure only the candidates of the first row (4-8 bits, groups 64/128), as optiq convert would for that recipe")
     p.add_argument("--anchor-bits", default="4", help="bit-widths probed (at every group size); the rest predicted")
     args = p.parse_args()
 
@@ -70,12 +72,17 @@ def main():
             return quality(loaded.model, ev, refs, batch_size=4)
 
     candidates = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (32, 64, 128)] + [Candidate(3, 64)]
+    sets = dict(CANDIDATE_SETS)
+    if args.recipe:
+        first = next(iter(sets))
+        sets = {first: sets[first]}
+        candidates = [c for c in candidates if sets[first](c)]
     t0 = time.time()
     calibrated = Calibrated(loaded.model, cal, 8, 4, quantizer=args.quantizer, gram_tokens=gram)
     table = measure_weights(loaded.model, cal, candidates, anchors={int(b) for b in args.anchor_bits.split(",")}, kl_stride=4, calibrated=calibrated)
     seconds = time.time() - t0
     rows = []
-    for label, keep in CANDIDATE_SETS.items():
+    for label, keep in sets.items():
         plan = plan_bits(table.restricted(keep), args.target)
         rows.append(row(f"optiq exact, {args.quantizer}, {label}", plan, measure(plan.assignments, calibrated), seconds, {"predicted_kl": plan.predicted_kl}))
         print(rows[-1], flush=True)
@@ -88,7 +95,7 @@ def main():
     rows.append(row(f"mlx-lm dynamic_quant {lo}/{hi}, rtn", dq, measure(dq.assignments, rtn), time.time() - t0))
     text = markdown(rows)
     print(f"\n{name} at {args.target} bpw; sensitivity ({table.method}) {seconds:.0f} s\n\n{text}")
-    out = RESULTS / f"weights-levers-{Path(name).name}-{args.quantizer}.json"
+    out = RESULTS / f"weights-levers-{Path(name).name}-{args.quantizer}{'-recipe' if args.recipe else ''}.json"
     out.write_text(json.dumps({"model": name, "target": args.target, "sensitivity_seconds": seconds, "rows": rows, "args": vars(args)}, indent=2))
     out.with_suffix(".md").write_text(text + "\n")
     print(f"wrote {out}")
