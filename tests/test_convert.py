@@ -243,3 +243,25 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
         assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
         got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_default_candidates_are_near_uniform_and_widen_only_when_needed(model_factory):
+    """Defaults: groups 64/128, bits from the widest width that fits the target
+    up; reaching lower only when protection leaves no feasible plan."""
+    from optiq.commands.convert import ConvertOptions, parse_candidates, smallest_plan_bpw, widen_defaults
+    from optiq.sensitivity import quantizable_layers
+    from optiq.source import load_reference
+
+    bits = lambda cands: sorted({c.bits for c in cands})  # noqa: E731
+    assert bits(parse_candidates(ConvertOptions(target_bpw=4.5))) == [4, 5, 6, 8]
+    assert bits(parse_candidates(ConvertOptions(target_bpw=3.5))) == [3, 4, 5, 6, 8]
+    assert {c.group_size for c in parse_candidates(ConvertOptions())} == {64, 128}
+    assert bits(parse_candidates(ConvertOptions(target_bpw=4.5, group_size=32))) == [3, 4, 5, 6, 8]
+    layers = quantizable_layers(load_reference(model_factory("qwen3")).model)
+    opts = ConvertOptions(target_bpw=5.0, group_size=32, protect="embed,lm_head", protect_bits=8)
+    near = parse_candidates(opts)
+    assert smallest_plan_bpw(layers, near, ["embed", "lm_head"], 8) > 5.0  # infeasible as is
+    wide = widen_defaults(opts, near, layers)
+    assert min(bits(wide)) < min(bits(near)) and smallest_plan_bpw(layers, wide, ["embed", "lm_head"], 8) <= 5.0
+    explicit = ConvertOptions(target_bpw=5.0, group_size=32, protect="embed,lm_head", candidate_bits="4,8")
+    assert widen_defaults(explicit, parse_candidates(explicit), layers) == parse_candidates(explicit)

@@ -68,6 +68,41 @@ def default_bits(target: float, groups) -> tuple:
     return tuple(b for b in VALID_BITS[:-1] if b >= lowest)
 
 
+def smallest_plan_bpw(layers, candidates, protect=(), protect_bits: int = 8) -> float:
+    """The least effective bpw any plan over these candidates can reach, with
+    protected layers held at protect_bits or more (as plan_bits holds them)."""
+    from ..plan import layer_cost_bits, protected_paths
+    from ..sensitivity import candidates_for
+
+    guarded = protected_paths([p for p, _ in layers], protect)
+    spent = total = 0
+    for path, module in layers:
+        fits = candidates_for(module, candidates)
+        if not fits:
+            continue
+        if path in guarded:
+            fits = [c for c in fits if c.bits >= protect_bits] or [max(fits, key=lambda c: c.effective_bits)]
+        spent += min(layer_cost_bits(int(module.weight.size), c) for c in fits)
+        total += int(module.weight.size)
+    return spent / total if total else 0.0
+
+
+def widen_defaults(opts, candidates, layers) -> tuple:
+    """Default candidates reach down one bit-width at a time until a plan can
+    meet the target (protected layers held high need cheaper layers elsewhere);
+    explicit --candidate-bits are left as given (plan_bits then names the floor)."""
+    if opts.candidate_bits is not None:
+        return candidates
+    protect = [p for p in opts.protect.split(",") if p.strip()]
+    groups = sorted({c.group_size for c in candidates if c.bits < 16})
+    while smallest_plan_bpw(layers, candidates, protect, opts.protect_bits) > opts.target_bpw:
+        lower = [b for b in VALID_BITS[:-1] if b < min(c.bits for c in candidates)]
+        if not lower:
+            break
+        candidates = tuple(sorted(set(candidates) | {Candidate(lower[-1], g) for g in groups}, key=lambda c: (c.bits, c.group_size)))
+    return candidates
+
+
 def parse_candidates(opts) -> tuple:
     groups = int_list(opts.group_sizes) if opts.group_sizes else (opts.group_size,) if opts.group_size else DEFAULT_GROUPS
     bits = int_list(opts.candidate_bits) if opts.candidate_bits is not None else default_bits(opts.target_bpw, groups or (64,))
@@ -242,6 +277,12 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
     loaded, streamed = load_within(path, opts.max_memory)
     budget = budget_bytes(opts.max_memory)
+    from ..sensitivity import quantizable_layers
+
+    widened = widen_defaults(opts, candidates, quantizable_layers(loaded.model))
+    if widened != candidates:
+        log(opts, f"default candidates widened to {sorted({c.bits for c in widened})} bits: the near-uniform set cannot meet --target-bpw {opts.target_bpw} here")
+        candidates = widened
     if streamed:
         if opts.refine_rounds:
             raise OptiqError("--refine-rounds measures whole plans in memory: not with a model streamed from disk")
