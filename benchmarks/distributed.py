@@ -46,7 +46,7 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--max-memory", type=float, default=None, help="GB for the streaming row (default: half the fp32 model)")
-    p.add_argument("--convert-args", default="--n-calibration 4 --seq-len 128 --no-eval", help="not --quiet: the run reports its peak memory in its last line")
+    p.add_argument("--convert-args", default="--n-calibration 4 --seq-len 128 --no-eval --quantizer rtn --candidate-bits 2,3,4,5,6,8 --group-size 64", help="not --quiet: the run reports its peak memory in its last line")
     p.add_argument("--out", default=str(RESULTS / "distributed.json"))
     args = p.parse_args()
 

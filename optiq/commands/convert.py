@@ -38,7 +38,7 @@ class ConvertOptions:
     measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all", "proxy"], help="probe every candidate; only --anchor-bits and predict the rest; or no probes (fast output-error estimator)"))
     anchor_bits: str = field(default="4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
-    quantizer: str = field(default="auto", metadata=dict(choices=["auto", "rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation, measured and written with the same rounding (auto: gptq; rtn for Whisper)"))
+    quantizer: str = field(default="auto", metadata=dict(choices=["auto", "rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation, measured and written with the same rounding (auto: gptq; rtn for Whisper and for a model streamed from disk)"))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8
@@ -266,8 +266,6 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
 
     if opts.model_type == "whisper" or (opts.model_type == "auto" and whisper.is_whisper(path)):
         return convert_whisper(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started)
-    if opts.quantizer == "auto":
-        opts = dataclasses.replace(opts, quantizer="gptq")
     stripped, extra = None, None
     if is_multimodal(path):
         if opts.keep_unused_modalities:
@@ -276,6 +274,10 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
             path, stripped = strip_cached(path)
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
     loaded, streamed = load_within(path, opts.max_memory)
+    if opts.quantizer == "auto":  # GPTQ's probes and codes hold whole layers: not yet within a streaming budget
+        opts = dataclasses.replace(opts, quantizer="rtn" if streamed else "gptq")
+    elif opts.quantizer == "gptq" and streamed:
+        log(opts, "note: --quantizer gptq holds each layer's GPTQ codes until the model is written; the peak may exceed --max-memory")
     budget = budget_bytes(opts.max_memory)
     from ..sensitivity import quantizable_layers
 
