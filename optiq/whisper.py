@@ -22,7 +22,7 @@ import numpy as np
 
 from . import metrics
 from .errors import OptiqError
-from .records import Candidate, LayerSensitivity, SensitivityTable
+from .records import LayerSensitivity, SensitivityTable
 from .sensitivity import candidates_for, fake_quantize
 
 SAMPLE_RATE = 16000
