@@ -498,28 +498,37 @@ class Calibrated:
         known = self._errors.pop((path, candidate), None)
         if known is not None:
             return known
+        weighting = self._weighting(path, module)  # once: a streamed Gram is a read from disk
         mx.eval(module.weight)  # once, not once per slab (a streamed weight is a lazy read)
         total = 0.0
         for rows in row_slabs(module.weight.shape):
             w = module.weight[rows].astype(mx.float32)
-            total += self._error_part(path, module, self.quantized(path, module, w, candidate) - w, rows)
+            total += _weighted_error(self.quantized(path, module, w, candidate) - w, rows, *weighting)
         return total
 
     def remember_error(self, path: str, module, candidate: Candidate, dw: mx.array):
         """A probe's whole-layer error, kept for the table (GPTQ is the slow part)."""
-        self._errors[(path, candidate)] = self._error_part(path, module, dw, slice(None))
+        self._errors[(path, candidate)] = _weighted_error(dw, slice(None), *self._weighting(path, module))
 
-    def _error_part(self, path: str, module, dw: mx.array, rows) -> float:
-        """tr(dW G dW^T) for these rows; an embedding's lookups weigh rows by token counts."""
+    def _weighting(self, path: str, module):
+        """(Gram of the layer's input, or None; per-row token counts for an
+        embedding's lookups, or None)."""
         gram = self.grams.get(path) if isinstance(module, nn.Linear) else getattr(self, "head_gram", None)
-        if gram is not None:
-            return float(mx.sum((dw @ gram) * dw))
-        if not isinstance(module, nn.Linear):
-            counts = np.zeros(module.weight.shape[0], dtype=np.float32)
-            k = min(len(self.token_counts), len(counts))
-            counts[:k] = self.token_counts[:k]
-            return float(mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts[rows])))
-        return float(mx.sum(dw * dw))
+        if gram is not None or isinstance(module, nn.Linear):
+            return gram, None
+        counts = np.zeros(module.weight.shape[0], dtype=np.float32)
+        k = min(len(self.token_counts), len(counts))
+        counts[:k] = self.token_counts[:k]
+        return None, counts
+
+
+def _weighted_error(dw: mx.array, rows, gram, counts) -> float:
+    """tr(dW G dW^T) for these rows; lookups weigh rows by token counts; else plain squares."""
+    if gram is not None:
+        return float(mx.sum((dw @ gram) * dw))
+    if counts is not None:
+        return float(mx.sum(mx.sum(dw * dw, axis=1) * mx.array(counts[rows])))
+    return float(mx.sum(dw * dw))
 
 
 def _proxy_table(cal, plan, model_id, reference, cal_digest, n_tokens, tied) -> SensitivityTable:

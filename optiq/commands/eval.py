@@ -48,7 +48,6 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
     if opts.task == "wer":
         from .. import whisper
 
-        whisper.require()
         if not whisper.is_whisper(path):
             raise OptiqError(f"--task wer needs an mlx-whisper model; {spec} is not one")
         return whisper.wer(path, data)
@@ -99,16 +98,18 @@ def run(opts: EvalOptions) -> dict:
         raise OptiqError("--task kl needs --reference MODEL")
     data = data_path(opts)
     reference = load_reference(resolve_model(opts.reference)) if opts.task == "kl" else None
+    label = str(data)
     if opts.task == "wer":  # the speech, read (or spoken) once for both models
         from .. import whisper
 
         whisper.require()
+        label = opts.data or "espeak-ng sentences"
         data = whisper.speech(data, whisper.EVAL_SENTENCES)
     rows = [(opts.model, measure(opts.model, opts, data, reference))]
     if opts.baseline:
         rows.append((opts.baseline, measure(opts.baseline, opts, data, reference)))
     print(table(rows, opts.task))
-    result = {"task": opts.task, "data": str(opts.data or data) if opts.task != "wer" else (opts.data or "espeak-ng sentences"), "reference": opts.reference, "models": {name: r for name, r in rows}}
+    result = {"task": opts.task, "data": label, "reference": opts.reference, "models": {name: r for name, r in rows}}
     write_json(opts.json or f"optiq-eval-{opts.task}.json", result)
     return result
 
