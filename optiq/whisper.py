@@ -22,8 +22,7 @@ import numpy as np
 
 from . import metrics
 from .errors import OptiqError
-from .records import LayerSensitivity, SensitivityTable
-from .sensitivity import candidates_for, fake_quantize
+from .records import SensitivityTable
 
 SAMPLE_RATE = 16000
 # Spoken by espeak-ng when no speech folder is given: calibration and
@@ -174,50 +173,26 @@ class Calibrated:
     def kl(self, encoder_changed: bool = True, model=None) -> dict:
         """Mean KL and top-1 agreement over transcript positions of `model`
         (default: the reference as it stands now, one layer perturbed)."""
+        from .probe import logits_kl
+
         model = model or self.model
-        kl_sum, top1, count = 0.0, 0.0, 0
-        for (mel, tokens), audio, ref in zip(self.batches, self.audio, self.refs):
-            a = model.embed_audio(mel) if encoder_changed or model is not self.model else audio
-            logits = model.logits(tokens, a)
-            kl = metrics.token_kl(ref, logits)
-            kl_sum += float(mx.sum(kl))
-            top1 += float(mx.sum(metrics.top1_agreement(ref, logits)))
-            count += kl.size
-        return {"kl_mean": kl_sum / max(count, 1), "top1": top1 / max(count, 1), "n_tokens": count}
+        fresh = encoder_changed or model is not self.model
+        return logits_kl(
+            (ref, model.logits(tokens, model.embed_audio(mel) if fresh else audio))
+            for (mel, tokens), audio, ref in zip(self.batches, self.audio, self.refs)
+        )
 
 
 def measure(model, batches, candidates, model_id: str = "", progress: bool = False) -> SensitivityTable:
     """Every quantizable layer probed at every candidate (Whisper is small:
     a probe of a decoder layer reuses the cached encoder output)."""
-    from tqdm.auto import tqdm
-
-    from .calibration import digest
+    from .probe import probe_table
 
     cal = Calibrated(model, batches)
-    layers = quantizable(model)
-    todo = [(p, m, candidates_for(m, candidates)) for p, m in layers]
-    bar = tqdm(total=sum(len(c) for *_, c in todo), desc="sensitivity", unit="probe", disable=not progress)
-    cal_digest = digest(np.concatenate([np.asarray(t).reshape(-1) for _, t in batches]))
-    out = []
-    for path, module, cands in todo:
-        kls, errors = [], []
-        original = module.weight
-        for c in cands:
-            bar.update(1)
-            if c.bits >= 16:
-                kls.append(0.0)
-                errors.append(0.0)
-                continue
-            module.weight = fake_quantize(original, c)
-            try:
-                kls.append(cal.kl(path.startswith("encoder."))["kl_mean"])
-                errors.append(float(mx.sum((module.weight - original) ** 2)))
-            finally:
-                module.weight = original
-        out.append(LayerSensitivity(path=path, n_params=int(original.size), candidates=cands, kl=kls, measured=[True] * len(cands), error=errors, calibration_digest=cal_digest))
-    bar.close()
-    n_tokens = int(sum(t.size for _, t in batches))
-    return SensitivityTable(model=model_id, layers=tuple(out), calibration_digest=cal_digest, n_tokens=n_tokens, reference="fp32", method="probe (whisper decoder logits)")
+    return probe_table(
+        quantizable(model), candidates, lambda path: cal.kl(path.startswith("encoder."))["kl_mean"],
+        [t for _, t in batches], model_id, "probe (whisper decoder logits)", progress,
+    )
 
 
 # -- writing --------------------------------------------------------------------
