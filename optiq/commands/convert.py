@@ -49,7 +49,7 @@ class ConvertOptions:
     no_eval: bool = field(default=False, metadata=dict(help="skip measuring the written model"))
     seed: int = 0
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
-    model_type: str = field(default="auto", metadata=dict(choices=["auto", "text", "whisper"], help="model family (auto: from the checkpoint); whisper needs optiq[whisper], and --calibration/--eval-data are then folders of .wav files with .txt transcripts (default: espeak-ng speech)"))
+    model_type: str = field(default="auto", metadata=dict(choices=["auto", "text", "whisper", "vlm"], help="model family (auto: whisper when the checkpoint is one, else text, stripping a multimodal checkpoint's towers). whisper needs optiq[whisper], with --calibration/--eval-data folders of .wav files with .txt transcripts (default: espeak-ng speech); vlm needs optiq[vlm], keeps and plans the vision tower, with folders of images with .txt prompts (default: drawn scenes)"))
     keep_unused_modalities: bool = field(default=False, metadata=dict(help="keep vision/audio towers of a multimodal checkpoint (default: strip them)"))
     max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     quiet: bool = False
@@ -219,9 +219,9 @@ def results_table(rows) -> str:
     head = f"{'model':<28}{'eff. bpw':>10}{'mean KL':>10}{'p99 KL':>10}{'top-1':>8}{'ppl':>10}"
     lines = [head, "-" * len(head)]
     for name, bpw, q in rows:
-        lines.append(
-            f"{name:<28}{bpw:>10.3f}{q['kl_mean']:>10.4f}{q.get('kl_p99', float('nan')):>10.3f}{q['top1']:>8.3f}{q.get('perplexity', float('nan')):>10.3f}"
-        )
+        # Whisper and vision-language rows carry no p99 or perplexity: "-".
+        p99, ppl = (f"{q[k]:.3f}" if k in q else "-" for k in ("kl_p99", "perplexity"))
+        lines.append(f"{name:<28}{bpw:>10.3f}{q['kl_mean']:>10.4f}{p99:>10}{q['top1']:>8.3f}{ppl:>10}")
     return "\n".join(lines)
 
 
@@ -266,6 +266,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
 
     if opts.model_type == "whisper" or (opts.model_type == "auto" and whisper.is_whisper(path)):
         return convert_whisper(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started)
+    if opts.model_type == "vlm":
+        return convert_vlm(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started)
     stripped, extra = None, None
     if is_multimodal(path):
         if opts.keep_unused_modalities:
@@ -418,6 +420,68 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
 
     nbytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     mlx_bpw = float(compute_bits_per_weight(model))  # every parameter, convolutions and norms included
+    log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s")
+    return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
+
+
+def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started: float) -> QuantizedWeights:
+    """The same chain on an mlx-vlm model, vision tower included: probes on
+    the next-token logits after each calibration image, the exact mixed plan
+    (mlx-vlm reads mlx-lm's per-layer entries), written in mlx-vlm's layout
+    and measured as stock mlx_vlm.load opens it."""
+    import json
+
+    import mlx.core as mx
+    from mlx_lm.utils import compute_bits_per_weight
+
+    from .. import vlm
+    from ..evaluate import simulated
+    from ..io import write_json
+    from ..plan import plan_bits, uniform_plan
+    from ..quantize import model_bytes, quantize
+    from ..source import dequantized_fp32
+
+    if opts.quantizer != "rtn" or opts.refine_rounds or opts.max_memory or opts.sensitivity:
+        raise OptiqError("vision-language models take neither --quantizer gptq, --refine-rounds, --max-memory nor --sensitivity")
+    model, processor = vlm.load(path)
+    layers = vlm.quantizable(model)
+    log(opts, f"model: {path} ({model.config.model_type}, vision-language, {len(layers)} quantizable layers, reference fp32)")
+    candidates = widen_defaults(opts, candidates, layers)
+    samples = vlm.calibration(model, processor, opts.calibration, opts.n_calibration, opts.seed)
+    table = vlm.measure(model, samples, candidates, model_id=str(opts.model), progress=not opts.quiet)
+    protect = [p for p in opts.protect.split(",") if p.strip()]
+    plan = plan_bits(table, opts.target_bpw, method=opts.method, protect=protect, protect_bits=opts.protect_bits)
+    log(opts, plan_summary(plan))
+    rows = []
+    if not opts.no_eval:
+        held_out = vlm.Calibrated(model, vlm.calibration(model, processor, opts.eval_data, opts.n_eval, opts.seed + 1))
+        uniform = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
+        with simulated(model, uniform.assignments):  # mlx's own rounding, every layer
+            rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
+    config = json.loads((Path(path) / "config.json").read_text())
+    dtype = opts.dtype or ("bfloat16" if config.get("torch_dtype") == "bfloat16" else "float16")
+    qmodel, qconfig = quantize(model, config, plan, dtype=dtype)
+    metadata = {
+        "optiq_version": __version__,
+        "source": str(opts.model),
+        "model_type": "vlm",
+        "calibration": {"source": opts.calibration or "drawn scenes", "n_samples": len(samples), "seed": opts.seed},
+        "plan": plan.to_dict(),
+        "sensitivity": table.to_dict(),
+        "effective_bpw": plan.effective_bpw,
+        "predicted_kl": plan.predicted_kl,
+    }
+    nbytes, mlx_bpw = model_bytes(qmodel), float(compute_bits_per_weight(qmodel))
+    vlm.save(out, qmodel, qconfig, path, metadata, force=opts.force)
+    measured = {}
+    if rows:  # what was written, opened by stock mlx-vlm
+        written, _ = vlm.load(out, fp32=False)
+        measured = held_out.kl(model=dequantized_fp32(written))
+        rows.append((f"optiq {plan.method}", plan.effective_bpw, measured))
+        metadata["measured"] = {"eval": opts.eval_data or "drawn scenes (seed + 1)", **measured, "baseline": {"name": rows[0][0], "effective_bpw": rows[0][1], **rows[0][2]}}
+        write_json(out / "optiq_metadata.json", metadata)
+        print(results_table(rows))
+    mx.clear_cache()
     log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s")
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
 

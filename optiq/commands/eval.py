@@ -1,6 +1,7 @@
-"""optiq eval: perplexity, KL against a reference, GSM8K accuracy, or (for
-mlx-whisper models) word error rate on speech; with --baseline, two models
-side by side in one table."""
+"""optiq eval: perplexity, KL against a reference, GSM8K accuracy, word
+error rate on speech (mlx-whisper models) or diagram multiple-choice accuracy
+(AI2D's form, mlx-vlm models); with --baseline, two models side by side in
+one table."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,11 @@ from ..errors import OptiqError
 @dataclass
 class EvalOptions:
     model: str = field(metadata=dict(args=["model"], help="folder, .gguf file or Hub repo id"))
-    task: str = field(default="perplexity", metadata=dict(choices=["perplexity", "kl", "gsm8k", "wer"]))
+    task: str = field(default="perplexity", metadata=dict(choices=["perplexity", "kl", "gsm8k", "wer", "ai2d"]))
     reference: Optional[str] = field(default=None, metadata=dict(help="reference model for --task kl"))
     baseline: Optional[str] = field(default=None, metadata=dict(help="a second model, measured the same way"))
-    data: Optional[str] = field(default=None, metadata=dict(help="text/jsonl file (default: ../shared/data when present); for wer a folder of .wav files with .txt transcripts (default: espeak-ng speech)"))
-    n_samples: int = field(default=32, metadata=dict(help="sequences (perplexity, kl) or problems (gsm8k)"))
+    data: Optional[str] = field(default=None, metadata=dict(help="text/jsonl file (default: ../shared/data when present); for wer a folder of .wav files with .txt transcripts (default: espeak-ng speech); for ai2d a .jsonl of image, question, options, answer (default: drawn diagrams)"))
+    n_samples: int = field(default=32, metadata=dict(help="sequences (perplexity, kl), problems (gsm8k) or questions (ai2d)"))
     seq_len: int = 512
     n_shots: int = field(default=4, metadata=dict(help="GSM8K worked examples in the prompt"))
     max_tokens: int = field(default=256, metadata=dict(help="GSM8K generation limit"))
@@ -27,7 +28,7 @@ class EvalOptions:
 def data_path(opts) -> Path:
     from ..tasks import default_data
 
-    if opts.task == "wer":
+    if opts.task in ("wer", "ai2d"):
         return Path(opts.data) if opts.data else None
     if opts.data:
         path = Path(opts.data)
@@ -41,7 +42,7 @@ def data_path(opts) -> Path:
 
 
 def measure(spec: str, opts, data: Path, reference=None) -> dict:
-    from ..source import load_reference, resolve_model
+    from ..source import dequantized_fp32, load_reference, resolve_model
     from .. import tasks
 
     path = resolve_model(spec)
@@ -51,6 +52,11 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
         if not whisper.is_whisper(path):
             raise OptiqError(f"--task wer needs an mlx-whisper model; {spec} is not one")
         return whisper.wer(path, data)
+    if opts.task == "ai2d":
+        from .. import vlm
+
+        model, processor = vlm.load(path, fp32=False)
+        return vlm.choices(dequantized_fp32(model), processor, data)
     if opts.task == "gsm8k":
         from mlx_lm import load
 
@@ -79,7 +85,7 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
 
 
 def table(rows, task) -> str:
-    keys = {"perplexity": ["perplexity", "n_tokens"], "kl": ["kl_mean", "kl_p99", "top1", "n_tokens"], "gsm8k": ["accuracy", "n_problems"], "wer": ["wer", "n_words"]}[task]
+    keys = {"perplexity": ["perplexity", "n_tokens"], "kl": ["kl_mean", "kl_p99", "top1", "n_tokens"], "gsm8k": ["accuracy", "n_problems"], "wer": ["wer", "n_words"], "ai2d": ["accuracy", "n_questions"]}[task]
     head = f"{'model':<48}" + "".join(f"{k:>12}" for k in keys)
     lines = [head, "-" * len(head)]
     for name, result in rows:
@@ -105,11 +111,21 @@ def run(opts: EvalOptions) -> dict:
         whisper.require()
         label = opts.data or "espeak-ng sentences"
         data = whisper.speech(data, whisper.EVAL_SENTENCES)
+    if opts.task == "ai2d":  # the questions, read (or drawn) once for both models
+        from .. import vlm
+
+        vlm.require()
+        label = opts.data or "drawn diagrams"
+        data = (vlm.read_choices(data) if data else vlm.choice_items(opts.n_samples, seed=1234))[: opts.n_samples]
     rows = [(opts.model, measure(opts.model, opts, data, reference))]
     if opts.baseline:
         rows.append((opts.baseline, measure(opts.baseline, opts, data, reference)))
     print(table(rows, opts.task))
     result = {"task": opts.task, "data": label, "reference": opts.reference, "models": {name: r for name, r in rows}}
+    if opts.task == "ai2d" and opts.baseline:  # how often the two models pick the same option
+        a, b = (r["picks"] for _, r in rows)
+        result["agreement"] = sum(x == y for x, y in zip(a, b)) / len(a)
+        print(f"same option picked by both: {result['agreement']:.3f}")
     write_json(opts.json or f"optiq-eval-{opts.task}.json", result)
     return result
 

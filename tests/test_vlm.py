@@ -1,0 +1,190 @@
+"""Vision-language: optiq convert and eval on a tiny random Qwen2-VL in
+mlx-vlm's own layout (weights, config, tokenizer, image processor), opened
+by stock mlx_vlm.load."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_vlm", reason="mlx-vlm not installed (pip install 'optiq[vlm]')")
+
+import mlx.core as mx  # noqa: E402
+
+from optiq import vlm  # noqa: E402
+from optiq.errors import OptiqError  # noqa: E402
+
+from conftest import TEXT  # noqa: E402
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL's chat layout: the image as vision_start, image_pad, vision_end.
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_vl(folder):
+    from mlx.utils import tree_flatten, tree_map
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    import mlx_vlm.models.qwen2_vl as arch
+
+    folder.mkdir(parents=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT + " A B C D"], trainer=trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": TEMPLATE}))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL}
+    config = {
+        "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"], "torch_dtype": "float16",
+        "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "vocab_size": tok.get_vocab_size(), "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "max_position_embeddings": 4096,
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"], "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"], "eos_token_id": ids["<|im_end|>"],
+        "vision_config": {"model_type": "qwen2_vl", "depth": 2, "embed_dim": 64, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14, "spatial_patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+    }
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2).save_pretrained(str(folder))
+    args = arch.ModelConfig.from_dict(json.loads(json.dumps(config)))
+    args.vision_config = arch.VisionConfig.from_dict(config["vision_config"])
+    args.text_config = arch.TextConfig.from_dict(config)
+    mx.random.seed(0)
+    model = arch.Model(args)
+    # Wider weights than the default init, as in conftest: peaked outputs make quantization visible.
+    model.update(tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, model.parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    return build_qwen2_vl(tmp_path_factory.mktemp("vlm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_vlm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlm-out") / "q"
+    assert run([str(tiny_vlm), "--model-type", "vlm", "-o", str(out), "--n-calibration", "4", "--n-eval", "4", "--quiet"]) == 0
+    return out
+
+
+def run(argv, command="convert"):
+    from optiq.cli import main
+
+    return main([command] + argv)
+
+
+def test_convert_plans_vision_and_language_and_stock_mlx_vlm_loads_it(tiny_vlm, converted):
+    from mlx_vlm import generate, load
+
+    meta = json.loads((converted / "optiq_metadata.json").read_text())
+    plan = dict((p, c) for p, c in meta["plan"]["assignments"])
+    # The vision tower and projector are planned like any other layer, not left float by rule.
+    assert any(p.startswith("vision_tower.blocks.") for p in plan) and "vision_tower.merger.mlp.0" in plan
+    assert len({tuple(c) if isinstance(c, list) else json.dumps(c) for c in plan.values()}) > 1  # mixed widths
+    assert meta["effective_bpw"] <= 4.5 + 1e-9
+    config = json.loads((converted / "config.json").read_text())
+    assert "vision_tower.blocks.0.attn.qkv" in config["quantization"]
+    # Stock mlx-vlm opens it: the planned layers are quantized at their planned widths.
+    model, processor = load(str(converted))
+    modules = dict(model.named_modules())
+    for path, entry in config["quantization"].items():
+        if isinstance(entry, dict):
+            assert modules[path].bits == entry["bits"] and modules[path].group_size == entry["group_size"], path
+    text = generate(model, processor, vlm.chat_prompt(model, processor, "What is this?"), [vlm.draw("circle", "red")], max_tokens=4, temperature=0.0, verbose=False)
+    assert text.generation_tokens >= 1
+    # The planned model beats uniform 4-bit at the same effective size on held-out scenes.
+    measured = meta["measured"]
+    assert measured["kl_mean"] < measured["baseline"]["kl_mean"]
+    assert measured["baseline"]["effective_bpw"] >= meta["effective_bpw"] - 1e-9
+
+
+def test_written_codes_are_the_probed_codes(tiny_vlm, converted):
+    """What stock mlx-vlm computes equals the plan simulated on the float model."""
+    from optiq.evaluate import simulated
+    from optiq.records import BitPlan
+    from optiq.source import dequantized_fp32
+
+    model, processor = vlm.load(tiny_vlm)
+    written, _ = vlm.load(converted, fp32=False)
+    plan = BitPlan.from_dict(json.loads((converted / "optiq_metadata.json").read_text())["plan"])
+    sample = vlm.prepare(model, processor, vlm.draw("square", "blue", 2, "cat"), vlm.chat_prompt(model, processor, "Describe it."))
+    with simulated(model, plan.assignments):
+        expected = vlm.forward(model, sample)
+    got = vlm.forward(dequantized_fp32(written), sample)
+    # fp16 storage of scales, biases and float layers: close, not bit-identical.
+    assert float(mx.max(mx.abs(expected - got))) < 0.05 * float(mx.max(mx.abs(expected)))
+
+
+def test_calibration_from_an_image_folder(tiny_vlm, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, color in enumerate(["red", "green"]):
+        vlm.draw("triangle", color).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"Is the triangle {color}?\n")
+    model, processor = vlm.load(tiny_vlm)
+    samples = vlm.calibration(model, processor, folder, 8, seed=0, answer_tokens=4)
+    assert len(samples) == 2 and all(0 < s.start < s.input_ids.shape[1] for s in samples)
+    (folder / "2.png").write_bytes(b"not an image")
+    (folder / "2.txt").write_text("?")
+    with pytest.raises(OptiqError, match="not a readable image"):
+        vlm.read_images(folder)
+    (folder / "2.png").unlink()
+    vlm.draw("circle", "red").save(folder / "3.png")
+    with pytest.raises(OptiqError, match="no prompt 3.txt"):
+        vlm.read_images(folder)
+
+
+def test_drawn_questions_know_their_answers():
+    items = vlm.choice_items(12, seed=5)
+    assert len(items) == 12
+    for image, question, options, answer in items:
+        assert image.size == (224, 224) and len(options) == 4 and len(set(options)) == 4 and 0 <= answer < 4
+    # Different seeds draw different scenes: calibration and evaluation stay apart.
+    a, b = (np.asarray(vlm.scenes(1, s)[0][0]) for s in (0, 1))
+    assert not np.array_equal(a, b)
+
+
+def test_eval_ai2d_with_baseline(tiny_vlm, converted, tmp_path, capsys):
+    out = tmp_path / "ai2d.json"
+    assert run([str(converted), "--task", "ai2d", "--baseline", str(tiny_vlm), "--n-samples", "8", "--json", str(out)], "eval") == 0
+    result = json.loads(out.read_text())
+    rows = result["models"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n_questions"] == 8 for r in rows.values())
+    assert 0.0 <= result["agreement"] <= 1.0
+    # The same model as its own baseline picks the same options.
+    data = tmp_path / "questions.jsonl"
+    for i, (image, question, options, answer) in enumerate(vlm.choice_items(3, seed=9)):
+        image.save(tmp_path / f"q{i}.png")
+        with data.open("a") as f:
+            f.write(json.dumps({"image": f"q{i}.png", "question": question, "options": options, "answer": "ABCD"[answer]}) + "\n")
+    assert run([str(tiny_vlm), "--task", "ai2d", "--baseline", str(tiny_vlm), "--data", str(data), "--json", str(out)], "eval") == 0
+    result = json.loads(out.read_text())
+    assert result["agreement"] == 1.0 and result["models"][str(tiny_vlm)]["n_questions"] == 3
+    assert "same option picked by both" in capsys.readouterr().out
+
+
+def fails(argv, command, capsys) -> str:
+    """The error message of a run that must exit non-zero."""
+    with pytest.raises(SystemExit) as exc:
+        run(argv, command)
+    assert exc.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_bad_vlm_input_is_a_clear_error(tiny_vlm, tiny_llama, tmp_path, capsys):
+    assert "not a vision-language model" in fails([str(tiny_llama), "--model-type", "vlm", "-o", str(tmp_path / "x"), "--quiet"], "convert", capsys)
+    assert not (tmp_path / "x").exists()
+    assert "neither --quantizer gptq" in fails([str(tiny_vlm), "--model-type", "vlm", "--quantizer", "gptq", "-o", str(tmp_path / "y"), "--quiet"], "convert", capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "missing.png", "question": "?", "options": ["a", "b"], "answer": 0}\n')
+    assert "bad.jsonl:1" in fails([str(tiny_vlm), "--task", "ai2d", "--data", str(bad)], "eval", capsys)
+    assert "not a folder of images" in fails([str(tiny_vlm), "--model-type", "vlm", "--calibration", str(tmp_path / "none"), "-o", str(tmp_path / "z"), "--quiet"], "convert", capsys)
+    assert not (tmp_path / "z").exists()
