@@ -116,6 +116,8 @@ def test_bad_input_exits_2_with_a_reason_and_writes_nothing(model_factory, tmp_p
     expect_error(capsys, [src, "-o", str(out), "--group-size", "48", *FAST], ["group size"])
     expect_error(capsys, [src, "-o", str(out), "--calibration", str(tmp_path / "nope.txt"), *FAST], ["calibration"])
     expect_error(capsys, [src, "-o", "/proc/optiq-out", *FAST], ["cannot write"])
+    # Detection: no quantized convolution in MLX, so nothing yolo-mlx could open; refused with that reason.
+    expect_error(capsys, [src, "-o", str(out), "--model-type", "yolo", *FAST], ["no quantized convolution"])
     weird = tmp_path / "weird"
     weird.mkdir()
     (weird / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))

@@ -188,3 +188,4 @@ def test_bad_vlm_input_is_a_clear_error(tiny_vlm, tiny_llama, tmp_path, capsys):
     assert "bad.jsonl:1" in fails([str(tiny_vlm), "--task", "ai2d", "--data", str(bad)], "eval", capsys)
     assert "not a folder of images" in fails([str(tiny_vlm), "--model-type", "vlm", "--calibration", str(tmp_path / "none"), "-o", str(tmp_path / "z"), "--quiet"], "convert", capsys)
     assert not (tmp_path / "z").exists()
+

@@ -49,13 +49,19 @@ class ConvertOptions:
     no_eval: bool = field(default=False, metadata=dict(help="skip measuring the written model"))
     seed: int = 0
     force: bool = field(default=False, metadata=dict(help="replace an existing output"))
-    model_type: str = field(default="auto", metadata=dict(choices=["auto", "text", "whisper", "vlm"], help="model family (auto: whisper when the checkpoint is one, else text, stripping a multimodal checkpoint's towers). whisper needs optiq[whisper], with --calibration/--eval-data folders of .wav files with .txt transcripts (default: espeak-ng speech); vlm needs optiq[vlm], keeps and plans the vision tower, with folders of images with .txt prompts (default: drawn scenes)"))
+    model_type: str = field(default="auto", metadata=dict(choices=["auto", "text", "whisper", "vlm", "yolo"], help="model family (auto: whisper when the checkpoint is one, else text, stripping a multimodal checkpoint's towers). yolo is refused with the reason (no quantized convolution in MLX). whisper needs optiq[whisper], with --calibration/--eval-data folders of .wav files with .txt transcripts (default: espeak-ng speech); vlm needs optiq[vlm], keeps and plans the vision tower, with folders of images with .txt prompts (default: drawn scenes)"))
     keep_unused_modalities: bool = field(default=False, metadata=dict(help="keep vision/audio towers of a multimodal checkpoint (default: strip them)"))
     max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     quiet: bool = False
 
 
 DEFAULT_GROUPS = (64, 128)
+# Measured on yolo-mlx 0.4.0's YOLO26n: 126 Conv2d, 0 modules with to_quantized.
+YOLO_REFUSAL = (
+    "detection models (yolo-mlx) cannot be converted: their layers are convolutions, MLX quantizes only "
+    "Linear and Embedding layers (there is no quantized convolution), and yolo-mlx's loader keeps only the "
+    "float tensors its float layers name, so no mixed-precision YOLO would open in yolo-mlx"
+)
 
 
 def default_bits(target: float, groups) -> tuple:
@@ -257,6 +263,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
     from ..strip import is_multimodal, strip_cached, unused_weights
 
+    if opts.model_type == "yolo":
+        raise OptiqError(YOLO_REFUSAL)
     candidates = validate(opts)
     out = Path(opts.output) if opts.output else default_output(opts.model, opts.target_bpw)
     check_output(out, opts.force)
