@@ -5,13 +5,49 @@ Round-to-nearest quantizes every weight on its own. GPTQ (Frantar et al.,
 rounding error onto the columns not yet quantized, weighted by the inverse of
 the layer's input Gram matrix H = X^T X, so the layer's *output* error on the
 calibration inputs is what gets minimised. Groups keep MLX's layout (a scale
-and a bias per `group_size` inputs, stored in fp16), and `pack` writes the
+and a bias per `group_size` inputs, rounded to the dtype the output stores
+them in: fp16, or bf16 for a bf16 model), and `pack` writes the
 integer codes in MLX's own bit order, so the result loads in stock mlx-lm.
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import mlx.core as mx
 import numpy as np
 
 from .records import Candidate
+
+# The dtype a written model stores scales, biases and float layers in: every
+# simulated quantization rounds them the same way, so that what the probes
+# measure is what the output computes. fp16 unless a conversion says otherwise.
+_STORED = ContextVar("optiq_stored_dtype", default=mx.float16)
+
+
+@contextmanager
+def stored_as(dtype):
+    """Round scales, biases and float layers through `dtype` (mx.float16 or mx.bfloat16) inside."""
+    token = _STORED.set(dtype)
+    try:
+        yield
+    finally:
+        _STORED.reset(token)
+
+
+def store_as(dtype):
+    """stored_as for the rest of this context (a script or benchmark measuring one model)."""
+    _STORED.set(dtype)
+
+
+def stored_dtype():
+    return _STORED.get()
+
+
+def round_stored(x: np.ndarray) -> np.ndarray:
+    """fp32 values rounded through the stored dtype."""
+    if stored_dtype() == mx.float16:
+        return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+    return np.array(mx.array(np.asarray(x, dtype=np.float32)).astype(stored_dtype()).astype(mx.float32))
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -41,13 +77,10 @@ def dequantize(q, scales, biases, group_size: int) -> np.ndarray:
 
 
 def _group_params(w: np.ndarray, bits: int):
-    """MLX's affine parameters for a (rows, group) block, rounded to fp16."""
+    """MLX's affine parameters for a (rows, group) block, rounded as stored."""
     levels = (1 << bits) - 1
     lo, hi = w.min(axis=1), w.max(axis=1)
-    scale = np.maximum((hi - lo) / levels, 1e-8)
-    scale16 = scale.astype(np.float16).astype(np.float32)
-    bias16 = lo.astype(np.float16).astype(np.float32)
-    return scale16, bias16
+    return round_stored(np.maximum((hi - lo) / levels, 1e-8)), round_stored(lo)
 
 
 def gptq(weight: np.ndarray, gram: np.ndarray, candidate: Candidate, damp: float = 0.01, block: int = 128):
@@ -95,7 +128,7 @@ def rtn(weight: np.ndarray, candidate: Candidate):
     blocks = w.reshape(w.shape[0], -1, g)
     levels = (1 << bits) - 1
     lo, hi = blocks.min(axis=2), blocks.max(axis=2)
-    scales = np.maximum((hi - lo) / levels, 1e-8).astype(np.float16).astype(np.float32)
-    biases = lo.astype(np.float16).astype(np.float32)
+    scales = round_stored(np.maximum((hi - lo) / levels, 1e-8))
+    biases = round_stored(lo)
     q = np.clip(np.rint((blocks - biases[..., None]) / scales[..., None]), 0, levels).reshape(w.shape)
     return q.astype(np.int64), scales, biases

@@ -27,25 +27,26 @@ from .errors import OptiqError
 from .records import Candidate, LayerSensitivity, SensitivityTable
 
 ROW_SLAB = 1 << 20  # weights per slab of rows (quantizing, probing and estimating large layers)
-SCALE_DTYPE = mx.float16  # scales/biases are stored in fp16: round them the same way
-
-
 def fake_quantize(weight: mx.array, candidate: Candidate) -> mx.array:
     """The fp32 weight a layer holds after quantize-then-dequantize."""
+    from .rounding import stored_dtype
+
     if candidate.bits >= 16:
-        return weight.astype(mx.float16).astype(mx.float32)
+        return weight.astype(stored_dtype()).astype(mx.float32)
     return dequantize_rows(quantize_rows(weight, candidate), candidate)
 
 
 def quantize_rows(weight: mx.array, candidate: Candidate) -> tuple:
-    """MLX's (codes, scales, biases), scales and biases rounded through fp16
-    as they are stored. A slab of rows at a time: mx.quantize holds up to
-    six times its input in temporaries at 3, 5 and 6 bits, and groups run
-    along a row, so slabs give the same codes."""
-    parts = []
+    """MLX's (codes, scales, biases), scales and biases rounded through the
+    dtype they are stored in (rounding.stored_as). A slab of rows at a time:
+    mx.quantize holds up to six times its input in temporaries at 3, 5 and 6
+    bits, and groups run along a row, so slabs give the same codes."""
+    from .rounding import stored_dtype
+
+    dtype, parts = stored_dtype(), []
     for rows in row_slabs(weight.shape):
         q, scales, biases = mx.quantize(weight[rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
-        parts.append((q, scales.astype(SCALE_DTYPE).astype(mx.float32), biases.astype(SCALE_DTYPE).astype(mx.float32)))
+        parts.append((q, scales.astype(dtype).astype(mx.float32), biases.astype(dtype).astype(mx.float32)))
         mx.eval(parts[-1])
     return tuple(mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
 

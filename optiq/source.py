@@ -135,7 +135,10 @@ def dequantized_fp32(model: nn.Module) -> nn.Module:
     quantized kernels compute with fp32 activations, at fp32 matmul speed."""
     from mlx_lm.utils import dequantize_model
 
-    return to_fp32(dequantize_model(model))
+    # Scales and biases to fp32 first: dequantizing with bf16 scales rounds
+    # every weight to bf16, which fp32 activations through the quantized
+    # kernels (scales cast to fp32) do not.
+    return to_fp32(dequantize_model(to_fp32(model)))
 
 
 def refuse_unsupported(model: nn.Module, config: dict):

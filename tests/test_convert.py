@@ -210,6 +210,8 @@ def test_refinement_keeps_only_rounds_that_lower_the_measured_kl(model_factory, 
         ("qwen3", ["--target-bpw", "3.5", "--group-size", "32"]),
         # the recipe that meets the quality target: GPTQ over bits and group sizes per layer
         ("llama", ["--target-bpw", "4.25", "--group-sizes", "32,64", "--candidate-bits", "3,4"]),
+        # a bf16 output: scales and biases rounded through bf16 by the probes as by the writer
+        ("llama", ["--target-bpw", "3.5", "--group-size", "32", "--dtype", "bfloat16"]),
     ],
 )
 def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_path, arch, sizes):
@@ -236,15 +238,20 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
     assert meta["calibration"]["gram_sequences"] == 7
     plan = BitPlan.from_dict(meta["plan"])
     assert len({c.group_size for _, c in plan.assignments}) == (2 if "--group-sizes" in sizes else 1)
-    for path, cand in plan.assignments[1:]:
-        container, key = container_of(ref.model, path)
-        module = container[key]
-        want = np.array(cal.quantized(path, module, module.weight, cand))
-        c2, k2 = container_of(written, path)
-        m = c2[k2]
-        assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
-        got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    from optiq.rounding import stored_as
+
+    dtype = mx.bfloat16 if "bfloat16" in sizes else mx.float16
+    with stored_as(dtype):  # the rounding convert used, for the expected weights
+        for path, cand in plan.assignments[1:]:
+            container, key = container_of(ref.model, path)
+            module = container[key]
+            want = np.array(cal.quantized(path, module, module.weight, cand))
+            c2, k2 = container_of(written, path)
+            m = c2[k2]
+            assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
+            got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+            assert m.scales.dtype == dtype
 
 
 def test_default_candidates_are_near_uniform_and_widen_only_when_needed(model_factory):

@@ -165,7 +165,8 @@ def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable
         except (ValueError, KeyError, TypeError) as exc:
             raise OptiqError(f"--sensitivity {opts.sensitivity}: not a sensitivity table ({exc})")
     anchors = {"all": None, "proxy": set()}.get(opts.measure, set(int_list(opts.anchor_bits)))
-    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-n{opts.n_calibration}-s{opts.kl_stride}-{opts.quantizer}"
+    dtype = stored_dtype_name(opts, loaded.config)  # scales rounded through it: part of what a probe measures
+    key = f"{folder_digest(loaded.path)}-{digest(tokens)}-n{opts.n_calibration}-s{opts.kl_stride}-{opts.quantizer}" + ("" if dtype == "float16" else f"-{dtype}")
     calibrated = cal()
     return measure_weights(
         loaded.model,
@@ -245,8 +246,20 @@ def write_codes(cal, model, plan) -> dict:
     return codes
 
 
+def stored_dtype_name(opts, config: dict) -> str:
+    """The dtype the output stores scales, biases and float layers in: --dtype, else the model's."""
+    return opts.dtype or ("bfloat16" if config.get("torch_dtype") == "bfloat16" else "float16")
+
+
 def convert(opts: ConvertOptions) -> QuantizedWeights:
     """The whole pipeline; returns what was written."""
+    with contextlib.ExitStack() as scope:
+        return convert_in(opts, scope)
+
+
+def convert_in(opts: ConvertOptions, scope: contextlib.ExitStack) -> QuantizedWeights:
+    """convert, with `scope` holding the stored dtype every simulated
+    quantization rounds through once the model's dtype is known."""
     import mlx.core as mx
     from mlx_lm import load as mlx_load
     from mlx_lm.utils import compute_bits_per_weight
@@ -256,7 +269,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from ..evaluate import quality, reference_batches, simulated
     from ..io import check_output, write_json
     from ..plan import plan_bits, uniform_plan
-    from ..quantize import model_bytes, quantize, save_model_folder
+    from ..quantize import DTYPES, model_bytes, quantize, save_model_folder
+    from ..rounding import stored_as
     from ..source import dequantized_fp32, resolve_model
     from ..refine import refine
     from ..sensitivity import Calibrated
@@ -273,9 +287,9 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     from .. import whisper
 
     if opts.model_type == "whisper" or (opts.model_type == "auto" and whisper.is_whisper(path)):
-        return convert_whisper(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started)
+        return convert_whisper(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started, scope)
     if opts.model_type == "vlm":
-        return convert_vlm(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started)
+        return convert_vlm(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started, scope)
     stripped, extra = None, None
     if is_multimodal(path):
         if opts.keep_unused_modalities:
@@ -284,6 +298,8 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
             path, stripped = strip_cached(path)
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
     loaded, streamed = load_within(path, opts.max_memory)
+    dtype = stored_dtype_name(opts, loaded.config)
+    scope.enter_context(stored_as(DTYPES[dtype]))
     if opts.quantizer == "auto":  # GPTQ's probes and codes hold whole layers: not yet within a streaming budget
         opts = dataclasses.replace(opts, quantizer="rtn" if streamed else "gptq")
     elif opts.quantizer == "gptq" and streamed:
@@ -334,7 +350,6 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
         base = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
         with simulated(loaded.model, base.assignments):  # the baseline: mlx-lm's own rounding
             rows.append((f"uniform {base.method.split()[-1]}", base.effective_bpw, quality(loaded.model, eval_tokens, refs)))
-    dtype = opts.dtype or ("bfloat16" if loaded.config.get("torch_dtype") == "bfloat16" else "float16")
     qmodel, qconfig = quantize(loaded.model, loaded.config, plan, dtype=dtype, codes=codes)
     metadata = {
         "optiq_version": __version__,
@@ -379,7 +394,7 @@ def convert(opts: ConvertOptions) -> QuantizedWeights:
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
 
 
-def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, started: float) -> QuantizedWeights:
+def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, started: float, scope: contextlib.ExitStack) -> QuantizedWeights:
     """The same chain on an mlx-whisper model: probes on the decoder's logits
     over calibration speech, the exact plan mlx-whisper's loader can hold (one
     quantized width, float elsewhere), written in mlx-whisper's layout and
@@ -390,10 +405,12 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
     from ..evaluate import simulated
     from ..io import write_json
     from ..plan import uniform_plan
+    from ..rounding import stored_as
 
     if opts.quantizer != "rtn" or opts.refine_rounds or opts.max_memory or opts.sensitivity:
         raise OptiqError("Whisper models take neither --quantizer gptq, --refine-rounds, --max-memory nor --sensitivity")
     model = whisper.load(path)
+    scope.enter_context(stored_as(mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16))
     log(opts, f"model: {path} (whisper, {model.dims.n_audio_layer} encoder + {model.dims.n_text_layer} decoder blocks, reference fp32)")
     batches = whisper.features(model, whisper.speech(opts.calibration, whisper.CALIBRATION_SENTENCES))
     table = whisper.measure(model, batches, tuple(candidates) + (Candidate(16),), model_id=str(opts.model), progress=not opts.quiet)
@@ -432,7 +449,7 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
 
 
-def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started: float) -> QuantizedWeights:
+def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started: float, scope: contextlib.ExitStack) -> QuantizedWeights:
     """The same chain on an mlx-vlm model, vision tower included: probes on
     the next-token logits after each calibration image, the exact mixed plan
     (mlx-vlm reads mlx-lm's per-layer entries), written in mlx-vlm's layout
@@ -446,12 +463,16 @@ def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started
     from ..evaluate import simulated
     from ..io import write_json
     from ..plan import plan_bits, uniform_plan
-    from ..quantize import model_bytes, quantize
+    from ..quantize import DTYPES, model_bytes, quantize
+    from ..rounding import stored_as
     from ..source import dequantized_fp32
 
     if opts.quantizer != "rtn" or opts.refine_rounds or opts.max_memory or opts.sensitivity:
         raise OptiqError("vision-language models take neither --quantizer gptq, --refine-rounds, --max-memory nor --sensitivity")
     model, processor = vlm.load(path)
+    config = json.loads((Path(path) / "config.json").read_text())
+    dtype = stored_dtype_name(opts, config)
+    scope.enter_context(stored_as(DTYPES[dtype]))
     layers = vlm.quantizable(model)
     log(opts, f"model: {path} ({model.config.model_type}, vision-language, {len(layers)} quantizable layers, reference fp32)")
     candidates = widen_defaults(opts, candidates, layers)
@@ -466,8 +487,6 @@ def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started
         uniform = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
         with simulated(model, uniform.assignments):  # mlx's own rounding, every layer
             rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
-    config = json.loads((Path(path) / "config.json").read_text())
-    dtype = opts.dtype or ("bfloat16" if config.get("torch_dtype") == "bfloat16" else "float16")
     qmodel, qconfig = quantize(model, config, plan, dtype=dtype)
     metadata = {
         "optiq_version": __version__,
