@@ -35,6 +35,8 @@ class Family:
 
 _LM = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.language_model.", "model."), ("lm_head.", "lm_head."))
 
+_QWEN_VL_LM = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.", "model."), ("lm_head.", "lm_head."))
+
 FAMILIES = (
     Family(
         "gemma3",
@@ -52,8 +54,9 @@ FAMILIES = (
         (("model.language_model.", "model.language_model."), ("lm_head.", "lm_head.")),
         ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."),
     ),
-    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), "qwen2", (("model.language_model.", "model."), ("model.", "model."), ("lm_head.", "lm_head.")), ("visual.", "model.visual.")),
-    Family("qwen3-vl", ("qwen3_vl",), "qwen3", (("model.language_model.", "model."), ("model.", "model."), ("lm_head.", "lm_head.")), ("visual.", "model.visual.")),
+    # Hugging Face names (model.language_model., visual.) and mlx-vlm's (language_model.model., vision_tower.)
+    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), "qwen2", _QWEN_VL_LM, ("visual.", "model.visual.", "vision_tower.")),
+    Family("qwen3-vl", ("qwen3_vl",), "qwen3", _QWEN_VL_LM, ("visual.", "model.visual.", "vision_tower.")),
     Family("qwen3.5", ("qwen3_5",), "qwen3_5", (("model.language_model.", "model."), ("language_model.model.", "model."), ("mtp.", "mtp."), ("lm_head.", "lm_head.")), ("model.visual.", "vision_tower.", "visual.")),
     Family("llama4", ("llama4",), "llama4_text", _LM, ("vision_model.", "multi_modal_projector.")),
     Family(

@@ -254,3 +254,21 @@ def test_bad_vlm_input_is_a_clear_error(tiny_vlm, tiny_llama, tmp_path, capsys):
     assert "not a folder of images" in fails([str(tiny_vlm), "--model-type", "vlm", "--calibration", str(tmp_path / "none"), "-o", str(tmp_path / "z"), "--quiet"], "convert", capsys)
     assert not (tmp_path / "z").exists()
 
+
+
+def test_auto_strips_an_mlx_vlm_checkpoint_to_text(tiny_vlm, tmp_path):
+    """Without --model-type vlm a checkpoint in mlx-vlm's layout (as
+    mlx-community publishes them) becomes a text model stock mlx-lm opens,
+    its language weights unchanged."""
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from optiq.strip import strip
+
+    out = tmp_path / "text"
+    report = strip(tiny_vlm, out)
+    assert "vision_tower." in report.removed_prefixes
+    model, _ = load(str(out))
+    source = mx.load(str(tiny_vlm / "model.safetensors"))
+    for name, value in tree_flatten(model.parameters()):
+        assert mx.array_equal(value, source["language_model." + name]), name
