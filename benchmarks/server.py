@@ -166,6 +166,35 @@ def ceiling(model, work, concurrency, max_tokens):
                 tok_per_s=n / (time.perf_counter() - t0), tokens=n, ttft_median_s=float("nan"), ttft_p95_s=float("nan"))
 
 
+def forward_ceiling(model, work, concurrency, max_tokens):
+    """mlx-lm's model forward alone at this batch size: one greedy decode step
+    per call on a plain KV cache (no padding, sampling or bookkeeping). Any
+    server running this model code decodes at most this fast (decode only:
+    prefill, HTTP and the client come on top)."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from optiq.http.server import chat_tokens
+
+    model_, tok = mlx_lm.load(model)
+    prompts = [chat_tokens(tok, [{"role": "user", "content": p}]) for p in work[:concurrency]]
+    width = min(len(p) for p in prompts)  # same-length prompts: no padding to mask
+    cache = make_prompt_cache(model_)
+    logits = model_(mx.array([p[-width:] for p in prompts]), cache=cache)
+    y = mx.argmax(logits[:, -1:], axis=-1)
+    mx.eval(y)
+    t0 = time.perf_counter()
+    for _ in range(max_tokens):
+        y = mx.argmax(model_(y, cache=cache)[:, -1:], axis=-1)
+        mx.eval(y)
+    wall = time.perf_counter() - t0
+    n = max_tokens * concurrency
+    return dict(server="model forward alone (no sampling, no HTTP)", concurrency=concurrency, requests=concurrency, errors=0,
+                error_messages=[], wall_s=wall, req_per_s=float("nan"), tok_per_s=n / wall, tokens=n,
+                ttft_median_s=float("nan"), ttft_p95_s=float("nan"))
+
+
 def servers(model, quantized):
     py = sys.executable
     rows = {
@@ -216,8 +245,9 @@ def main():
             log.close()
 
     for c in levels:
-        rows.append(ceiling(model, work, c, args.max_tokens))
-        print(f"{rows[-1]['server']} c={c}: {rows[-1]['tok_per_s']:.1f} tok/s", flush=True)
+        for bound in (ceiling, forward_ceiling):
+            rows.append(bound(model, work, c, args.max_tokens))
+            print(f"{rows[-1]['server']} c={c}: {rows[-1]['tok_per_s']:.1f} tok/s", flush=True)
 
     print(f"\nmodel: {model} (last row: {quantized}); {args.requests} chat requests per level, max_tokens {args.max_tokens}, greedy, streaming\n")
     print("| server | concurrency | req/s | tok/s | TTFT p50 (s) | TTFT p95 (s) | errors |")
