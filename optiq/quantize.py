@@ -50,9 +50,6 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
     own bit order, instead of mlx-lm's round-to-nearest."""
     from mlx_lm.utils import quantize_model
 
-    from .rounding import pack
-    from .sensitivity import container_of
-
     quantized = [c for _, c in plan.assignments if c.bits < 16]
     # mlx-lm skips layers whose width its default group size does not divide,
     # so give it the smallest group size the plan uses.
@@ -62,6 +59,19 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
     model, config = quantize_model(
         model, config, group_size=group, bits=4, quant_predicate=plan_predicate(plan)
     )
+    apply_codes(model, plan, codes)
+    # Cast after quantizing: codes rounded from the fp32 weights, as the
+    # sensitivity probes rounded them (rounding fp16 weights in fp16 moves
+    # some codes a step), then scales and biases stored in the output dtype.
+    return cast_floats(model, DTYPES[dtype]), config
+
+
+def apply_codes(model: nn.Module, plan: BitPlan, codes) -> nn.Module:
+    """Quantized layers given exactly `codes` ({path: (integer codes, scales,
+    biases)}, e.g. GPTQ's), packed in MLX's own bit order."""
+    from .rounding import pack
+    from .sensitivity import container_of
+
     chosen = plan.as_dict()
     for path, (q, scales, biases) in (codes or {}).items():
         container, key = container_of(model, path)
@@ -69,10 +79,7 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
         module.weight = mx.array(pack(q, chosen[path].bits))
         module.scales = mx.array(scales)
         module.biases = mx.array(biases)
-    # Cast after quantizing: codes rounded from the fp32 weights, as the
-    # sensitivity probes rounded them (rounding fp16 weights in fp16 moves
-    # some codes a step), then scales and biases stored in the output dtype.
-    return cast_floats(model, DTYPES[dtype]), config
+    return model
 
 
 def model_bytes(model: nn.Module) -> int:

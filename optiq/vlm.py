@@ -275,18 +275,33 @@ class Calibrated:
         return logits_kl((ref, forward(model, s)) for s, ref in zip(self.samples, self.refs))
 
 
-def quantizable(model) -> list:
-    """[(path, module)]: every Linear and Embedding, vision tower and projector included."""
+def quantizable(model) -> tuple:
+    """([(path, module)], twins): every Linear and Embedding, vision tower and
+    projector included, less the twins the loader ties to another layer
+    ({kept path: [(twin path, module)]}, planned and written with it)."""
+    from .probe import tied_layers
     from .sensitivity import quantizable_layers
 
-    return quantizable_layers(model)
+    return tied_layers(quantizable_layers(model))
 
 
-def measure(model, samples, candidates, model_id: str = "", progress: bool = False) -> SensitivityTable:
+def rounding(model, samples, quantizer: str):
+    """MLX's rounding, or GPTQ with Grams over the calibration samples'
+    forward passes (not for tied layers: twins must share one set of codes)."""
+    from .probe import gram_rounding
+
+    layers, twins = quantizable(model)
+    untied = [(p, m) for p, m in layers if p not in twins]
+    return gram_rounding(model, untied, quantizer, lambda: (forward(model, s) for s in samples))
+
+
+def measure(model, samples, candidates, model_id: str = "", progress: bool = False, rounding=None) -> SensitivityTable:
     from .probe import probe_table
 
     cal = Calibrated(model, samples)
-    return probe_table(quantizable(model), candidates, lambda path: cal.kl()["kl_mean"], [s.input_ids for s in samples], model_id, "probe (vlm next-token logits after the image)", progress)
+    layers, twins = quantizable(model)
+    method = "probe (vlm next-token logits after the image)" + (f", {rounding.quantizer}" if rounding else "")
+    return probe_table(layers, candidates, lambda path: cal.kl()["kl_mean"], [s.input_ids for s in samples], model_id, method, progress, rounding, twins)
 
 
 # -- writing --------------------------------------------------------------------

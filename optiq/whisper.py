@@ -183,15 +183,23 @@ class Calibrated:
         )
 
 
-def measure(model, batches, candidates, model_id: str = "", progress: bool = False) -> SensitivityTable:
+def rounding(model, batches, quantizer: str):
+    """MLX's rounding, or GPTQ with Grams over the calibration speech's forward passes."""
+    from .probe import gram_rounding
+
+    return gram_rounding(model, quantizable(model), quantizer, lambda: (model.logits(t, model.embed_audio(mel)) for mel, t in batches))
+
+
+def measure(model, batches, candidates, model_id: str = "", progress: bool = False, rounding=None) -> SensitivityTable:
     """Every quantizable layer probed at every candidate (Whisper is small:
     a probe of a decoder layer reuses the cached encoder output)."""
     from .probe import probe_table
 
     cal = Calibrated(model, batches)
+    method = "probe (whisper decoder logits)" + (f", {rounding.quantizer}" if rounding else "")
     return probe_table(
         quantizable(model), candidates, lambda path: cal.kl(path.startswith("encoder."))["kl_mean"],
-        [t for _, t in batches], model_id, "probe (whisper decoder logits)", progress,
+        [t for _, t in batches], model_id, method, progress, rounding,
     )
 
 
@@ -216,10 +224,11 @@ def best_plan(table: SensitivityTable, target_bpw: float, method: str = "exact")
     return min(plans, key=lambda p: p.predicted_kl)
 
 
-def quantize(model, plan, dtype=mx.float16):
-    """The planned layers quantized in place at the plan's one width, then
-    every float (scales and biases too) cast to dtype, as optiq.quantize does."""
-    from .quantize import cast_floats
+def quantize(model, plan, dtype=mx.float16, codes=None):
+    """The planned layers quantized in place at the plan's one width (with
+    exactly `codes` where GPTQ gave them), then every float (scales and
+    biases too) cast to dtype, as optiq.quantize does."""
+    from .quantize import apply_codes, cast_floats
 
     chosen = {path: c for path, c in plan.assignments if c.bits < 16}
     widths = set(chosen.values())
@@ -230,6 +239,7 @@ def quantize(model, plan, dtype=mx.float16):
         (width,) = widths
         nn.quantize(model, group_size=width.group_size, bits=width.bits, class_predicate=lambda p, m: p in chosen)
         quantization = {"group_size": width.group_size, "bits": width.bits}
+    apply_codes(model, plan, codes)
     cast_floats(model, dtype)
     return quantization
 

@@ -143,6 +143,11 @@ def test_convert_plans_vision_and_language_and_stock_mlx_vlm_loads_it(tiny_vlm, 
     assert meta["effective_bpw"] <= 4.5 + 1e-9
     config = json.loads((converted / "config.json").read_text())
     assert any(k.startswith("vision_tower.") for k, v in config["quantization"].items() if isinstance(v, dict))
+    # mlx-vlm's Gemma 3 copies the embedding into lm_head on load: one plan entry, written identically.
+    family = json.loads((tiny_vlm / "config.json").read_text())["model_type"]
+    assert meta["tied"] == ({"language_model.model.embed_tokens": ["language_model.lm_head"]} if family == "gemma3" else {})
+    for kept, twins in meta["tied"].items():
+        assert all(config["quantization"][t] == config["quantization"][kept] for t in twins)
     # Stock mlx-vlm opens it: the planned layers are quantized at their planned widths.
     model, processor = load(str(converted))
     modules = dict(model.named_modules())
@@ -167,17 +172,25 @@ def test_written_codes_are_the_probed_codes(tiny_vlm, converted):
     from optiq.records import BitPlan
     from optiq.source import dequantized_fp32
 
+    from optiq.probe import with_twins
+
     model, processor = vlm.load(tiny_vlm)
     written, _ = vlm.load(converted, fp32=False)
-    plan = BitPlan.from_dict(json.loads((converted / "optiq_metadata.json").read_text())["plan"])
+    meta = json.loads((converted / "optiq_metadata.json").read_text())
+    plan = BitPlan.from_dict(meta["plan"])
+    assert meta["quantizer"] == "gptq"  # the default for vision-language models
+    layers, twins = vlm.quantizable(model)
+    assert {p: [t for t, _ in ts] for p, ts in twins.items()} == meta["tied"]
     sample = vlm.prepare(model, processor, vlm.draw("square", "blue", 2, "cat"), vlm.chat_prompt(model, processor, "Describe it."))
     from optiq import metrics
     from optiq.rounding import stored_as
 
     dtype = mx.bfloat16 if json.loads((tiny_vlm / "config.json").read_text())["torch_dtype"] == "bfloat16" else mx.float16
     float_logits = vlm.forward(model, sample)
-    with stored_as(dtype), simulated(model, plan.assignments):  # rounded as the output stores scales
-        expected = vlm.forward(model, sample)
+    with stored_as(dtype):  # rounded as the output stores scales, GPTQ's Grams from convert's calibration
+        rounding = vlm.rounding(model, vlm.calibration(model, processor, None, 4, seed=0), "gptq")
+        with simulated(model, with_twins(plan.assignments, twins), rounding):
+            expected = vlm.forward(model, sample)
     got = vlm.forward(dequantized_fp32(written), sample)
 
     def kl(p, q):
@@ -247,7 +260,7 @@ def fails(argv, command, capsys) -> str:
 def test_bad_vlm_input_is_a_clear_error(tiny_vlm, tiny_llama, tmp_path, capsys):
     assert "not a vision-language model" in fails([str(tiny_llama), "--model-type", "vlm", "-o", str(tmp_path / "x"), "--quiet"], "convert", capsys)
     assert not (tmp_path / "x").exists()
-    assert "neither --quantizer gptq" in fails([str(tiny_vlm), "--model-type", "vlm", "--quantizer", "gptq", "-o", str(tmp_path / "y"), "--quiet"], "convert", capsys)
+    assert "neither --refine-rounds" in fails([str(tiny_vlm), "--model-type", "vlm", "--refine-rounds", "1", "-o", str(tmp_path / "y"), "--quiet"], "convert", capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "missing.png", "question": "?", "options": ["a", "b"], "answer": 0}\n')
     assert "bad.jsonl:1" in fails([str(tiny_vlm), "--task", "ai2d", "--data", str(bad)], "eval", capsys)

@@ -78,18 +78,25 @@ def test_convert_plans_per_layer_and_stock_mlx_whisper_loads_it(tiny_whisper, sp
     assert 0 <= meta["measured"]["kl_mean"] < 10 and "baseline" in meta["measured"]
 
 
-def test_written_logits_equal_the_simulated_plan(tiny_whisper, speech_folder, tmp_path):
-    """What stock mlx-whisper opens computes what the probes simulated."""
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_written_logits_equal_the_simulated_plan(tiny_whisper, speech_folder, tmp_path, quantizer):
+    """What stock mlx-whisper opens computes what the probes simulated,
+    with MLX's rounding or with GPTQ's codes (Grams over the calibration speech)."""
     from optiq.evaluate import simulated
     from optiq.records import BitPlan
 
     out = tmp_path / "q"
-    assert run(["convert", str(tiny_whisper), "-o", str(out), "--candidate-bits", "4", "--target-bpw", "6", "--calibration", str(speech_folder), "--no-eval", "--quiet"]) == 0
-    plan = BitPlan.from_dict(json.loads((out / "optiq_metadata.json").read_text())["plan"])
+    assert run(["convert", str(tiny_whisper), "-o", str(out), "--candidate-bits", "4", "--target-bpw", "6", "--calibration", str(speech_folder), "--quantizer", quantizer, "--no-eval", "--quiet"]) == 0
+    meta = json.loads((out / "optiq_metadata.json").read_text())
+    plan = BitPlan.from_dict(meta["plan"])
+    assert meta["quantizer"] == quantizer and meta["sensitivity"]["method"].endswith(quantizer)
     reference = whisper.load(tiny_whisper)
-    mel, tokens = whisper.features(reference, whisper.read_speech(speech_folder))[0]
+    batches = whisper.features(reference, whisper.read_speech(speech_folder))
+    mel, tokens = batches[0]
+    rounding = whisper.rounding(reference, batches, quantizer)
+    assert bool(rounding.grams) == (quantizer == "gptq")
     written = whisper.load(out)
-    with simulated(reference, plan.assignments):
+    with simulated(reference, plan.assignments, rounding):
         want = np.array(reference(mel, tokens))
         for path, c in plan.assignments:  # the same codes the probes measured
             m = dict(written.named_modules())[path]

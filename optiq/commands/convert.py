@@ -38,7 +38,7 @@ class ConvertOptions:
     measure: str = field(default="anchors", metadata=dict(choices=["anchors", "all", "proxy"], help="probe every candidate; only --anchor-bits and predict the rest; or no probes (fast output-error estimator)"))
     anchor_bits: str = field(default="4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
-    quantizer: str = field(default="auto", metadata=dict(choices=["auto", "rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation, measured and written with the same rounding (auto: gptq; rtn for Whisper and for a model streamed from disk)"))
+    quantizer: str = field(default="auto", metadata=dict(choices=["auto", "rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation, measured and written with the same rounding (auto: gptq; rtn for a model streamed from disk)"))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8
@@ -286,10 +286,11 @@ def convert_in(opts: ConvertOptions, scope: contextlib.ExitStack) -> QuantizedWe
     path = resolve_model(opts.model)
     from .. import whisper
 
+    family_opts = dataclasses.replace(opts, quantizer="gptq" if opts.quantizer == "auto" else opts.quantizer)
     if opts.model_type == "whisper" or (opts.model_type == "auto" and whisper.is_whisper(path)):
-        return convert_whisper(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started, scope)
+        return convert_whisper(family_opts, path, candidates, out, started, scope)
     if opts.model_type == "vlm":
-        return convert_vlm(dataclasses.replace(opts, quantizer="rtn" if opts.quantizer == "auto" else opts.quantizer), path, candidates, out, started, scope)
+        return convert_vlm(family_opts, path, candidates, out, started, scope)
     stripped, extra = None, None
     if is_multimodal(path):
         if opts.keep_unused_modalities:
@@ -407,13 +408,14 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
     from ..plan import uniform_plan
     from ..rounding import stored_as
 
-    if opts.quantizer != "rtn" or opts.refine_rounds or opts.max_memory or opts.sensitivity:
-        raise OptiqError("Whisper models take neither --quantizer gptq, --refine-rounds, --max-memory nor --sensitivity")
+    if opts.refine_rounds or opts.max_memory or opts.sensitivity:
+        raise OptiqError("Whisper models take neither --refine-rounds, --max-memory nor --sensitivity")
     model = whisper.load(path)
     scope.enter_context(stored_as(mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16))
     log(opts, f"model: {path} (whisper, {model.dims.n_audio_layer} encoder + {model.dims.n_text_layer} decoder blocks, reference fp32)")
     batches = whisper.features(model, whisper.speech(opts.calibration, whisper.CALIBRATION_SENTENCES))
-    table = whisper.measure(model, batches, tuple(candidates) + (Candidate(16),), model_id=str(opts.model), progress=not opts.quiet)
+    rounding = whisper.rounding(model, batches, opts.quantizer)
+    table = whisper.measure(model, batches, tuple(candidates) + (Candidate(16),), model_id=str(opts.model), progress=not opts.quiet, rounding=rounding)
     plan = whisper.best_plan(table, opts.target_bpw, method=opts.method)
     log(opts, plan_summary(plan))
     rows = []
@@ -422,11 +424,13 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
         uniform = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
         with simulated(model, uniform.assignments):  # mlx's own rounding, every layer
             rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
-    quantization = whisper.quantize(model, plan, dtype=mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16)
+    codes = write_codes(rounding, model, plan)
+    quantization = whisper.quantize(model, plan, dtype=mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16, codes=codes)
     metadata = {
         "optiq_version": __version__,
         "source": str(opts.model),
         "model_type": "whisper",
+        "quantizer": opts.quantizer,
         "calibration": {"source": opts.calibration or "espeak-ng sentences", "n_samples": len(batches)},
         "plan": plan.to_dict(),
         "sensitivity": table.to_dict(),
@@ -463,21 +467,24 @@ def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started
     from ..evaluate import simulated
     from ..io import write_json
     from ..plan import plan_bits, uniform_plan
+    from ..probe import with_twins
     from ..quantize import DTYPES, model_bytes, quantize
     from ..rounding import stored_as
     from ..source import dequantized_fp32
 
-    if opts.quantizer != "rtn" or opts.refine_rounds or opts.max_memory or opts.sensitivity:
-        raise OptiqError("vision-language models take neither --quantizer gptq, --refine-rounds, --max-memory nor --sensitivity")
+    if opts.refine_rounds or opts.max_memory or opts.sensitivity:
+        raise OptiqError("vision-language models take neither --refine-rounds, --max-memory nor --sensitivity")
     model, processor = vlm.load(path)
     config = json.loads((Path(path) / "config.json").read_text())
     dtype = stored_dtype_name(opts, config)
     scope.enter_context(stored_as(DTYPES[dtype]))
-    layers = vlm.quantizable(model)
-    log(opts, f"model: {path} ({model.config.model_type}, vision-language, {len(layers)} quantizable layers, reference fp32)")
-    candidates = widen_defaults(opts, candidates, layers)
+    layers, twins = vlm.quantizable(model)
+    tied = {p: [t for t, _ in ts] for p, ts in twins.items()}
+    log(opts, f"model: {path} ({model.config.model_type}, vision-language, {len(layers)} quantizable layers{f', tied: {tied}' if tied else ''}, reference fp32)")
+    candidates = widen_defaults(opts, candidates, layers + [t for ts in twins.values() for t in ts])
     samples = vlm.calibration(model, processor, opts.calibration, opts.n_calibration, opts.seed)
-    table = vlm.measure(model, samples, candidates, model_id=str(opts.model), progress=not opts.quiet)
+    rounding = vlm.rounding(model, samples, opts.quantizer)
+    table = vlm.measure(model, samples, candidates, model_id=str(opts.model), progress=not opts.quiet, rounding=rounding)
     protect = [p for p in opts.protect.split(",") if p.strip()]
     plan = plan_bits(table, opts.target_bpw, method=opts.method, protect=protect, protect_bits=opts.protect_bits)
     log(opts, plan_summary(plan))
@@ -485,13 +492,16 @@ def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started
     if not opts.no_eval:
         held_out = vlm.Calibrated(model, vlm.calibration(model, processor, opts.eval_data, opts.n_eval, opts.seed + 1))
         uniform = uniform_plan(table, baseline_candidate(candidates, opts.target_bpw))
-        with simulated(model, uniform.assignments):  # mlx's own rounding, every layer
+        with simulated(model, with_twins(uniform.assignments, twins)):  # mlx's own rounding, every layer
             rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
-    qmodel, qconfig = quantize(model, config, plan, dtype=dtype)
+    codes = write_codes(rounding, model, plan)
+    qmodel, qconfig = quantize(model, config, attrs.evolve(plan, assignments=with_twins(plan.assignments, twins)), dtype=dtype, codes=codes)
     metadata = {
         "optiq_version": __version__,
         "source": str(opts.model),
         "model_type": "vlm",
+        "quantizer": opts.quantizer,
+        "tied": tied,
         "calibration": {"source": opts.calibration or "drawn scenes", "n_samples": len(samples), "seed": opts.seed},
         "plan": plan.to_dict(),
         "sensitivity": table.to_dict(),
