@@ -27,6 +27,8 @@ from .errors import OptiqError
 from .records import Candidate, LayerSensitivity, SensitivityTable
 
 ROW_SLAB = 1 << 20  # weights per slab of rows (quantizing, probing and estimating large layers)
+
+
 def fake_quantize(weight: mx.array, candidate: Candidate) -> mx.array:
     """The fp32 weight a layer holds after quantize-then-dequantize."""
     from .rounding import stored_dtype
