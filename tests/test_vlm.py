@@ -285,3 +285,29 @@ def test_auto_strips_an_mlx_vlm_checkpoint_to_text(tiny_vlm, tmp_path):
     source = mx.load(str(tiny_vlm / "model.safetensors"))
     for name, value in tree_flatten(model.parameters()):
         assert mx.array_equal(value, source["language_model." + name]), name
+
+
+def test_language_probes_reuse_the_vision_towers_outputs(tiny_vlm):
+    """A language-layer probe reads the remembered vision outputs and gets
+    the KL a full forward gets; a vision-layer probe must recompute them."""
+    from optiq.sensitivity import container_of
+
+    model, processor = vlm.load(tiny_vlm)
+    cal = vlm.Calibrated(model, vlm.calibration(model, processor, None, 3, seed=0, answer_tokens=4))
+    assert cal.remembers and len(cal.tower_outputs) == 3  # one per image
+    layers, _ = vlm.quantizable(model)
+    for prefix in ("language_model.", "vision_tower."):
+        path = next(p for p, _ in layers if p.startswith(prefix) and "embed" not in p)
+        container, key = container_of(model, path)
+        weight = container[key].weight
+        container[key].weight = mx.zeros_like(weight)  # a change the random Gemma 3 also notices
+        try:
+            full, remembered = (cal.kl(vision_changed=v)["kl_mean"] for v in (True, False))
+        finally:
+            container[key].weight = weight
+        assert full > 1e-5
+        if prefix == "language_model.":
+            assert remembered == full
+        else:  # the remembered outputs are the unperturbed tower's: measure_weights never uses them here
+            assert remembered < full
+    assert type(model["vision_tower"]).__name__ != "RememberedTower"  # restored
