@@ -171,7 +171,6 @@ def test_bad_vlm_input_is_a_clear_error(tiny_vlm, tiny_llama, tmp_path, capsys):
     assert not (tmp_path / "z").exists()
 
 
-
 def test_auto_strips_an_mlx_vlm_checkpoint_to_text(tiny_vlm, tmp_path):
     """Without --model-type vlm a checkpoint in mlx-vlm's layout (as
     mlx-community publishes them) becomes a text model stock mlx-lm opens,
