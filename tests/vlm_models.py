@@ -6,7 +6,12 @@ import json
 
 import mlx.core as mx
 
-from conftest import TEXT
+# The tokenizer's training text (not conftest's: importing conftest would
+# point a benchmark's optiq cache at the tests' one).
+TEXT = (
+    "A red circle and two blue squares sit above the word cat. How many shapes are there? "
+    "Which colour is the triangle? The answer is A, B, C or D. Describe this image in one sentence. "
+) * 20
 
 # Chat layouts as the real checkpoints spell them: Qwen2-VL's image is
 # vision_start, image_pad, vision_end; Gemma 3's is start_of_image, which its
