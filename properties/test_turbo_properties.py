@@ -26,8 +26,10 @@ def test_mse_within_the_bound_and_near_the_reported_values(d, bits, seed):
     planes, norms = turbo.quantize_mse(x, turbo.rotation(d, seed), bits)
     err = mx.mean(mx.sum((x - turbo.dequantize_mse(planes, norms, turbo.rotation(d, seed), bits)) ** 2, axis=-1)).item()
     assert err <= turbo.mse_bound(bits)
-    # The paper rounds (0.36, 0.117, 0.03, 0.009); the exact Lloyd-Max values sit within 15%.
-    assert abs(err - turbo.PAPER_MSE[bits]) <= 0.15 * turbo.PAPER_MSE[bits]
+    # The paper rounds (0.36, 0.117, 0.03, 0.009) to one or two digits: 3 bits'
+    # exact value is 0.0343 at d=256 (14% above 0.03), and 2000 samples add
+    # about 1% noise, so the paper's figures are checked to 20%.
+    assert abs(err - turbo.PAPER_MSE[bits]) <= 0.20 * turbo.PAPER_MSE[bits]
     # and the solved codebook predicts the measured error
     assert abs(err - turbo.codebook(d, bits).mse) <= 0.05 * turbo.codebook(d, bits).mse
 
