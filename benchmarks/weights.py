@@ -127,11 +127,10 @@ def main():
     spec = gemma3_model() if args.model == "gemma3" else args.model
     name = args.model or "SmolLM2-135M-Instruct"
     loaded = load_reference(resolve_model(spec))
-    from optiq.quantize import DTYPES
+    from optiq.quantize import DTYPES, output_dtype
     from optiq.rounding import store_as
 
-    # Simulated quantization rounds scales as the written model would store them (bf16 for Gemma).
-    store_as(DTYPES["bfloat16" if loaded.config.get("torch_dtype") == "bfloat16" else "float16"])
+    store_as(DTYPES[output_dtype(loaded.config)])  # round scales as a written model stores them (bf16 for Gemma)
     cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
     cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
     ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)

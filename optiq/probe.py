@@ -42,9 +42,9 @@ class GramRecorder(nn.Module):
         return self.linear(x)
 
 
-def record_grams(model, layers, run) -> dict:
-    """{path: X^T X} of every Linear's inputs over `run()` (the calibration
-    forward passes, each followed by mx.eval of the Grams it returns)."""
+def record_grams(model, layers, forward_each) -> dict:
+    """{path: X^T X} of every Linear's inputs over the calibration forward
+    passes that iterating forward_each() runs, one at a time."""
     from .sensitivity import container_of
 
     swapped = []
@@ -54,7 +54,8 @@ def record_grams(model, layers, run) -> dict:
                 container, key = container_of(model, path)
                 container[key] = GramRecorder(module)
                 swapped.append((path, container, key, module))
-        run([container[key] for _, container, key, _ in swapped])
+        for _ in forward_each():
+            mx.eval([container[key].gram for _, container, key, _ in swapped])
     finally:
         grams = {}
         for path, container, key, module in swapped:
@@ -94,12 +95,7 @@ def gram_rounding(model, layers, quantizer: str, forward_each) -> Rounding:
     forward_each() (every calibration forward pass, in order)."""
     if quantizer != "gptq":
         return Rounding(quantizer)
-
-    def run(recorders):
-        for _ in forward_each():
-            mx.eval([r.gram for r in recorders])
-
-    return Rounding(quantizer, record_grams(model, layers, run))
+    return Rounding(quantizer, record_grams(model, layers, forward_each))
 
 
 def tied_layers(layers) -> tuple:

@@ -19,6 +19,13 @@ from .records import BitPlan
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
+def output_dtype(config: dict, override=None) -> str:
+    """The dtype a written model stores scales, biases and float layers in
+    (and so what every simulated quantization rounds through): the override
+    (--dtype), else bf16 for a bf16 model, else fp16."""
+    return override or ("bfloat16" if config.get("torch_dtype") == "bfloat16" else "float16")
+
+
 def plan_predicate(plan: BitPlan):
     """mlx-lm's quant_predicate for a plan: a dict per planned layer, else keep float."""
     chosen = plan.as_dict()

@@ -120,6 +120,17 @@ class Loaded:
     reference: str  # "fp32" or "dequantized"
 
 
+def read_config(folder) -> dict:
+    """A model folder's config.json, or {} where there is none (or it is not a JSON object)."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def to_fp32(model: nn.Module) -> nn.Module:
     model.update(
         tree_map(

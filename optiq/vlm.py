@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import metrics
-from .errors import OptiqError
+from .errors import OptiqError, require_extra
 from .records import SensitivityTable
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (235, 200, 20), "purple": (140, 50, 170), "orange": (245, 130, 20)}
@@ -43,20 +43,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def require():
-    try:
-        import mlx_vlm  # noqa: F401
-    except ImportError as exc:
-        raise OptiqError(f"vision-language models need mlx-vlm: pip install 'optiq[vlm]' ({exc})")
+    require_extra("mlx_vlm", "vision-language models", "vlm")
 
 
 def is_vlm(path) -> bool:
     """A checkpoint whose config.json carries a vision_config."""
-    config = Path(path) / "config.json"
-    try:
-        keys = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(keys, dict) and isinstance(keys.get("vision_config"), dict)
+    from .source import read_config
+
+    return isinstance(read_config(path).get("vision_config"), dict)
 
 
 def load(path, fp32: bool = True):
@@ -412,10 +406,11 @@ def choices(model, processor, items) -> dict:
     """Multiple-choice accuracy: the option whose letter the model rates most
     likely as the first answer token."""
     picks, correct = [], 0
+    letters = letter_ids(processor, max(len(options) for _, _, options, _ in items))
     for image, question, options, truth in items:
         sample = prepare(model, processor, image, chat_prompt(model, processor, choice_prompt(question, options)))
         logits = forward(model, sample)[0, -1]
-        pick = int(np.argmax(np.asarray(logits[mx.array(letter_ids(processor, len(options)))])))
+        pick = int(np.argmax(np.asarray(logits[mx.array(letters[: len(options)])])))
         picks.append(pick)
         correct += pick == truth
     return {"accuracy": correct / len(items), "n_questions": len(items), "picks": picks}

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import metrics
-from .errors import OptiqError
+from .errors import OptiqError, require_extra
 from .records import SensitivityTable
 
 SAMPLE_RATE = 16000
@@ -42,24 +42,15 @@ EVAL_SENTENCES = (
 
 
 def require():
-    try:
-        import mlx_whisper  # noqa: F401
-    except ImportError as exc:
-        raise OptiqError(f"Whisper models need mlx-whisper: pip install 'optiq[whisper]' ({exc})")
+    require_extra("mlx_whisper", "Whisper models", "whisper")
 
 
 def is_whisper(path) -> bool:
     """mlx-whisper's layout: config.json holds Whisper's ModelDimensions."""
-    import json
+    from .source import read_config
 
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        keys = json.loads(config.read_text())
-    except ValueError:
-        return False
-    return isinstance(keys, dict) and "n_mels" in keys and "n_audio_ctx" in keys
+    config = read_config(path)
+    return "n_mels" in config and "n_audio_ctx" in config
 
 
 def load(path, dtype=mx.float32):

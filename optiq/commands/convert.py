@@ -165,7 +165,9 @@ def sensitivity_table(opts, loaded, tokens, candidates, cal) -> SensitivityTable
         except (ValueError, KeyError, TypeError) as exc:
             raise OptiqError(f"--sensitivity {opts.sensitivity}: not a sensitivity table ({exc})")
     anchors = {"all": None, "proxy": set()}.get(opts.measure, set(int_list(opts.anchor_bits)))
-    dtype = stored_dtype_name(opts, loaded.config)  # scales rounded through it: part of what a probe measures
+    from ..quantize import output_dtype
+
+    dtype = output_dtype(loaded.config, opts.dtype)  # scales rounded through it: part of what a probe measures
     key = f"{folder_digest(loaded.path)}-{digest(tokens)}-n{opts.n_calibration}-s{opts.kl_stride}-{opts.quantizer}" + ("" if dtype == "float16" else f"-{dtype}")
     calibrated = cal()
     return measure_weights(
@@ -246,9 +248,26 @@ def write_codes(cal, model, plan) -> dict:
     return codes
 
 
-def stored_dtype_name(opts, config: dict) -> str:
-    """The dtype the output stores scales, biases and float layers in: --dtype, else the model's."""
-    return opts.dtype or ("bfloat16" if config.get("torch_dtype") == "bfloat16" else "float16")
+def record_measured(out: Path, metadata: dict, rows: list, plan, measured: dict, eval_label: str, **extra) -> dict:
+    """The written model's held-out quality beside the baseline row: appended
+    to `rows`, kept in the metadata (rewritten in `out`), the table printed."""
+    from ..io import write_json
+
+    rows.append((f"optiq {plan.method}", plan.effective_bpw, measured))
+    base_name, base_bpw, base_q = rows[0]
+    metadata["measured"] = {"eval": eval_label, **extra, **measured, "baseline": {"name": base_name, "effective_bpw": base_bpw, **base_q}}
+    write_json(out / "optiq_metadata.json", metadata)
+    print(results_table(rows))
+    return measured
+
+
+def family_metadata(opts, model_type: str, calibration: dict, plan, table, **extra) -> dict:
+    """optiq_metadata.json of a Whisper or vision-language conversion."""
+    return {
+        "optiq_version": __version__, "source": str(opts.model), "model_type": model_type, "quantizer": opts.quantizer, **extra,
+        "calibration": calibration, "plan": plan.to_dict(), "sensitivity": table.to_dict(),
+        "effective_bpw": plan.effective_bpw, "predicted_kl": plan.predicted_kl,
+    }
 
 
 def convert(opts: ConvertOptions) -> QuantizedWeights:
@@ -267,9 +286,9 @@ def convert_in(opts: ConvertOptions, scope: contextlib.ExitStack) -> QuantizedWe
     from .. import distributed
     from ..calibration import load_calibration, split_calibration
     from ..evaluate import quality, reference_batches, simulated
-    from ..io import check_output, write_json
+    from ..io import check_output
     from ..plan import plan_bits, uniform_plan
-    from ..quantize import DTYPES, model_bytes, quantize, save_model_folder
+    from ..quantize import DTYPES, model_bytes, output_dtype, quantize, save_model_folder
     from ..rounding import stored_as
     from ..source import dequantized_fp32, resolve_model
     from ..refine import refine
@@ -299,7 +318,7 @@ def convert_in(opts: ConvertOptions, scope: contextlib.ExitStack) -> QuantizedWe
             path, stripped = strip_cached(path)
             log(opts, f"stripped {stripped.family} vision/audio parts: {stripped.removed_bytes / 2**20:.1f} MiB removed ({', '.join(stripped.removed_prefixes)})")
     loaded, streamed = load_within(path, opts.max_memory)
-    dtype = stored_dtype_name(opts, loaded.config)
+    dtype = output_dtype(loaded.config, opts.dtype)
     scope.enter_context(stored_as(DTYPES[dtype]))
     if opts.quantizer == "auto":  # GPTQ's probes and codes hold whole layers: not yet within a streaming budget
         opts = dataclasses.replace(opts, quantizer="rtn" if streamed else "gptq")
@@ -378,19 +397,8 @@ def convert_in(opts: ConvertOptions, scope: contextlib.ExitStack) -> QuantizedWe
         # Measure what was written, opened by stock mlx-lm, with fp32 activations.
         written, _ = mlx_load(str(out))
         q = quality(dequantized_fp32(written), eval_tokens, refs)
-        rows.append((f"optiq {plan.method}", plan.effective_bpw, q))
-        measured = dict(q)
-        base_name, base_bpw, base_q = rows[0]
-        metadata["measured"] = {
-            "eval": opts.eval_data or "self-sampled (seed + 1)",
-            "n_tokens": int(eval_tokens.size),
-            **measured,
-            "baseline": {"name": base_name, "effective_bpw": base_bpw, **base_q},
-        }
-        write_json(out / "optiq_metadata.json", metadata)
+        measured = record_measured(out, metadata, rows, plan, dict(q), opts.eval_data or "self-sampled (seed + 1)", n_tokens=int(eval_tokens.size))
     mx.clear_cache()
-    if rows:
-        print(results_table(rows))
     log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s; peak memory {mx.get_peak_memory() / 2**20:.0f} MiB")
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
 
@@ -400,18 +408,17 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
     over calibration speech, the exact plan mlx-whisper's loader can hold (one
     quantized width, float elsewhere), written in mlx-whisper's layout and
     measured as stock mlx-whisper opens it."""
-    import mlx.core as mx
-
     from .. import whisper
     from ..evaluate import simulated
-    from ..io import write_json
     from ..plan import uniform_plan
+    from ..quantize import DTYPES, output_dtype
     from ..rounding import stored_as
 
     if opts.refine_rounds or opts.max_memory or opts.sensitivity:
         raise OptiqError("Whisper models take neither --refine-rounds, --max-memory nor --sensitivity")
     model = whisper.load(path)
-    scope.enter_context(stored_as(mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16))
+    dtype = DTYPES[output_dtype({}, opts.dtype)]  # mlx-whisper's config names no dtype: fp16 unless --dtype
+    scope.enter_context(stored_as(dtype))
     log(opts, f"model: {path} (whisper, {model.dims.n_audio_layer} encoder + {model.dims.n_text_layer} decoder blocks, reference fp32)")
     batches = whisper.features(model, whisper.speech(opts.calibration, whisper.CALIBRATION_SENTENCES))
     rounding = whisper.rounding(model, batches, opts.quantizer)
@@ -425,26 +432,13 @@ def convert_whisper(opts: ConvertOptions, path: Path, candidates, out: Path, sta
         with simulated(model, uniform.assignments):  # mlx's own rounding, every layer
             rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
     codes = write_codes(rounding, model, plan)
-    quantization = whisper.quantize(model, plan, dtype=mx.bfloat16 if opts.dtype == "bfloat16" else mx.float16, codes=codes)
-    metadata = {
-        "optiq_version": __version__,
-        "source": str(opts.model),
-        "model_type": "whisper",
-        "quantizer": opts.quantizer,
-        "calibration": {"source": opts.calibration or "espeak-ng sentences", "n_samples": len(batches)},
-        "plan": plan.to_dict(),
-        "sensitivity": table.to_dict(),
-        "effective_bpw": plan.effective_bpw,
-        "predicted_kl": plan.predicted_kl,
-    }
+    quantization = whisper.quantize(model, plan, dtype=dtype, codes=codes)
+    calibration = {"source": opts.calibration or "espeak-ng sentences", "n_samples": len(batches)}
+    metadata = family_metadata(opts, "whisper", calibration, plan, table)
     whisper.save(out, model, path, quantization, metadata, force=opts.force)
     measured = {}
     if rows:  # what was written, opened by stock mlx-whisper
-        measured = held_out.kl(model=whisper.load(out))
-        rows.append((f"optiq {plan.method}", plan.effective_bpw, measured))
-        metadata["measured"] = {"eval": opts.eval_data or "espeak-ng sentences", **measured, "baseline": {"name": rows[0][0], "effective_bpw": rows[0][1], **rows[0][2]}}
-        write_json(out / "optiq_metadata.json", metadata)
-        print(results_table(rows))
+        measured = record_measured(out, metadata, rows, plan, held_out.kl(model=whisper.load(out)), opts.eval_data or "espeak-ng sentences")
     from mlx_lm.utils import compute_bits_per_weight
 
     nbytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -458,25 +452,22 @@ def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started
     the next-token logits after each calibration image, the exact mixed plan
     (mlx-vlm reads mlx-lm's per-layer entries), written in mlx-vlm's layout
     and measured as stock mlx_vlm.load opens it."""
-    import json
-
     import mlx.core as mx
     from mlx_lm.utils import compute_bits_per_weight
 
     from .. import vlm
     from ..evaluate import simulated
-    from ..io import write_json
     from ..plan import plan_bits, uniform_plan
     from ..probe import with_twins
-    from ..quantize import DTYPES, model_bytes, quantize
+    from ..quantize import DTYPES, model_bytes, output_dtype, quantize
     from ..rounding import stored_as
-    from ..source import dequantized_fp32
+    from ..source import dequantized_fp32, read_config
 
     if opts.refine_rounds or opts.max_memory or opts.sensitivity:
         raise OptiqError("vision-language models take neither --refine-rounds, --max-memory nor --sensitivity")
     model, processor = vlm.load(path)
-    config = json.loads((Path(path) / "config.json").read_text())
-    dtype = stored_dtype_name(opts, config)
+    config = read_config(path)
+    dtype = output_dtype(config, opts.dtype)
     scope.enter_context(stored_as(DTYPES[dtype]))
     layers, twins = vlm.quantizable(model)
     tied = {p: [t for t, _ in ts] for p, ts in twins.items()}
@@ -496,28 +487,14 @@ def convert_vlm(opts: ConvertOptions, path: Path, candidates, out: Path, started
             rows.append((f"uniform {uniform.method.split()[-1]}", uniform.effective_bpw, held_out.kl()))
     codes = write_codes(rounding, model, plan)
     qmodel, qconfig = quantize(model, config, attrs.evolve(plan, assignments=with_twins(plan.assignments, twins)), dtype=dtype, codes=codes)
-    metadata = {
-        "optiq_version": __version__,
-        "source": str(opts.model),
-        "model_type": "vlm",
-        "quantizer": opts.quantizer,
-        "tied": tied,
-        "calibration": {"source": opts.calibration or "drawn scenes", "n_samples": len(samples), "seed": opts.seed},
-        "plan": plan.to_dict(),
-        "sensitivity": table.to_dict(),
-        "effective_bpw": plan.effective_bpw,
-        "predicted_kl": plan.predicted_kl,
-    }
+    calibration = {"source": opts.calibration or "drawn scenes", "n_samples": len(samples), "seed": opts.seed}
+    metadata = family_metadata(opts, "vlm", calibration, plan, table, tied=tied)
     nbytes, mlx_bpw = model_bytes(qmodel), float(compute_bits_per_weight(qmodel))
     vlm.save(out, qmodel, qconfig, path, metadata, force=opts.force)
     measured = {}
     if rows:  # what was written, opened by stock mlx-vlm
         written, _ = vlm.load(out, fp32=False)
-        measured = held_out.kl(model=dequantized_fp32(written))
-        rows.append((f"optiq {plan.method}", plan.effective_bpw, measured))
-        metadata["measured"] = {"eval": opts.eval_data or "drawn scenes (seed + 1)", **measured, "baseline": {"name": rows[0][0], "effective_bpw": rows[0][1], **rows[0][2]}}
-        write_json(out / "optiq_metadata.json", metadata)
-        print(results_table(rows))
+        measured = record_measured(out, metadata, rows, plan, held_out.kl(model=dequantized_fp32(written)), opts.eval_data or "drawn scenes (seed + 1)")
     mx.clear_cache()
     log(opts, f"wrote {out} ({nbytes / 2**20:.1f} MiB, mlx bits/weight {mlx_bpw:.3f}) in {time.time() - started:.0f}s")
     return QuantizedWeights(path=str(out), plan=plan, bytes=nbytes, mlx_bits_per_weight=mlx_bpw, measured=measured)
