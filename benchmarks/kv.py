@@ -67,8 +67,8 @@ def measure_plans(model, tok, args):
             continue
         plan = plan_kv(table.restricted(keep), args.target_bits, n_layers=len(model.layers), sliding=sliding)
         plans[f"optiq plan {args.target_bits:g}{label}"] = plan
-        print(f"plan{label}: {plan.average_bits:.3f} average bits ({plan.effective_bits:.3f} effective; {plan.long_context_bits:.3f} over the full-attention layers), predicted KL {plan.predicted_kl:.4f}")
-        print("  " + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}{'/' + str(e['v_bits']) if 'v_bits' in e else ''}" for e in plan.layers))
+        print(f"plan{label}: {plan.average_bits:.3f} average bits ({plan.effective_bits:.3f} effective; {plan.long_context_bits or plan.average_bits:.3f} over the full-attention layers), predicted KL {plan.predicted_kl:.4f}")
+        print("  " + " ".join(f"{e.layer_idx}:{'t' if e.mode == 'turbo' else ''}{e.bits}{'/' + str(e.v_bits) if e.v_bits else ''}" for e in plan.layers))
     return table, plans, seconds
 
 

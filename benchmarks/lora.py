@@ -35,9 +35,9 @@ def default_model() -> str:
 
     out = cache_dir() / "bench" / "SmolLM2-135M-Instruct-optiq-4.5bpw"
     if not (out / "optiq_metadata.json").exists():
-        from optiq.cli import main as cli
+        from optiq.pipeline import ConvertConfig, convert
 
-        cli(["convert", "-o", str(out), "--force"])
+        convert(ConvertConfig(output=str(out), force=True))
     return str(out)
 
 
@@ -68,7 +68,7 @@ def run_rule(model_path, data, scaling, rank, budget, args, iters=None, n_test=N
     import mlx_lm
 
     from optiq.cpu import adapt_for_cpu
-    from optiq.lora.plan import layer_signals, plan_lora
+    from optiq.lora.plan import plan_lora, weight_signals
     from optiq.lora.train import apply_plan, load_datasets, target_dims, train
     from optiq.tasks import gsm8k, read_gsm8k
 
@@ -79,8 +79,8 @@ def run_rule(model_path, data, scaling, rank, budget, args, iters=None, n_test=N
     model, tok = mlx_lm.load(model_path)
     adapt_for_cpu(model)
     meta = Path(model_path) / "optiq_metadata.json"
-    bits, kl = layer_signals(json.loads(meta.read_text())) if meta.exists() else ({}, {})
-    plan = plan_lora(target_dims(model), rank, scaling, bits, kl, budget)
+    weight_plan, table = weight_signals(json.loads(meta.read_text())) if meta.exists() else (None, None)
+    plan = plan_lora(target_dims(model), rank, scaling, weight_plan, table, budget)
     apply_plan(model, plan)
     tr, va = load_datasets(data, tok, True)
     with tempfile.TemporaryDirectory() as work:

@@ -36,7 +36,7 @@ def configs(bits_list):
 def make_caches(model, mode, bits):
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
-    from optiq.kv.turbo import make_turbo_cache
+    from optiq.kv.caches import make_turbo_cache
 
     if mode == "turbo":
         return make_turbo_cache(model, bits)
@@ -60,7 +60,7 @@ def distortion(d=64, n=4000):
     import mlx.core as mx
     import numpy as np
 
-    from optiq import turbo
+    from optiq import turboquant as turbo
 
     x = np.random.default_rng([7, 99]).standard_normal((n, d)).astype(np.float32)
     x = mx.array(x / np.linalg.norm(x, axis=1, keepdims=True))
@@ -84,7 +84,7 @@ def attention_error(model, tokens, bits_list):
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    from optiq.kv.turbo import TurboQuantKVCache, turbo_attention
+    from optiq.kv.turbo_cache import TurboQuantKVCache, turbo_attention
 
     caches = make_prompt_cache(model)
     captured = {}

@@ -71,7 +71,7 @@ def main():
     from mlx_vlm import convert as vlm_convert
 
     from optiq import vlm
-    from optiq.commands.convert import ConvertOptions, convert
+    from optiq.pipeline import ConvertConfig, Report, convert
     from optiq.evaluate import simulated
     from optiq.records import Candidate
 
@@ -99,8 +99,8 @@ def main():
         t = time.time()
         out = work / f"optiq-{quantizer}"
         # float (16) is a candidate too: mlx-vlm's row keeps whole towers float
-        convert(ConvertOptions(model=str(source), output=str(out), target_bpw=target, model_type="vlm", quantizer=quantizer,
-                               candidate_bits="4,5,6,8,16", n_calibration=args.n_calibration, no_eval=True, quiet=True))
+        convert(ConvertConfig(model=str(source), output=str(out), target_bpw=target, model_type="vlm", quantizer=quantizer,
+                              bits=(4, 5, 6, 8, 16), n_calibration=args.n_calibration, evaluate=False), Report(quiet=True))
         rows.append(dict(method=f"optiq exact, {quantizer}, 4-8 bits or float", **measured(out, held_out, float_choice["picks"], items), seconds=time.time() - t))
 
     # Uniform 4-bit over every layer that group 64 divides, the vision tower included.

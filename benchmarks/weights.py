@@ -53,12 +53,11 @@ def predicate_plan(table, predicate, model, default):
     """A BitPlan from an mlx-lm quant predicate (recipes, dynamic_quant)."""
     from optiq.plan import effective_bpw
     from optiq.records import BitPlan, Candidate
-    from optiq.sensitivity import container_of
+    from optiq.model_tree import module_at
 
     assignments, kl = [], 0.0
     for layer in table.layers:
-        container, key = container_of(model, layer.path)
-        choice = predicate(layer.path, container[key])
+        choice = predicate(layer.path, module_at(model, layer.path))
         if choice is False:
             continue
         c = Candidate(**{k: choice[k] for k in ("bits", "group_size")}) if isinstance(choice, dict) else default
@@ -118,8 +117,10 @@ def main():
     from optiq.records import Candidate
     import attrs
 
+    from optiq.probes import measure_weights, rounding_for
+    from optiq.reference import reference_pass
     from optiq.refine import plan_kl, refine
-    from optiq.sensitivity import Calibrated, measure_weights
+    from optiq.rounding import DTYPES, Rounding
     from optiq.source import load_reference, resolve_model
 
     if not WIKITEXT.exists():
@@ -127,17 +128,16 @@ def main():
     spec = gemma3_model() if args.model == "gemma3" else args.model
     name = args.model or "SmolLM2-135M-Instruct"
     loaded = load_reference(resolve_model(spec))
-    from optiq.quantize import DTYPES, output_dtype
-    from optiq.rounding import store_as
+    from optiq.quantize import output_dtype
 
-    store_as(DTYPES[output_dtype(loaded.config)])  # round scales as a written model stores them (bf16 for Gemma)
+    dtype = DTYPES[output_dtype(loaded.config)]  # round scales as a written model stores them (bf16 for Gemma)
     cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
     cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
     ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
     refs = reference_batches(loaded.model, ev, batch_size=4)
 
-    def measure(assignments, cal=None):
-        with simulated(loaded.model, assignments, cal):
+    def measure(assignments, rounding=None):
+        with simulated(loaded.model, assignments, rounding or Rounding("rtn", dtype)):
             return quality(loaded.model, ev, refs, batch_size=4)
 
     bits = (2, 3, 4, 5, 6, 8)
@@ -149,8 +149,9 @@ def main():
     mx.eval(loaded.model(mx.array(cal[: min(8, len(cal))])))
     t_forward = (time.time() - t0) * len(cal) / min(8, len(cal))  # one full pass over the calibration set
     t0 = time.time()
-    rtn_cal = Calibrated(loaded.model, cal, 8, args.kl_stride)
-    table = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride, calibrated=rtn_cal)
+    rtn_cal = reference_pass(loaded.model, cal, 8, args.kl_stride)
+    rtn = rounding_for(rtn_cal, "rtn", dtype)
+    table = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride, reference=rtn_cal, rounding=rtn)
     t_sens = time.time() - t0
     n_probes = sum(sum(l.measured) for l in table.layers)
     rows = []
@@ -175,7 +176,7 @@ def main():
             rows.append(row(f"optiq {method}", plan, measure(plan.assignments), time.time() - t0 + t_sens, {"predicted_kl": plan.predicted_kl}))
     main_t = args.main_target
     t0 = time.time()
-    proxy = measure_weights(loaded.model, cal, cands, anchors=set(), kl_stride=args.kl_stride, calibrated=rtn_cal)
+    proxy = measure_weights(loaded.model, cal, cands, anchors=set(), kl_stride=args.kl_stride, reference=rtn_cal, rounding=rtn)
     t_proxy = time.time() - t0
     plan = plan_bits(proxy, main_t)
     from scipy.stats import spearmanr
@@ -185,27 +186,28 @@ def main():
     exact_main = plan_bits(table, main_t)
     if args.refine_rounds > 0:
         t0 = time.time()
-        refined, history = refine(rtn_cal, table, exact_main, main_t, rounds=args.refine_rounds)
+        refined, history = refine(rtn_cal, rtn, table, exact_main, main_t, rounds=args.refine_rounds)
         rows.append(row("optiq exact + refine", refined, measure(refined.assignments), t_sens + time.time() - t0,
                         {"refine_rounds": [attrs.asdict(h) for h in history], "predicted_kl": refined.predicted_kl}))
     # additivity: the sum of single-layer KLs against the plan's measured KL, on the calibration set
-    additivity = {"predicted_kl": exact_main.predicted_kl, "measured_calibration_kl": plan_kl(rtn_cal, exact_main)}
+    additivity = {"predicted_kl": exact_main.predicted_kl, "measured_calibration_kl": plan_kl(rtn_cal, rtn, exact_main)}
     if not args.no_gptq:
         t0 = time.time()
-        gptq_cal = Calibrated(loaded.model, cal, 8, args.kl_stride, quantizer="gptq")
-        gtable = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride, calibrated=gptq_cal)
+        gptq_cal = reference_pass(loaded.model, cal, 8, args.kl_stride)
+        gptq = rounding_for(gptq_cal, "gptq", dtype)
+        gtable = measure_weights(loaded.model, cal, cands, anchors=anchors, kl_stride=args.kl_stride, reference=gptq_cal, rounding=gptq)
         t_g = time.time() - t0
         uni = [c for c in cands if abs(c.effective_bits - main_t) < 1e-9]
         if uni:
             up = uniform_plan(gtable, uni[0])
-            rows.append(row(f"uniform {uni[0].bits}-bit g{uni[0].group_size}, GPTQ", up, measure(up.assignments, gptq_cal), t_g))
+            rows.append(row(f"uniform {uni[0].bits}-bit g{uni[0].group_size}, GPTQ", up, measure(up.assignments, gptq), t_g))
         gplan = plan_bits(gtable, main_t)
-        rows.append(row("optiq exact, GPTQ", gplan, measure(gplan.assignments, gptq_cal), t_g, {"predicted_kl": gplan.predicted_kl}))
+        rows.append(row("optiq exact, GPTQ", gplan, measure(gplan.assignments, gptq), t_g, {"predicted_kl": gplan.predicted_kl}))
         if args.refine_rounds > 0 and args.gptq_refine:
             t0 = time.time()
-            grefined, _ = refine(gptq_cal, gtable, gplan, main_t, rounds=args.refine_rounds)
-            rows.append(row("optiq exact, GPTQ + refine", grefined, measure(grefined.assignments, gptq_cal), t_g + time.time() - t0))
-        del gptq_cal
+            grefined, _ = refine(gptq_cal, gptq, gtable, gplan, main_t, rounds=args.refine_rounds)
+            rows.append(row("optiq exact, GPTQ + refine", grefined, measure(grefined.assignments, gptq), t_g + time.time() - t0))
+        del gptq_cal, gptq
     for recipe, plan in recipes.items():
         rows.append(row(f"mlx-lm {recipe}", plan, measure(plan.assignments), 0.0))
         exact = plan_bits(table, plan.effective_bpw, method="exact")

@@ -54,17 +54,18 @@ def main():
     from optiq.evaluate import quality, reference_batches, simulated
     from optiq.plan import plan_bits, uniform_plan
     from optiq.records import Candidate
-    from optiq.sensitivity import Calibrated, measure_weights
+    from optiq.probes import measure_weights, rounding_for
+    from optiq.reference import reference_pass
+    from optiq.rounding import DTYPES
     from optiq.source import load_reference, resolve_model
 
     if not WIKITEXT.exists():
         raise SystemExit(f"needs {WIKITEXT} (../shared/data)")
     name = args.model or "SmolLM2-135M-Instruct"
     loaded = load_reference(resolve_model(gemma3_model() if args.model == "gemma3" else args.model))
-    from optiq.quantize import DTYPES, output_dtype
-    from optiq.rounding import store_as
+    from optiq.quantize import output_dtype
 
-    store_as(DTYPES[output_dtype(loaded.config)])  # round scales as a written model stores them (bf16 for Gemma)
+    dtype = DTYPES[output_dtype(loaded.config)]  # round scales as a written model stores them (bf16 for Gemma)
     cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
     every = tokens_from_texts([cal_text], loaded.tokenizer, max(args.n_calibration, args.gram_samples), args.seq_len)
     cal, gram = split_calibration(every, args.n_calibration)
@@ -82,8 +83,9 @@ def main():
         sets = {first: sets[first]}
         candidates = [c for c in candidates if sets[first](c)]
     t0 = time.time()
-    calibrated = Calibrated(loaded.model, cal, 8, 4, quantizer=args.quantizer, gram_tokens=gram)
-    table = measure_weights(loaded.model, cal, candidates, anchors={int(b) for b in args.anchor_bits.split(",")}, kl_stride=4, calibrated=calibrated)
+    reference = reference_pass(loaded.model, cal, 8, 4, gram_tokens=gram)
+    calibrated = rounding_for(reference, args.quantizer, dtype)
+    table = measure_weights(loaded.model, cal, candidates, anchors={int(b) for b in args.anchor_bits.split(",")}, kl_stride=4, reference=reference, rounding=calibrated)
     seconds = time.time() - t0
     rows = []
     for label, keep in sets.items():
@@ -92,7 +94,7 @@ def main():
         print(rows[-1], flush=True)
     uniform = uniform_plan(table, Candidate(4, 64))
     rows.append(row(f"uniform 4-bit g64, {args.quantizer}", uniform, measure(uniform.assignments, calibrated), seconds))
-    rtn = Calibrated(loaded.model, cal, 8, 4, gram_tokens=gram) if args.quantizer != "rtn" else calibrated
+    rtn = rounding_for(reference, "rtn", dtype)
     rows.append(row("uniform 4-bit g64, rtn", uniform, measure(uniform.assignments, rtn), 0.0))
     t0 = time.time()
     dq, (lo, hi) = dynamic_quant_plan(loaded, cal, table, args.target, 64)

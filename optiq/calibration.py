@@ -9,8 +9,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import OptiqError
+from .source import hub_download
 
 
 def digest(tokens) -> str:
@@ -107,8 +109,6 @@ def sample_tokens(model, tokenizer, n: int, seq_len: int, seed: int = 0, tempera
 
 
 def _sample_batch(model, tokenizer, n: int, seq_len: int, seed: int, temperature: float):
-    from mlx_lm.models.cache import make_prompt_cache
-
     start = getattr(tokenizer, "bos_token_id", None)
     if start is None:
         start = tokenizer.eos_token_id
@@ -143,8 +143,6 @@ def load_calibration(source, tokenizer, model, n: int, seq_len: int, seed: int =
 
 def dataset_texts(repo_id: str, tokenizer) -> list:
     """Texts of a Hugging Face dataset repo's .jsonl/.txt files (via huggingface_hub)."""
-    from .source import hub_download
-
     folder = hub_download(repo_id, repo_type="dataset", allow_patterns=["*.jsonl", "*.txt"])
     files = sorted(folder.rglob("*.jsonl")) + sorted(folder.rglob("*.txt"))
     if not files:

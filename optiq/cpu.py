@@ -13,6 +13,8 @@ prompt). The packed weights stay packed: memory is unchanged.
 import mlx.core as mx
 import mlx.nn as nn
 
+from .source import to_fp32
+
 
 def _rows(x) -> int:
     return x.size // x.shape[-1]
@@ -40,8 +42,6 @@ _SWAPS = {nn.QuantizedLinear: RowAdaptiveQuantizedLinear, nn.QuantizedEmbedding:
 
 def adapt_for_cpu(model: nn.Module) -> nn.Module:
     """fp32 activations and row-adaptive quantized layers (in place)."""
-    from .source import to_fp32
-
     to_fp32(model)
     for _, module in model.named_modules():
         cls = _SWAPS.get(type(module))

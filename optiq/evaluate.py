@@ -7,7 +7,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import metrics
-from .sensitivity import container_of, fake_quantize
+from .model_tree import module_at
+from .rounding import Rounding
+from .standins import weights_swapped
 
 
 def batches(tokens, batch_size: int):
@@ -38,22 +40,15 @@ def quality(model, tokens, refs, batch_size: int = 8) -> dict:
 
 
 @contextmanager
-def simulated(model, assignments, calibrated=None):
-    """The model with every planned layer quantized then dequantized (fp32),
-    restored on exit: how a plan would behave, without writing it. With a
-    `calibrated` pass, its quantizer (e.g. GPTQ) is used instead of rounding."""
-    saved = []
-    try:
-        for path, candidate in assignments:
-            container, key = container_of(model, path)
-            module = container[key]
-            saved.append((module, module.weight))
-            if calibrated is None:
-                module.weight = fake_quantize(module.weight, candidate)
-            else:
-                module.weight = calibrated.quantized(path, module, module.weight, candidate)
-        mx.eval([m.weight for m, _ in saved])
+def simulated(model, assignments, rounding: Rounding | None = None):
+    """The model with every planned layer quantized then dequantized (fp32)
+    by `rounding` (default: MLX's round-to-nearest, fp16 scales), restored
+    on exit: how a plan would behave, without writing it."""
+    rounding = rounding or Rounding()
+    pairs = []
+    for path, candidate in assignments:
+        module = module_at(model, path)
+        pairs.append((module, rounding.quantized(path, module, module.weight, candidate)))
+    with weights_swapped(pairs) as modules:
+        mx.eval([m.weight for m in modules])
         yield model
-    finally:
-        for module, weight in saved:
-            module.weight = weight

@@ -5,9 +5,16 @@ transformers' own GGUF tokenizer converter, so the output folder is a plain
 Hugging Face layout (config.json, model.safetensors, tokenizer files).
 """
 
+import json
 from pathlib import Path
 
+import gguf
+import mlx.core as mx
 import numpy as np
+from gguf.quants import dequantize
+from tokenizers import Tokenizer, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
 from .errors import OptiqError
 
@@ -120,8 +127,6 @@ def _config(meta: dict, arch: str, tied: bool) -> dict:
 
 def read_tensors(reader, arch: str, config: dict) -> dict:
     """Dequantized fp32 tensors under Hugging Face names."""
-    from gguf.quants import dequantize
-
     tensors = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name, arch)
@@ -140,13 +145,6 @@ def read_tensors(reader, arch: str, config: dict) -> dict:
 
 def build_tokenizer(meta: dict, arch: str):
     """A transformers fast tokenizer rebuilt from the GGUF vocabulary."""
-    from tokenizers import pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
-    )
-
     grouped = {
         group: {
             name: meta[f"tokenizer.{key}"]
@@ -179,10 +177,6 @@ def build_tokenizer(meta: dict, arch: str):
 
 def _set_bos(tokenizer_dir: Path, add_bos: bool, bos_token: str | None):
     """Make the saved tokenizer add BOS the way llama.cpp does for this file."""
-    import json
-
-    from tokenizers import Tokenizer, processors
-
     path = tokenizer_dir / "tokenizer.json"
     tok = Tokenizer.from_file(str(path))
     if add_bos and bos_token is not None:
@@ -201,11 +195,6 @@ def _set_bos(tokenizer_dir: Path, add_bos: bool, bos_token: str | None):
 
 def import_gguf(gguf_path, out_dir) -> Path:
     """Write a Hugging Face style folder for `gguf_path` into `out_dir`."""
-    import json
-
-    import gguf
-    import mlx.core as mx
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     try:
         reader = gguf.GGUFReader(str(gguf_path))

@@ -6,17 +6,19 @@ loader needs no optiq code.
 """
 
 import glob
+import json
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import quantize_model, save_config, save_model
 
 from .io import atomic_output, write_json
+from .model_tree import module_at
 from .records import BitPlan
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+from .rounding import DTYPES, pack
 
 
 def output_dtype(config: dict, override=None) -> str:
@@ -55,8 +57,6 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
     codes: {path: (integer codes, scales, biases)} from an error-compensating
     quantizer (GPTQ); those layers get exactly these values, packed in MLX's
     own bit order, instead of mlx-lm's round-to-nearest."""
-    from mlx_lm.utils import quantize_model
-
     quantized = [c for _, c in plan.assignments if c.bits < 16]
     # mlx-lm skips layers whose width its default group size does not divide,
     # so give it the smallest group size the plan uses.
@@ -76,13 +76,9 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
 def apply_codes(model: nn.Module, plan: BitPlan, codes) -> nn.Module:
     """Quantized layers given exactly `codes` ({path: (integer codes, scales,
     biases)}, e.g. GPTQ's), packed in MLX's own bit order."""
-    from .rounding import pack
-    from .sensitivity import container_of
-
     chosen = plan.as_dict()
     for path, (q, scales, biases) in (codes or {}).items():
-        container, key = container_of(model, path)
-        module = container[key]
+        module = module_at(model, path)
         module.weight = mx.array(pack(q, chosen[path].bits))
         module.scales = mx.array(scales)
         module.biases = mx.array(biases)
@@ -101,8 +97,6 @@ def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict
     max_shard_bytes: smaller shards than mlx-lm's 5 GB, for a model whose
     weights are still lazy loads (streaming): each shard is computed, written
     and freed before the next."""
-    from mlx_lm.utils import save_config, save_model
-
     with atomic_output(out, force=force) as tmp:
         if max_shard_bytes:
             write_shards(tmp, model, max_shard_bytes)
@@ -123,8 +117,6 @@ def save_model_folder(out, model, tokenizer, config, source_path, metadata: dict
 def write_shards(folder, model, max_shard_bytes: int):
     """mlx-lm's sharded layout (model-0000i-of-0000n.safetensors and its index),
     one shard evaluated at a time."""
-    import json
-
     weights = dict(tree_flatten(model.parameters()))
     total = sum(v.nbytes for v in weights.values())
     shards, size = [{}], 0  # mlx-lm's make_shards counts whole GB; this needs finer

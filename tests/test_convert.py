@@ -222,7 +222,9 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
     from mlx_lm import load
 
     from optiq.calibration import sample_tokens, split_calibration
-    from optiq.sensitivity import Calibrated, container_of
+    from optiq.model_tree import container_of
+    from optiq.probes import rounding_for
+    from optiq.reference import reference_pass
     from optiq.source import load_reference
 
     src = model_factory(arch)
@@ -234,43 +236,42 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
     ref = load_reference(src)
     every = sample_tokens(ref.model, ref.tokenizer, 7, 32, seed=0)  # convert's calibration (seed 0)
     tokens, gram_tokens = split_calibration(every, 3)  # 3 probed, all 7 in the Grams
-    cal = Calibrated(ref.model, tokens, 8, 2, quantizer="gptq", gram_tokens=gram_tokens)
+    cal = reference_pass(ref.model, tokens, 8, 2, gram_tokens=gram_tokens)
     assert meta["calibration"]["gram_sequences"] == 7
     plan = BitPlan.from_dict(meta["plan"])
     assert len({c.group_size for _, c in plan.assignments}) == (2 if "--group-sizes" in sizes else 1)
-    from optiq.rounding import stored_as
-
     dtype = mx.bfloat16 if "bfloat16" in sizes else mx.float16
-    with stored_as(dtype):  # the rounding convert used, for the expected weights
-        for path, cand in plan.assignments[1:]:
-            container, key = container_of(ref.model, path)
-            module = container[key]
-            want = np.array(cal.quantized(path, module, module.weight, cand))
-            c2, k2 = container_of(written, path)
-            m = c2[k2]
-            assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
-            got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
-            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
-            assert m.scales.dtype == dtype
+    rounding = rounding_for(cal, "gptq", dtype)  # the rounding convert used, for the expected weights
+    for path, cand in plan.assignments[1:]:
+        container, key = container_of(ref.model, path)
+        module = container[key]
+        want = np.array(rounding.quantized(path, module, module.weight, cand))
+        c2, k2 = container_of(written, path)
+        m = c2[k2]
+        assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
+        got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+        assert m.scales.dtype == dtype
 
 
 def test_default_candidates_are_near_uniform_and_widen_only_when_needed(model_factory):
     """Defaults: groups 64/128, bits from the widest width that fits the target
     up; reaching lower only when protection leaves no feasible plan."""
-    from optiq.commands.convert import ConvertOptions, parse_candidates, smallest_plan_bpw, widen_defaults
-    from optiq.sensitivity import quantizable_layers
+    from optiq.model_tree import quantizable_layers
+    from optiq.pipeline import ConvertConfig
+    from optiq.pipeline.config import candidates, smallest_plan_bpw, widen_defaults
     from optiq.source import load_reference
 
     bits = lambda cands: sorted({c.bits for c in cands})  # noqa: E731
-    assert bits(parse_candidates(ConvertOptions(target_bpw=4.5))) == [4, 5, 6, 8]
-    assert bits(parse_candidates(ConvertOptions(target_bpw=3.5))) == [3, 4, 5, 6, 8]
-    assert {c.group_size for c in parse_candidates(ConvertOptions())} == {64, 128}
-    assert bits(parse_candidates(ConvertOptions(target_bpw=4.5, group_size=32))) == [3, 4, 5, 6, 8]
+    assert bits(candidates(ConvertConfig(target_bpw=4.5))) == [4, 5, 6, 8]
+    assert bits(candidates(ConvertConfig(target_bpw=3.5))) == [3, 4, 5, 6, 8]
+    assert {c.group_size for c in candidates(ConvertConfig())} == {64, 128}
+    assert bits(candidates(ConvertConfig(target_bpw=4.5, group_sizes=(32,)))) == [3, 4, 5, 6, 8]
     layers = quantizable_layers(load_reference(model_factory("qwen3")).model)
-    opts = ConvertOptions(target_bpw=5.0, group_size=32, protect="embed,lm_head", protect_bits=8)
-    near = parse_candidates(opts)
+    config = ConvertConfig(target_bpw=5.0, group_sizes=(32,), protect=("embed", "lm_head"), protect_bits=8)
+    near = candidates(config)
     assert smallest_plan_bpw(layers, near, ["embed", "lm_head"], 8) > 5.0  # infeasible as is
-    wide = widen_defaults(opts, near, layers)
+    wide = widen_defaults(config, near, layers)
     assert min(bits(wide)) < min(bits(near)) and smallest_plan_bpw(layers, wide, ["embed", "lm_head"], 8) <= 5.0
-    explicit = ConvertOptions(target_bpw=5.0, group_size=32, protect="embed,lm_head", candidate_bits="4,8")
-    assert widen_defaults(explicit, parse_candidates(explicit), layers) == parse_candidates(explicit)
+    explicit = ConvertConfig(target_bpw=5.0, group_sizes=(32,), protect=("embed", "lm_head"), bits=(4, 8))
+    assert widen_defaults(explicit, candidates(explicit), layers) == candidates(explicit)

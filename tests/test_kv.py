@@ -50,8 +50,8 @@ def test_replayed_prefill_probes_equal_prefill_then_decoding(kv_models, arch):
     loaded = load_reference(kv_models[arch])
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 40, seed=5)  # past gemma's 16-token window
     cands = [Candidate(2, 32), Candidate(8, 32, v_bits=4)]
-    fast = measure_kv(loaded.model, tokens, cands, progress=False)
-    slow = measure_kv(loaded.model, tokens, cands, prefill=24, progress=False)
+    fast = measure_kv(loaded.model, tokens, cands)
+    slow = measure_kv(loaded.model, tokens, cands, prefill=24)
     assert "replayed" in fast.method and "decoding" in slow.method
     for a, b in zip(fast.layers, slow.layers):
         assert a.candidates == b.candidates
@@ -62,7 +62,7 @@ def test_replayed_prefill_probes_equal_prefill_then_decoding(kv_models, arch):
 def test_kv_table_more_bits_less_kl_and_exact_budget(kv_models):
     loaded = load_reference(kv_models["llama"])
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 24, seed=3)
-    table = measure_kv(loaded.model, tokens, [Candidate(b, 32) for b in (2, 4, 8)], progress=False)
+    table = measure_kv(loaded.model, tokens, [Candidate(b, 32) for b in (2, 4, 8)])
     for layer in table.layers:
         kl = dict(zip([c.bits for c in layer.candidates], layer.kl))
         assert kl[2] > kl[8] >= 0 and kl[16] == 0.0
@@ -189,9 +189,9 @@ def test_kv_plan_covers_sliding_and_shared_owners_with_split_candidates(kv_model
     args = ["kv-cache", str(kv_models["gemma4_text"]), "-o", str(out), "--n-calibration", "1", "--seq-len", "40", "--candidate-bits", "2,8", "--split-bits", "8:2", "--target-bits", "5", "--group-size", "32", "--quiet"]
     assert cli(args) == 0
     plan = read_kv_config(out / "kv_plan.json")
-    assert [e["layer_idx"] for e in plan.layers] == [0, 1]  # owners only; 0 is sliding-window
+    assert [e.layer_idx for e in plan.layers] == [0, 1]  # owners only; 0 is sliding-window
     assert plan.skipped_layers == (2, 3) and plan.average_bits <= 5 + 1e-9
-    assert all(e["bits"] in (2, 8, 16) and e.get("v_bits", e["bits"]) in (2, 8, 16) for e in plan.layers)
+    assert all(e.bits in (2, 8, 16) and e.value_bits in (2, 8, 16) for e in plan.layers)
     loaded = load_reference(kv_models["gemma4_text"])
     caches = make_kv_cache(loaded.model, read_kv_config(out / "kv_config.json"))
     mx.eval(loaded.model(mx.array([[1, 2, 3]]), cache=caches))
@@ -235,12 +235,12 @@ def test_bad_kv_inputs(kv_models, tmp_path, capsys):
 def test_restricted_table_plans_over_a_subset_without_remeasuring(kv_models):
     loaded = load_reference(kv_models["llama"])
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 1, 24, seed=3)
-    table = measure_kv(loaded.model, tokens, [Candidate(2, 32), Candidate(8, 32), Candidate(8, 32, v_bits=2)], progress=False)
+    table = measure_kv(loaded.model, tokens, [Candidate(2, 32), Candidate(8, 32), Candidate(8, 32, v_bits=2)])
     same_width = table.restricted(lambda c: not c.v_bits)
     for full, sub in zip(table.layers, same_width.layers):
         assert [c.key for c in sub.candidates] == ["2@32", "8@32", "16@64"]
         assert list(sub.kl) == [full.kl_of(c) for c in sub.candidates]
-    assert all("v_bits" not in e for e in plan_kv(same_width, 5.0, n_layers=3).layers)
+    assert all(not e.v_bits for e in plan_kv(same_width, 5.0, n_layers=3).layers)
 
 
 def test_plan_meets_the_target_at_every_context_with_sliding_layers():
@@ -253,11 +253,11 @@ def test_plan_meets_the_target_at_every_context_with_sliding_layers():
 
     table = SensitivityTable(model="toy", layers=[layer(i, 1.0 if i in (2, 5) else 0.1) for i in range(6)])
     free = plan_kv(table, 6.0, n_layers=6)
-    assert free.average_bits <= 6 and {2, 5} <= {e["layer_idx"] for e in free.layers if e["bits"] == 8}
-    assert [e["bits"] for e in free.layers if e["layer_idx"] in (2, 5)] == [8, 8]  # 8 bits per entry at long context
+    assert free.average_bits <= 6 and {2, 5} <= {e.layer_idx for e in free.layers if e.bits == 8}
+    assert [e.bits for e in free.layers if e.layer_idx in (2, 5)] == [8, 8]  # 8 bits per entry at long context
     held = plan_kv(table, 6.0, n_layers=6, sliding=[0, 1, 3, 4])
     assert held.average_bits <= 6 and held.long_context_bits <= 6
-    assert sorted(e["bits"] for e in held.layers if e["layer_idx"] in (2, 5)) == [4, 8]
+    assert sorted(e.bits for e in held.layers if e.layer_idx in (2, 5)) == [4, 8]
     assert held.predicted_kl == pytest.approx(1.0 + 3 * 0.001 + 2 * 0.1)  # the best plan under both budgets
 
 
@@ -285,7 +285,7 @@ def test_kv_kl_stride_measures_the_kl_at_every_nth_position(kv_models, arch):
     model = loaded.model
     tokens = sample_tokens(model, loaded.tokenizer, 2, 40, seed=5)
     c = Candidate(2, 32)
-    table = measure_kv(model, tokens, [c], progress=False, kl_stride=3)
+    table = measure_kv(model, tokens, [c], kl_stride=3)
     x = mx.array(tokens)
     ref = metrics.reference_from_logits(model(x, cache=make_prompt_cache(model)).astype(mx.float32)[:, 2::3])
     for layer in table.layers:

@@ -5,14 +5,12 @@ import pytest
 from optiq import metrics
 from optiq.calibration import sample_tokens
 from optiq.records import Candidate
-from optiq.sensitivity import (
-    Calibrated,
-    fake_quantize,
-    measure_weights,
-    predict_kl,
-    quantizable_layers,
-    start_block,
-)
+from optiq.estimate import output_error, predict_kl
+from optiq.model_tree import quantizable_layers, start_block
+from optiq.probe_hooks import ProbeCache, cached
+from optiq.probes import measure_weights, probe_one, rounding_for
+from optiq.reference import ReferencePass, reference_pass
+from optiq.rounding import fake_quantize
 from optiq.source import load_reference
 
 ARCHS = ["llama", "qwen3", "qwen3_5", "gemma3_text"]
@@ -23,7 +21,7 @@ def test_probe_from_cached_block_matches_full_forward(model_factory, arch):
     loaded = load_reference(model_factory(arch))
     model = loaded.model
     tokens = sample_tokens(model, loaded.tokenizer, 3, 24, seed=1)
-    cal = Calibrated(model, tokens, batch_size=2, kl_stride=1)
+    cal = reference_pass(model, tokens, batch_size=2, kl_stride=1)
     n_blocks = len(cal.blocks)
     ref_logits = model(mx.array(tokens))
     ref = metrics.reference_from_logits(ref_logits)
@@ -45,8 +43,8 @@ def test_probe_from_cached_block_matches_full_forward(model_factory, arch):
 def test_kl_stride_measures_a_subset_of_positions(tiny_llama):
     loaded = load_reference(tiny_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 32, seed=2)
-    every = Calibrated(loaded.model, tokens, 2, kl_stride=1)
-    fourth = Calibrated(loaded.model, tokens, 2, kl_stride=4)
+    every = reference_pass(loaded.model, tokens, 2, kl_stride=1)
+    fourth = reference_pass(loaded.model, tokens, 2, kl_stride=4)
     assert every.refs[0].top1.size == 2 * 32
     assert fourth.refs[0].top1.size == 2 * 8
 
@@ -72,7 +70,7 @@ def test_table_measures_every_candidate_and_more_bits_means_less_kl(tiny_llama):
     loaded = load_reference(tiny_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 4, 32, seed=3)
     cands = [Candidate(b, 32) for b in (2, 4, 8)]
-    table = measure_weights(loaded.model, tokens, cands, anchors=None, kl_stride=2, progress=False)
+    table = measure_weights(loaded.model, tokens, cands, anchors=None, kl_stride=2)
     assert len(table.layers) == len(quantizable_layers(loaded.model))
     for layer in table.layers:
         assert all(layer.measured)
@@ -84,8 +82,8 @@ def test_anchor_prediction_tracks_measurement(tiny_llama):
     loaded = load_reference(tiny_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 4, 32, seed=4)
     cands = [Candidate(b, 32) for b in (2, 3, 4, 5)]
-    exact = measure_weights(loaded.model, tokens, cands, anchors=None, kl_stride=2, progress=False)
-    anchored = measure_weights(loaded.model, tokens, cands, anchors={3, 4}, kl_stride=2, progress=False)
+    exact = measure_weights(loaded.model, tokens, cands, anchors=None, kl_stride=2)
+    anchored = measure_weights(loaded.model, tokens, cands, anchors={3, 4}, kl_stride=2)
     for e, a in zip(exact.layers, anchored.layers):
         assert a.measured == (False, True, True, False)
         assert a.kl[1:3] == pytest.approx(e.kl[1:3])
@@ -104,16 +102,16 @@ def test_probe_cache_resumes_without_probing(tiny_llama, tmp_path, monkeypatch):
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 16, seed=5)
     cands = [Candidate(4, 32)]
     cache = tmp_path / "probes.jsonl"
-    first = measure_weights(loaded.model, tokens, cands, cache_path=cache, kl_stride=1, progress=False)
+    first = measure_weights(loaded.model, tokens, cands, on_probe=cached(ProbeCache(cache)), kl_stride=1)
     calls = []
-    monkeypatch.setattr(Calibrated, "probe", lambda self, s: calls.append(s) or 0.0)
-    again = measure_weights(loaded.model, tokens, cands, cache_path=cache, kl_stride=1, progress=False)
+    monkeypatch.setattr(ReferencePass, "probe", lambda self, s: calls.append(s) or 0.0)
+    again = measure_weights(loaded.model, tokens, cands, on_probe=cached(ProbeCache(cache)), kl_stride=1)
     assert calls == []
     assert [l.kl for l in again.layers] == [l.kl for l in first.layers]
     # a line cut short by an interruption is skipped, and that probe re-runs
     lines = cache.read_text().splitlines()
     cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])
-    measure_weights(loaded.model, tokens, cands, cache_path=cache, kl_stride=1, progress=False)
+    measure_weights(loaded.model, tokens, cands, on_probe=cached(ProbeCache(cache)), kl_stride=1)
     assert len(calls) == 1
 
 
@@ -144,8 +142,8 @@ def test_proxy_estimator_ranks_layers_like_the_probes(tiny_llama):
     loaded = load_reference(tiny_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 4, 32, seed=6)
     cands = [Candidate(b, 32) for b in (2, 3, 4)]
-    exact = measure_weights(loaded.model, tokens, cands, anchors=None, kl_stride=2, progress=False)
-    proxy = measure_weights(loaded.model, tokens, cands, anchors=set(), kl_stride=2, progress=False)
+    exact = measure_weights(loaded.model, tokens, cands, anchors=None, kl_stride=2)
+    proxy = measure_weights(loaded.model, tokens, cands, anchors=set(), kl_stride=2)
     assert proxy.method.startswith("proxy") and not any(any(l.measured) for l in proxy.layers)
     e = np.array([l.kl for l in exact.layers]).ravel()
     p = np.array([l.kl for l in proxy.layers]).ravel()
@@ -156,16 +154,13 @@ def test_proxy_estimator_ranks_layers_like_the_probes(tiny_llama):
 def test_a_probes_gptq_error_is_kept_and_equals_the_slabbed_one(tiny_llama):
     """A GPTQ probe keeps its layer's output error for the table instead of
     running GPTQ again; the kept number is the one output_error computes."""
-    from optiq.sensitivity import _quantize_in_place
-
     loaded = load_reference(tiny_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 16, seed=4)
-    cal = Calibrated(loaded.model, tokens, 2, kl_stride=1, quantizer="gptq")
+    cal = reference_pass(loaded.model, tokens, 2, kl_stride=1)
+    rounding = rounding_for(cal, "gptq")
     c = Candidate(4, 32)
     for path, module in [cal.layers[0], cal.layers[3]]:  # the tied embedding (head Gram) and a Linear
-        assert cal.uses_gptq(path, module, c)
-        fresh = cal.output_error(path, module, c)
-        _quantize_in_place(loaded.model, cal, path, module, c)()
-        assert (path, c) in cal._errors
-        assert cal.output_error(path, module, c) == pytest.approx(fresh, rel=1e-4)
-        assert (path, c) not in cal._errors  # used once
+        assert rounding.uses_gptq(path, module, c)
+        fresh = output_error(path, module, c, rounding, cal.token_counts)
+        _, kept = probe_one(cal, rounding, path, module, c)
+        assert kept == pytest.approx(fresh, rel=1e-4)

@@ -378,7 +378,7 @@ def test_quantized_kv_serving_interleaves_and_matches_solo_runs(kv_server):
 
 def test_turbo_kv_serving(tmp_path_factory):
     from conftest import build_model
-    from optiq.kv.turbo import TurboQuantKVCache
+    from optiq.kv.turbo_cache import TurboQuantKVCache
 
     folder = build_model(tmp_path_factory.mktemp("turbo-serve") / "model", "llama", hidden_size=128, intermediate_size=256)
     running = start(model=str(folder), kv_bits=3, kv_mode="turbo")

@@ -7,7 +7,7 @@ import pytest
 
 from optiq.calibration import sample_tokens
 from optiq.records import Candidate
-from optiq.sensitivity import measure_weights
+from optiq.probes import measure_weights
 from optiq.source import load_reference
 from optiq.stream import checkpoint_bytes_fp32, load_streamed
 from conftest import build_model
@@ -33,12 +33,12 @@ def test_streamed_sensitivity_equals_in_memory_under_a_budget(wide_llama):
     cands = [Candidate(2, 32), Candidate(8, 32)]
     loaded = load_reference(wide_llama)
     tokens = sample_tokens(loaded.model, loaded.tokenizer, 2, 16, seed=1)
-    table, memory_peak = peak_added(lambda: measure_weights(loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False))
+    table, memory_peak = peak_added(lambda: measure_weights(loaded.model, tokens, cands, batch_size=1, kl_stride=1))
     del loaded
     mx.clear_cache()
 
     streamed_loaded, streamed = load_streamed(wide_llama)
-    streamed_table, peak = peak_added(lambda: measure_weights(streamed_loaded.model, tokens, cands, batch_size=1, kl_stride=1, progress=False, streamed=streamed))
+    streamed_table, peak = peak_added(lambda: measure_weights(streamed_loaded.model, tokens, cands, batch_size=1, kl_stride=1, streamed=streamed))
 
     budget = checkpoint_bytes_fp32(wide_llama) // 2  # half the model: in memory it cannot fit
     assert memory_peak > budget > peak, (memory_peak, budget, peak)
@@ -108,19 +108,19 @@ def test_gram_only_sequences_add_to_the_grams_in_memory_and_streamed(wide_llama)
     calibration sequences, in memory and streamed, while the probes (and the
     stored block inputs) stay on the calibration sequences."""
     from optiq.calibration import split_calibration
-    from optiq.sensitivity import Calibrated
+    from optiq.reference import reference_pass
 
     loaded = load_reference(wide_llama)
     every = sample_tokens(loaded.model, loaded.tokenizer, 5, 16, seed=3)
     probe, extra = split_calibration(every, 2)
     assert probe.shape[0] == 2 and extra.shape[0] == 3
-    whole = Calibrated(loaded.model, every, 1)
-    split = Calibrated(loaded.model, probe, 1, gram_tokens=extra)
-    alone = Calibrated(loaded.model, probe, 1)
+    whole = reference_pass(loaded.model, every, 1)
+    split = reference_pass(loaded.model, probe, 1, gram_tokens=extra)
+    alone = reference_pass(loaded.model, probe, 1)
     assert len(split.block_inputs) == len(alone.block_inputs) == 2
     assert alone.probe(0) == pytest.approx(split.probe(0), abs=1e-9)
     streamed_loaded, streamed = load_streamed(wide_llama)
-    on_disk = Calibrated(streamed_loaded.model, probe, 1, streamed=streamed, gram_tokens=extra)
+    on_disk = reference_pass(streamed_loaded.model, probe, 1, streamed=streamed, gram_tokens=extra)
     assert len(on_disk.block_inputs) == 2
     for path in whole.grams:
         want = np.array(whole.grams[path])

@@ -9,9 +9,10 @@ import mlx_lm
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
-from optiq import turbo
+from optiq import turboquant as turbo
 from optiq.kv.sensitivity import run_with_cache
-from optiq.kv.turbo import TurboQuantKVCache, make_turbo_cache, turbo_attention
+from optiq.kv.caches import make_turbo_cache
+from optiq.kv.turbo_cache import TurboQuantKVCache, turbo_attention
 from conftest import build_model
 
 
@@ -124,7 +125,7 @@ def test_measure_kv_offers_turbo_candidates_per_layer(llama32):
 
     _, model, tok = llama32
     tokens = [tok.encode("The quick brown fox jumps over the lazy dog. " * 3)[:32]]
-    table = measure_kv(model, tokens, [Candidate(4, 32), Candidate(2, 0, "turbo"), Candidate(4, 0, "turbo")], prefill=24, progress=False)
+    table = measure_kv(model, tokens, [Candidate(4, 32), Candidate(2, 0, "turbo"), Candidate(4, 0, "turbo")], prefill=24)
     for layer in table.layers:
         turbo_kl = {c.bits: kl for c, kl in zip(layer.candidates, layer.kl) if c.mode == "turbo"}
         assert set(turbo_kl) == {2, 4}

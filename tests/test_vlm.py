@@ -75,7 +75,7 @@ def test_written_codes_are_the_probed_codes(tiny_vlm, converted):
     from optiq.records import BitPlan
     from optiq.source import dequantized_fp32
 
-    from optiq.probe import with_twins
+    from optiq.probes import with_twins
 
     model, processor = vlm.load(tiny_vlm)
     written, _ = vlm.load(converted, fp32=False)
@@ -86,14 +86,13 @@ def test_written_codes_are_the_probed_codes(tiny_vlm, converted):
     assert {p: [t for t, _ in ts] for p, ts in twins.items()} == meta["tied"]
     sample = vlm.prepare(model, processor, vlm.draw("square", "blue", 2, "cat"), vlm.chat_prompt(model, processor, "Describe it."))
     from optiq import metrics
-    from optiq.rounding import stored_as
 
     dtype = mx.bfloat16 if json.loads((tiny_vlm / "config.json").read_text())["torch_dtype"] == "bfloat16" else mx.float16
     float_logits = vlm.forward(model, sample)
-    with stored_as(dtype):  # rounded as the output stores scales, GPTQ's Grams from convert's calibration
-        rounding = vlm.rounding(model, vlm.calibration(model, processor, None, 4, seed=0), "gptq")
-        with simulated(model, with_twins(plan.assignments, twins), rounding):
-            expected = vlm.forward(model, sample)
+    # rounded as the output stores scales, GPTQ's Grams from convert's calibration
+    rounding = vlm.rounding(model, vlm.calibration(model, processor, None, 4, seed=0), "gptq", dtype)
+    with simulated(model, with_twins(plan.assignments, twins), rounding):
+        expected = vlm.forward(model, sample)
     got = vlm.forward(dequantized_fp32(written), sample)
 
     def kl(p, q):
@@ -192,7 +191,7 @@ def test_auto_strips_an_mlx_vlm_checkpoint_to_text(tiny_vlm, tmp_path):
 def test_language_probes_reuse_the_vision_towers_outputs(tiny_vlm):
     """A language-layer probe reads the remembered vision outputs and gets
     the KL a full forward gets; a vision-layer probe must recompute them."""
-    from optiq.sensitivity import container_of
+    from optiq.model_tree import container_of
 
     model, processor = vlm.load(tiny_vlm)
     cal = vlm.Calibrated(model, vlm.calibration(model, processor, None, 3, seed=0, answer_tokens=4))

@@ -3,6 +3,9 @@
 import sys
 from contextlib import contextmanager
 
+from argparse_dataclass import ArgumentParser
+
+from ..blas import ensure_fast_blas
 from ..errors import OptiqError
 
 
@@ -29,8 +32,6 @@ def int_list(text: str) -> tuple:
 
 def run_command(options_class, run, argv, prog: str, description: str) -> int:
     """Parse argv into the command's options record and run it; bad input exits 2."""
-    from argparse_dataclass import ArgumentParser
-
     opts = ArgumentParser(options_class, prog=prog, description=description).parse_args(argv)
     with reported():
         run(opts)
@@ -38,8 +39,7 @@ def run_command(options_class, run, argv, prog: str, description: str) -> int:
 
 
 def script_entry(main, prog=None):
-    """`python scripts/x.py` / `python -m optiq.commands.x`: fast BLAS first, then main."""
-    from ..blas import ensure_fast_blas
-
+    """`python scripts/x.py` / `python -m optiq.commands.x`: fast BLAS first
+    (a re-exec, so the slow BLAS this process may have loaded goes with it), then main."""
     ensure_fast_blas()
     sys.exit(main(prog=prog) if prog else main())

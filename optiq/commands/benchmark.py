@@ -1,13 +1,24 @@
-"""optiq benchmark: size on disk, effective bits per weight, prefill and decode
-speed, peak memory and perplexity; with --baseline, two models side by side,
-measured in the same run."""
+"""optiq benchmark: size, speed, peak memory and perplexity, beside a baseline.
+
+Size on disk, effective bits per weight, prefill and decode speed, peak
+memory and perplexity; with --baseline, two models side by side, measured in
+the same run."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import json
+
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.utils import compute_bits_per_weight
+
 from . import run_command, script_entry
+from .. import tasks
 from ..errors import OptiqError
+from ..io import write_json
+from ..source import load_reference, resolve_model
 
 
 @dataclass
@@ -28,10 +39,6 @@ def disk_bytes(path: Path) -> int:
 
 def speed(path: Path, prompt_tokens: int, generation_tokens: int) -> dict:
     """mlx-lm's own generation loop, native dtypes: what a user of mlx-lm sees."""
-    import mlx.core as mx
-    from mlx_lm import load, stream_generate
-    from mlx_lm.utils import compute_bits_per_weight
-
     model, tokenizer = load(str(path))
     vocab = model(mx.array([[0]])).shape[-1]
     rng = mx.random.key(0)
@@ -49,11 +56,6 @@ def speed(path: Path, prompt_tokens: int, generation_tokens: int) -> dict:
 
 
 def measure(spec: str, opts, data) -> dict:
-    import json
-
-    from ..source import load_reference, resolve_model
-    from .. import tasks
-
     path = resolve_model(spec)
     result = {"disk_bytes": disk_bytes(path)}
     meta = path / "optiq_metadata.json"
@@ -80,12 +82,9 @@ def table(rows) -> str:
 
 
 def run(opts: BenchmarkOptions) -> dict:
-    from ..io import write_json
-    from ..tasks import default_data
-
     if opts.prompt_tokens < 1 or opts.generation_tokens < 1:
         raise OptiqError("--prompt-tokens and --generation-tokens must be >= 1")
-    data = Path(opts.data) if opts.data else default_data("perplexity")
+    data = Path(opts.data) if opts.data else tasks.default_data("perplexity")
     if data is not None and not data.is_file():
         raise OptiqError(f"--data {data}: no such file")
     rows = [(opts.model, measure(opts.model, opts, data))]

@@ -1,5 +1,7 @@
-"""optiq eval: perplexity, KL against a reference, GSM8K accuracy, word
-error rate on speech (mlx-whisper models) or diagram multiple-choice accuracy
+"""optiq eval: perplexity, KL, GSM8K, speech WER or AI2D accuracy, beside a baseline.
+
+Perplexity, KL against a reference and GSM8K accuracy for text models, word
+error rate on speech (mlx-whisper models), diagram multiple-choice accuracy
 (AI2D's form, mlx-vlm models); with --baseline, two models side by side in
 one table."""
 
@@ -7,8 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+from mlx_lm import load
+
 from . import run_command, script_entry
+from .. import tasks, vlm, whisper
 from ..errors import OptiqError
+from ..io import write_json
+from ..source import dequantized_fp32, load_reference, resolve_model
 
 
 @dataclass
@@ -26,8 +34,6 @@ class EvalOptions:
 
 
 def data_path(opts) -> Path:
-    from ..tasks import default_data
-
     if opts.task in ("wer", "ai2d"):
         return Path(opts.data) if opts.data else None
     if opts.data:
@@ -35,31 +41,22 @@ def data_path(opts) -> Path:
         if not path.is_file():
             raise OptiqError(f"--data {path}: no such file")
         return path
-    path = default_data(opts.task)
+    path = tasks.default_data(opts.task)
     if path is None:
         raise OptiqError(f"--task {opts.task} needs --data (no ../shared/data here)")
     return path
 
 
 def measure(spec: str, opts, data: Path, reference=None) -> dict:
-    from ..source import dequantized_fp32, load_reference, resolve_model
-    from .. import tasks
-
     path = resolve_model(spec)
     if opts.task == "wer":
-        from .. import whisper
-
         if not whisper.is_whisper(path):
             raise OptiqError(f"--task wer needs an mlx-whisper model; {spec} is not one")
         return whisper.wer(path, data)
     if opts.task == "ai2d":
-        from .. import vlm
-
         model, processor = vlm.load(path, fp32=False)
         return vlm.choices(dequantized_fp32(model), processor, data)
     if opts.task == "gsm8k":
-        from mlx_lm import load
-
         model, tokenizer = load(str(path))
         tasks.fp32_activations(model)
         problems = tasks.read_gsm8k(data)
@@ -76,8 +73,6 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
     tokens = tasks.eval_tokens(loaded.tokenizer, data, opts.n_samples, opts.seq_len)
     if opts.task == "perplexity":
         return tasks.perplexity(loaded.model, tokens)
-    import mlx.core as mx
-
     probe = mx.array(tokens[:1, :2])
     if loaded.model(probe).shape[-1] != reference.model(probe).shape[-1]:
         raise OptiqError(f"{spec} and the reference have different vocabularies")
@@ -95,9 +90,6 @@ def table(rows, task) -> str:
 
 
 def run(opts: EvalOptions) -> dict:
-    from ..io import write_json
-    from ..source import load_reference, resolve_model
-
     if opts.n_samples < 1 or opts.seq_len < 2:
         raise OptiqError("--n-samples must be >= 1 and --seq-len >= 2")
     if opts.task == "kl" and not opts.reference:
@@ -106,14 +98,10 @@ def run(opts: EvalOptions) -> dict:
     reference = load_reference(resolve_model(opts.reference)) if opts.task == "kl" else None
     label = str(data)
     if opts.task == "wer":  # the speech, read (or spoken) once for both models
-        from .. import whisper
-
         whisper.require()
         label = opts.data or "espeak-ng sentences"
         data = whisper.speech(data, whisper.EVAL_SENTENCES)
     if opts.task == "ai2d":  # the questions, read (or drawn) once for both models
-        from .. import vlm
-
         vlm.require()
         label = opts.data or "drawn diagrams"
         data = (vlm.read_choices(data) if data else vlm.choice_items(opts.n_samples, seed=1234))[: opts.n_samples]

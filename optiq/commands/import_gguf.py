@@ -1,9 +1,12 @@
 """optiq import-gguf: a llama or gemma3 GGUF file -> a folder mlx_lm.load opens."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import run_command, script_entry
 from ..errors import OptiqError
+from ..gguf_import import import_gguf
+from ..io import atomic_output
 
 
 @dataclass
@@ -14,11 +17,6 @@ class ImportOptions:
 
 
 def run(opts: ImportOptions):
-    from pathlib import Path
-
-    from ..gguf_import import import_gguf
-    from ..io import atomic_output
-
     src = Path(opts.gguf)
     if not src.is_file():
         raise OptiqError(f"{src}: no such file")

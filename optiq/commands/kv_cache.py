@@ -6,8 +6,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+from tqdm.auto import tqdm
+
 from . import int_list, run_command, script_entry
+from .. import distributed
+from ..calibration import load_calibration
 from ..errors import OptiqError
+from ..io import atomic_output, check_output
+from ..kv import cache_layers, measure_kv, plan_kv, write_kv_config
+from ..kv.sensitivity import kv_probes, sliding_window
+from ..probe_hooks import shared_by_ranks, with_progress
+from ..records import Candidate
+from ..source import resolve_model
+from ..stream import load_within
 
 
 @dataclass
@@ -32,15 +44,6 @@ class KVOptions:
 
 
 def run(opts: KVOptions):
-    import mlx.core as mx
-
-    from .. import distributed
-    from ..io import atomic_output, check_output
-    from ..kv import cache_layers, plan_kv, write_kv_config
-    from ..kv.sensitivity import sliding_window
-    from ..source import resolve_model
-    from ..stream import load_within
-
     bits = int_list(opts.candidate_bits)
     if any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
         raise OptiqError(f"--candidate-bits {opts.candidate_bits!r}: choose from 2,3,4,5,6,8")
@@ -76,7 +79,7 @@ def run(opts: KVOptions):
     print(
         f"wrote {opts.output}/kv_config.json: {len(plan.layers)} cached layers at {plan.average_bits:.3f} average bits "
         f"({plan.effective_bits:.3f} effective), predicted KL {plan.predicted_kl:.4f}; "
-        + " ".join(f"{e['layer_idx']}:{'t' if e.get('mode') == 'turbo' else ''}{e['bits']}{'/' + str(e['v_bits']) if 'v_bits' in e else ''}" for e in plan.layers)
+        + " ".join(f"{e.layer_idx}:{'t' if e.mode == 'turbo' else ''}{e.bits}{'/' + str(e.v_bits) if e.v_bits else ''}" for e in plan.layers)
         + (f"; no KV cache: layers {list(plan.skipped_layers)}" if plan.skipped_layers else "")
         + (f"; {plan.long_context_bits:.3f} average bits over the full-attention layers (long context)" if sliding else "")
         + f"; peak memory {mx.get_peak_memory() / 2**20:.0f} MiB"
@@ -85,13 +88,14 @@ def run(opts: KVOptions):
 
 
 def measure_kv_table(opts, loaded, bits, split, turbo):
-    from ..calibration import load_calibration
-    from ..kv import measure_kv
-    from ..records import Candidate
-
     tokens = load_calibration(opts.calibration, loaded.tokenizer, loaded.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
     candidates = [Candidate(b, opts.group_size) for b in bits] + [Candidate(k, opts.group_size, v_bits=v) for k, v in split] + [Candidate(b, 0, "turbo") for b in turbo]
-    return measure_kv(loaded.model, tokens, candidates, prefill=opts.prefill, progress=not opts.quiet, kl_stride=opts.kl_stride)
+    bar = tqdm(total=len(kv_probes(loaded.model, candidates)), desc="kv sensitivity", unit="probe", disable=opts.quiet or not distributed.is_writer())
+    try:
+        return measure_kv(loaded.model, tokens, candidates, prefill=opts.prefill, kl_stride=opts.kl_stride,
+                          on_probe=with_progress(bar, shared_by_ranks()), gather=distributed.gather)
+    finally:
+        bar.close()
 
 
 def split_pairs(text: str) -> list:

@@ -1,5 +1,7 @@
-"""optiq lora {train,info,export}: LoRA whose rank per layer follows the bits or
-the measured sensitivity, written in PEFT's format (and mlx-lm's on export)."""
+"""optiq lora {train,info,export}: LoRA with a rank per layer from the bits or sensitivity.
+
+The rank per layer follows the bits or the measured sensitivity; adapters are
+written in PEFT's format (and mlx-lm's on export)."""
 
 import json
 import shutil
@@ -8,8 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+import mlx_lm
+
 from . import fail, run_command, script_entry
+from ..cpu import adapt_for_cpu
 from ..errors import OptiqError
+from ..io import atomic_output, check_output, write_json
+from ..lora.adapters import read_adapter
+from ..lora.formats import PLAN_FILE, read_plan, write_mlx_lm, write_peft
+from ..lora.plan import plan_lora, weight_signals
+from ..lora.train import apply_plan, load_datasets, lora_weights, target_dims, train, trainable_count
+from ..source import resolve_model
 
 
 @dataclass
@@ -38,16 +50,6 @@ class TrainOptions:
 
 
 def run_train(opts: TrainOptions):
-    import mlx.core as mx
-    import mlx_lm
-
-    from ..cpu import adapt_for_cpu
-    from ..io import atomic_output, check_output, write_json
-    from ..lora.formats import write_peft
-    from ..lora.plan import layer_signals, plan_lora
-    from ..lora.train import apply_plan, load_datasets, lora_weights, target_dims, train, trainable_count
-    from ..source import resolve_model
-
     if not opts.data:
         raise OptiqError("--data is required (a folder with train.jsonl)")
     if opts.rank < 1 or opts.iters < 1 or opts.batch_size < 1:
@@ -63,11 +65,11 @@ def run_train(opts: TrainOptions):
     if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
         adapt_for_cpu(model)
     meta_path = folder / "optiq_metadata.json"
-    bits, kl = layer_signals(json.loads(meta_path.read_text())) if meta_path.exists() else ({}, {})
+    weight_plan, table = weight_signals(json.loads(meta_path.read_text())) if meta_path.exists() else (None, None)
     targets = tuple(t.strip() for t in opts.target_modules.split(",") if t.strip())
     dims = target_dims(model, targets, None if opts.num_layers < 0 else opts.num_layers)
     try:
-        plan = plan_lora(dims, opts.rank, opts.rank_scaling, bits, kl, opts.param_budget, opts.alpha_ratio, opts.model or folder.name)
+        plan = plan_lora(dims, opts.rank, opts.rank_scaling, weight_plan, table, opts.param_budget, opts.alpha_ratio, opts.model or folder.name)
     except ValueError as exc:
         raise OptiqError(f"{exc}" + ("" if meta_path.exists() else f" ({folder} has no optiq_metadata.json)"))
     train_set, valid_set = load_datasets(data, tokenizer, opts.mask_prompt)
@@ -92,9 +94,6 @@ class InfoOptions:
 
 
 def run_info(opts: InfoOptions):
-    from ..lora.adapters import read_adapter
-    from ..lora.formats import PLAN_FILE, read_plan
-
     folder = Path(opts.adapter)
     weights = read_adapter(folder)  # validates the files, whatever wrote them
     if (folder / PLAN_FILE).exists():
@@ -120,10 +119,6 @@ class ExportOptions:
 
 
 def run_export(opts: ExportOptions):
-    from ..io import atomic_output
-    from ..lora.adapters import read_adapter
-    from ..lora.formats import read_plan, write_mlx_lm
-
     folder = Path(opts.adapter)
     weights = read_adapter(folder)
     plan = read_plan(folder)

@@ -1,5 +1,7 @@
-"""optiq serve: an OpenAI-compatible server (chat, completions, streaming) with
-per-layer quantized KV caches and LoRA adapters chosen by the request's model."""
+"""optiq serve: an OpenAI-compatible server with planned KV caches and per-request LoRA.
+
+Chat, completions and streaming, continuous batching, per-layer quantized
+KV caches and LoRA adapters chosen by the request's model."""
 
 import asyncio
 import sys
@@ -7,8 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.utils import sharded_load
+
 from . import run_command, script_entry
+from ..cpu import adapt_for_cpu
 from ..errors import OptiqError
+from ..http.engine import Engine
+from ..http.server import App, Defaults, serve
+from ..kv import make_kv_cache, read_kv_config, uniform_layers
+from ..lora import AdapterSelector, mount, read_adapter, resolve_adapter
+from ..source import resolve_model
 
 
 @dataclass
@@ -54,16 +66,6 @@ def adapter_sources(specs) -> dict:
 
 def build_app(opts: ServeOptions):
     """Load the model, mount adapters, start the engine: everything but the socket."""
-    import mlx.core as mx
-    import mlx_lm
-
-    from ..http.engine import Engine
-    from ..http.server import App, Defaults
-    from ..kv import make_kv_cache, read_kv_config, uniform_layers
-    from ..lora import AdapterSelector, mount, read_adapter, resolve_adapter
-    from ..cpu import adapt_for_cpu
-    from ..source import resolve_model
-
     if opts.kv_config and opts.kv_bits:
         raise OptiqError("give --kv-config or --kv-bits, not both")
     allowed = (1, 2, 3, 4) if opts.kv_mode == "turbo" else (2, 3, 4, 5, 6, 8)
@@ -87,7 +89,7 @@ def build_app(opts: ServeOptions):
     if opts.kv_config:
         layers = list(read_kv_config(opts.kv_config).layers)
         n = len(model.layers)
-        bad = [e["layer_idx"] for e in layers if not 0 <= e["layer_idx"] < n]
+        bad = [e.layer_idx for e in layers if not 0 <= e.layer_idx < n]
         if bad:
             raise OptiqError(f"{opts.kv_config}: layers {bad} do not exist (the model has {n})")
     elif opts.kv_bits:
@@ -114,8 +116,6 @@ def build_app(opts: ServeOptions):
 def sharded_model(folder, group, pipeline: bool, sources):
     """mlx-lm's sharded_load over the mlx.launch group (tensor parallel, or
     pipeline by layers), as mlx_lm.server does."""
-    from mlx_lm.utils import sharded_load
-
     if sources:
         raise OptiqError("adapters are not served with a model sharded over processes (mlx-lm cannot either)")
     try:
@@ -125,8 +125,6 @@ def sharded_model(folder, group, pipeline: bool, sources):
 
 
 def run(opts: ServeOptions):
-    from ..http.server import serve
-
     app = build_app(opts)
     if not app.engine.is_leader:  # another rank: decode in step with rank 0 until it stops
         app.engine.thread.join()

@@ -3,6 +3,9 @@
 from dataclasses import dataclass, field
 
 from . import run_command, script_entry
+from ..io import check_output
+from ..source import resolve_model
+from ..strip import strip
 
 
 @dataclass
@@ -13,10 +16,6 @@ class StripOptions:
 
 
 def run(opts: StripOptions):
-    from ..io import check_output
-    from ..source import resolve_model
-    from ..strip import strip
-
     check_output(opts.output, opts.force)
     report = strip(resolve_model(opts.model), opts.output, force=opts.force)
     print(

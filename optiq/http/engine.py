@@ -23,15 +23,19 @@ logits are the same on every rank.
 """
 
 import json
-
 import queue
+import random
 import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+
+from .openai import Sampling
 
 
 @dataclass
@@ -350,8 +354,6 @@ class Engine:
 
 def share_bytes(group, data: bytes | None) -> bytes:
     """Rank 0's bytes on every rank: two all_sums (the size, then the bytes)."""
-    import numpy as np
-
     leader = group.rank() == 0
     size = mx.distributed.all_sum(mx.array(len(data) if leader else 0), group=group, stream=mx.cpu).item()
     buf = mx.array(np.frombuffer(data, dtype=np.uint8)) if leader else mx.zeros((size,), dtype=mx.uint8)
@@ -361,8 +363,6 @@ def share_bytes(group, data: bytes | None) -> bytes:
 
 def share_random_state(group):
     """One random seed for every rank, picked by rank 0."""
-    import random
-
     seed = random.randrange(1 << 31) if group.rank() == 0 else 0
     mx.random.seed(int(mx.distributed.all_sum(mx.array(seed), group=group, stream=mx.cpu).item()))
 
@@ -378,10 +378,6 @@ def encode_command(cmd: str, t) -> dict:
 
 def decode_command(x: dict, by_id: dict):
     """A follower's copy of the leader's command (its ticket posts nowhere)."""
-    from types import SimpleNamespace
-
-    from .openai import Sampling
-
     if x["cmd"] != "add":
         return x["cmd"], by_id.get(x["id"], Ticket(None, [], None, None, None, done=True))
     request = SimpleNamespace(max_tokens=x["max_tokens"], sampling=Sampling(*x["sampling"]), stop=tuple(x["stop"]),

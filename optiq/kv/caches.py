@@ -1,196 +1,19 @@
-"""Per-layer KV caches for mlx-lm's generation loop.
+"""The model's prompt cache with a cache per layer as a KV plan says.
 
-mlx-lm quantizes every layer's cache to one bit-width (`kv_bits`), cannot
-quantize its rotating (sliding-window) cache, and its shared-KV attention
-(Gemma-4) cannot read a quantized cache. A `PlannedKVCache` carries its own
-layer's bits, for keys and values separately: it keeps full precision until it
-holds `start` tokens (mlx-lm's `quantized_kv_start` rule), then stores affine
-codes. Storage is three of mlx-lm's own caches kept in lockstep (codes, scales,
-biases): `KVCache` for full-attention layers and `RotatingKVCache` for
-sliding-window layers, so the window logic, masks and trimming are mlx-lm's.
-Scales and biases are stored in fp16 whatever the activations' dtype.
-
-The cache computes its own attention (`attention`, through
-optiq.kv.attention's dispatcher, which make_kv_cache installs): quantized
-matmuls for a few query rows (decode), dequantized codes into an fp32
-attention for many (prefill: 4.4x faster on this CPU at 2k tokens). With equal
-K and V bits it also exposes `bits`/`group_size`, so mlx-lm's own quantized
-attention reads it where the dispatcher is not installed. A list of these is
-a `prompt_cache` that `generate`/`stream_generate` accept as is.
+Each kv_config entry (records.KVEntry) becomes the cache that stores that
+layer: mlx-lm's own where it is unquantized, an affine PlannedKVCache
+(affine_cache.py, keys and values at their own bits, sliding windows kept)
+or a TurboQuantKVCache (turbo_cache.py). Layers the plan does not name keep
+mlx-lm's default. The result is a `prompt_cache` that mlx-lm's
+`generate`/`stream_generate` accept as is.
 """
 
-from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-import mlx.core as mx
-
-from .attention import affine_attention, install
-
-_SETTINGS = 9  # scalars after the arrays in `state`
-
-
-def quantize_kv(x, group_size: int, bits: int) -> tuple:
-    """(codes, scales, biases) in MLX's affine layout, scales and biases in fp16."""
-    w, s, b = mx.quantize(x, group_size=group_size, bits=bits)
-    return w, s.astype(mx.float16), b.astype(mx.float16)
-
-
-class PlannedKVCache(_BaseCache):
-    def __init__(self, bits: int, group_size: int = 64, start: int = 0, v_bits: int | None = None, max_size: int | None = None, keep: int = 0):
-        for b in (bits, v_bits or bits):
-            if b not in (2, 3, 4, 5, 6, 8):
-                raise ValueError(f"KV bits must be one of 2, 3, 4, 5, 6, 8, got {b}")
-        self.k_bits, self.v_bits = bits, v_bits or bits
-        self.plan_group_size, self.start = group_size, start
-        self.max_size, self.keep = max_size, keep
-        self._full, self._parts = self._new(), None
-
-    def _new(self):
-        return KVCache() if self.max_size is None else RotatingKVCache(self.max_size, self.keep)
-
-    @property
-    def quantized(self) -> bool:
-        return self._parts is not None
-
-    @property
-    def split(self) -> bool:
-        return self.k_bits != self.v_bits
-
-    def __getattr__(self, name):
-        # `bits`/`group_size` only once quantized with one width, like mlx-lm's
-        # caches: mlx-lm's attention takes its quantized path exactly then.
-        # `attention` (optiq's dispatcher, which make_kv_cache installs) takes
-        # precedence: it is faster on prefill and reads split widths.
-        d = self.__dict__
-        if name in ("bits", "group_size") and d.get("_parts") is not None and d["k_bits"] == d["v_bits"]:
-            return d["k_bits"] if name == "bits" else d["plan_group_size"]
-        if name == "attention" and d.get("_parts") is not None:
-            return self._attention
-        raise AttributeError(name)
-
-    def _attention(self, queries, keys, values, scale, mask):
-        return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits)
-
-    def _quantize(self):
-        g = self.plan_group_size
-        parts = [self._new() for _ in range(3)]
-        full = self._full
-        if full.keys is not None:
-            ks, vs = quantize_kv(full.keys, g, self.k_bits), quantize_kv(full.values, g, self.v_bits)
-            for part, k, v in zip(parts, ks, vs):
-                part.__dict__.update(full.__dict__)  # offset and, when rotating, the write index
-                part.keys, part.values = k, v
-        self._full, self._parts = None, parts
-
-    def update_and_fetch(self, keys, values):
-        if self._parts is None and self._full.offset >= self.start:
-            self._quantize()
-        if self._parts is None:
-            return self._full.update_and_fetch(keys, values)
-        g = self.plan_group_size
-        ks, vs = quantize_kv(keys, g, self.k_bits), quantize_kv(values, g, self.v_bits)
-        fetched = [p.update_and_fetch(k, v) for p, k, v in zip(self._parts, ks, vs)]
-        return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
-
-    def keys_and_values(self):
-        """What the last update returned (Gemma-3n's shared layers read their owner this way)."""
-        if self._parts is None:
-            return self._full.keys_and_values()
-        fetched = [p.keys_and_values() for p in self._parts]
-        return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
-
-    @property
-    def _caches(self):
-        return [self._full] if self._parts is None else self._parts
-
-    @property
-    def offset(self):
-        return self._caches[0].offset
-
-    def size(self):
-        return self._caches[0].size()
-
-    def is_trimmable(self):
-        return self._caches[0].is_trimmable()
-
-    def trim(self, n):
-        return [c.trim(n) for c in self._caches][0]
-
-    def make_mask(self, *args, **kwargs):
-        return self._caches[0].make_mask(*args, **kwargs)
-
-    def empty(self):
-        return self._caches[0].empty()
-
-    @property
-    def nbytes(self):
-        return sum(c.nbytes for c in self._caches)
-
-    # mlx-lm's save_prompt_cache stores `state` only: settings ride along as scalars.
-    @property
-    def state(self):
-        first = self._caches[0]
-        settings = [self.k_bits, self.v_bits, self.plan_group_size, self.start, self.max_size or 0, self.keep, first.offset, getattr(first, "_idx", 0), int(self.quantized)]
-        if first.keys is None:
-            return settings
-        return [a for c in self._caches for a in (c.keys, c.values)] + settings
-
-    @state.setter
-    def state(self, v):
-        arrays, s = v[:-_SETTINGS], [int(x) for x in v[-_SETTINGS:]]
-        self.__init__(s[0], s[2], s[3], s[1], s[4] or None, s[5])
-        if s[8]:
-            self._full, self._parts = None, [self._new() for _ in range(3)]
-        for i, c in enumerate(self._caches):
-            c.offset = s[6]
-            if self.max_size is not None:
-                c._idx = s[7]
-            if arrays:
-                c.keys, c.values = arrays[2 * i], arrays[2 * i + 1]
-
-
-class SharedKVView(_BaseCache):
-    """A KV-shared layer's cache entry (Gemma-4): the layer receives its owner's
-    fetched keys and values, and this view hands them through unchanged while
-    telling attention how the owner stores them."""
-
-    def __init__(self, owner):
-        self.owner = owner
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-    def __getattr__(self, name):
-        if name in ("bits", "group_size", "attention"):
-            return getattr(self.__dict__["owner"], name)
-        raise AttributeError(name)
-
-    @property
-    def offset(self):
-        return self.owner.offset
-
-    def make_mask(self, *args, **kwargs):
-        return self.owner.make_mask(*args, **kwargs)
-
-    def is_trimmable(self):
-        return True
-
-    def trim(self, n):  # the owner trims itself
-        return n
-
-    def size(self):
-        return self.owner.size()
-
-    def empty(self):
-        return self.owner.empty()
-
-    @property
-    def nbytes(self):
-        return 0
-
-
-# mlx-lm's load_prompt_cache looks cache classes up by name in its own module.
-mlx_cache.PlannedKVCache = PlannedKVCache
+from ..records import KVEntry
+from .affine_cache import PlannedKVCache, SharedKVView
+from .attention import install
+from .turbo_cache import TurboQuantKVCache
 
 
 def shared_kv_owners(model) -> dict:
@@ -210,48 +33,48 @@ def shared_kv_owners(model) -> dict:
     return found
 
 
-def uniform_layers(model, bits: int, group_size: int = 64, mode: str = "affine", v_bits: int | None = None) -> list:
-    """kv_config entries giving every KV-cache layer the same bits."""
-    extra = {"mode": mode} if mode != "affine" else {}
-    if v_bits and v_bits != bits:
-        extra["v_bits"] = v_bits
-    return [
-        {"layer_idx": i, "bits": bits, "group_size": group_size, **extra}
+def uniform_layers(model, bits: int, group_size: int = 64, mode: str = "affine", v_bits: int | None = None) -> tuple:
+    """KV entries giving every KV-cache layer the same bits (TurboQuant: full-attention layers only)."""
+    v = v_bits if v_bits and v_bits != bits else 0
+    return tuple(
+        KVEntry(i, bits, group_size, mode, v)
         for i, c in enumerate(make_prompt_cache(model))
         if isinstance(c, (KVCache, RotatingKVCache)) and not (mode == "turbo" and isinstance(c, RotatingKVCache))
-    ]
+    )
 
 
-def planned_cache(entry: dict, mlx_cache_entry, start: int = 0):
+def as_entries(plan) -> tuple:
+    """A KVPlan's entries, or a list of KVEntry records or kv_config dicts, as KVEntry records."""
+    return tuple(e if isinstance(e, KVEntry) else KVEntry.from_dict(e) for e in getattr(plan, "layers", plan))
+
+
+def planned_cache(entry: KVEntry, mlx_cache_entry, start: int = 0):
     """The cache for one kv_config entry, replacing mlx-lm's default for that layer."""
-    idx = entry["layer_idx"]
+    idx = entry.layer_idx
     rotating = isinstance(mlx_cache_entry, RotatingKVCache)
     if not isinstance(mlx_cache_entry, (KVCache, RotatingKVCache)):
         raise ValueError(f"layer {idx} has a {type(mlx_cache_entry).__name__}, not a KV cache")
-    if entry.get("mode", "affine") == "turbo":  # quantized from the first token (no `start`)
+    if entry.mode == "turbo":  # quantized from the first token (no `start`)
         if rotating:
             raise ValueError(f"layer {idx} is a sliding-window layer: TurboQuant covers full-attention layers only")
-        from .turbo import TurboQuantKVCache
-
-        return TurboQuantKVCache(entry["bits"], entry.get("seed", 0), idx)
-    bits, v_bits = entry["bits"], entry.get("v_bits", entry["bits"])
+        return TurboQuantKVCache(entry.bits, entry.seed, idx)
+    bits, v_bits = entry.bits, entry.value_bits
     if min(bits, v_bits) >= 16:
         return mlx_cache_entry
     if max(bits, v_bits) >= 16:
         raise ValueError(f"layer {idx}: keys and values are quantized together (bits {bits}, v_bits {v_bits})")
     window = dict(max_size=mlx_cache_entry.max_size, keep=mlx_cache_entry.keep) if rotating else {}
-    return PlannedKVCache(bits, entry["group_size"], start, v_bits=v_bits, **window)
+    return PlannedKVCache(bits, entry.group_size, start, v_bits=v_bits, **window)
 
 
 def make_kv_cache(model, plan=None, start: int = 0) -> list:
     """The model's prompt cache with each planned layer's bits (None: mlx-lm's default).
-    `plan` is a KVPlan or a list of kv_config entries."""
+    `plan` is a KVPlan or a list of entries (KVEntry records or kv_config dicts)."""
     caches = make_prompt_cache(model)
     if plan is None:
         return caches
-    entries = list(getattr(plan, "layers", plan))
-    for entry in entries:
-        caches[entry["layer_idx"]] = planned_cache(entry, caches[entry["layer_idx"]], start)
+    for entry in as_entries(plan):
+        caches[entry.layer_idx] = planned_cache(entry, caches[entry.layer_idx], start)
     if any(isinstance(c, PlannedKVCache) or hasattr(type(c), "attention") for c in caches):
         install(model)
     owners = shared_kv_owners(model)
@@ -261,3 +84,13 @@ def make_kv_cache(model, plan=None, start: int = 0) -> list:
         # (Gemma-3n hands shared layers the owner's cache itself.)
         caches += [SharedKVView(caches[owners[j]]) for j in range(len(caches), len(model.layers))]
     return caches
+
+
+def make_turbo_cache(model, bits=3, seed: int = 0, layers=None) -> list:
+    """The model's prompt cache with TurboQuant at `bits` on every full-attention
+    layer (or per layer: `layers` = {layer_idx: bits})."""
+    if layers is None:
+        entries = uniform_layers(model, bits, mode="turbo")
+    else:
+        entries = [KVEntry(i, b, 0, "turbo") for i, b in layers.items() if b is not None and b < 16]
+    return make_kv_cache(model, [KVEntry(e.layer_idx, e.bits, e.group_size, e.mode, e.v_bits, seed) for e in entries])

@@ -5,35 +5,10 @@ kv_bits counts it) or effectively (scales and biases included)."""
 import json
 from pathlib import Path
 
-import attrs
-
+from ..errors import OptiqError
+from ..io import write_json
 from ..plan import layer_cost_bits, nominal_cost_bits, plan_bits
-from ..records import SensitivityTable
-
-
-@attrs.frozen
-class KVPlan:
-    # kv_config entries: {layer_idx, bits, group_size} plus "v_bits" when values
-    # have their own width ("bits" is then the keys') and "mode" for TurboQuant
-    layers: tuple = attrs.field(converter=lambda v: tuple(dict(x) for x in v))
-    target_bits: float
-    average_bits: float  # nominal
-    effective_bits: float  # with fp16 scales and biases per group
-    predicted_kl: float
-    skipped_layers: tuple = attrs.field(default=(), converter=tuple)  # layers with no KV cache
-    # nominal mean over the full-attention layers alone: what the cache averages
-    # once the context is long (sliding-window layers stop growing at their window)
-    long_context_bits: float = float("nan")
-
-    def to_dict(self) -> dict:
-        d = attrs.asdict(self)
-        d["layers"] = [dict(x) for x in self.layers]
-        d["skipped_layers"] = list(self.skipped_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "KVPlan":
-        return cls(**{k: d[k] for k in d if k in attrs.fields_dict(cls)})
+from ..records import KVEntry, KVPlan, SensitivityTable
 
 
 def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal: bool = True, sliding=()) -> KVPlan:
@@ -51,14 +26,11 @@ def plan_kv(table: SensitivityTable, target_bits: float, n_layers: int, nominal:
     n = {l.path: l.n_params for l in table.layers}
     total = sum(n.values())
     chosen = dict(plan.assignments)
-    long_bits = sum(nominal_cost_bits(n[p], chosen[p]) for p in full) / sum(n[p] for p in full) if full else float("nan")
-    entries = [
-        {"layer_idx": _layer_idx(p), **c.to_dict()}
-        for p, c in plan.assignments
-    ]
-    planned = {e["layer_idx"] for e in entries}
+    long_bits = sum(nominal_cost_bits(n[p], chosen[p]) for p in full) / sum(n[p] for p in full) if full else None
+    entries = [KVEntry(_layer_idx(p), c.bits, c.group_size, c.mode, c.v_bits) for p, c in plan.assignments]
+    planned = {e.layer_idx for e in entries}
     return KVPlan(
-        layers=sorted(entries, key=lambda e: e["layer_idx"]),
+        layers=sorted(entries, key=lambda e: e.layer_idx),
         target_bits=float(target_bits),
         average_bits=sum(nominal_cost_bits(n[p], c) for p, c in plan.assignments) / total,
         effective_bits=sum(layer_cost_bits(n[p], c) for p, c in plan.assignments) / total,
@@ -74,33 +46,33 @@ def _layer_idx(path: str) -> int:
 
 def write_kv_config(plan: KVPlan, folder) -> Path:
     """kv_config.json (the seed's list format) and kv_plan.json (the record)."""
-    from ..io import write_json
-
     folder = Path(folder)
-    write_json(folder / "kv_config.json", [dict(e) for e in plan.layers])
+    write_json(folder / "kv_config.json", [e.to_dict() for e in plan.layers])
     write_json(folder / "kv_plan.json", plan.to_dict())
     return folder / "kv_config.json"
 
 
 def read_kv_config(path) -> KVPlan:
     """A plan from kv_config.json (a list, or the record from kv_plan.json)."""
-    from ..errors import OptiqError
-
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise OptiqError(f"cannot read KV config {path}: {exc}")
     if isinstance(data, dict):
-        return KVPlan.from_dict(data)
+        try:
+            return KVPlan.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise OptiqError(f"{path}: {exc}")
     if not isinstance(data, list) or not all(isinstance(e, dict) and {"layer_idx", "bits", "group_size"} <= set(e) for e in data):
         raise OptiqError(f"{path}: expected a list of {{layer_idx, bits, group_size}}")
     for e in data:
         problem = entry_problem(e)
         if problem:
             raise OptiqError(f"{path}: layer {e.get('layer_idx')}: {problem}")
-    bits = [(e["bits"] + e.get("v_bits", e["bits"])) / 2 for e in data]
+    entries = [KVEntry.from_dict(e) for e in data]
+    bits = [(e.bits + e.value_bits) / 2 for e in entries]
     avg = sum(bits) / len(bits) if bits else 16.0
-    return KVPlan(layers=data, target_bits=avg, average_bits=avg, effective_bits=avg, predicted_kl=float("nan"))
+    return KVPlan(layers=entries, target_bits=avg, average_bits=avg, effective_bits=avg)
 
 
 def entry_problem(e: dict) -> str | None:

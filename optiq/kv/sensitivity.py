@@ -26,9 +26,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from .. import distributed, metrics
-from ..records import Candidate, LayerSensitivity, SensitivityTable
-from .caches import make_kv_cache
+from .. import metrics
+from ..calibration import digest
+from ..model_tree import block_list, norm_owner
+from ..probe_hooks import run_it
+from ..records import Candidate, KVEntry, LayerSensitivity, SensitivityTable
+from ..standins import blocks_replaced, positions_only, recording, replaying_from
+from .caches import make_kv_cache, shared_kv_owners
 
 UNQUANTIZED = Candidate(16, 64)
 
@@ -50,6 +54,31 @@ def sliding_window(model) -> int | None:
     return min(sizes) if sizes else None
 
 
+def cache_shapes(model) -> dict:
+    """{layer index: (KV heads, key head dim, value head dim)} of every cached layer, from one token's forward."""
+    caches = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=caches)
+    return {i: (c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for i, c in enumerate(caches) if isinstance(c, (KVCache, RotatingKVCache))}
+
+
+def kv_probes(model, candidates, shapes=None) -> list:
+    """[(layer index, candidate)] of every probe measure_kv runs, in order:
+    affine candidates whose group divides both head dims (MLX groups run
+    along the head dimension), TurboQuant ones (their group is the head
+    dimension) on full-attention layers with equal key and value dims."""
+    shapes = shapes or cache_shapes(model)
+    todo = []
+    for i, kind in cache_layers(model):
+        _, dk, dv = shapes[i]
+        for c in candidates:
+            if c.mode == "turbo":
+                if kind == "full" and c.bits <= 4 and dk == dv and dk % 32 == 0:
+                    todo.append((i, Candidate(c.bits, dk, "turbo")))
+            elif c.bits < 16 and dk % c.group_size == 0 and dv % c.group_size == 0:
+                todo.append((i, c))
+    return todo
+
+
 def run_with_cache(model, tokens: mx.array, caches: list, prefill: int) -> mx.array:
     """Logits for every position: one prefill call, then one call per token."""
     logits = [model(tokens[:, :prefill], cache=caches)]
@@ -62,101 +91,65 @@ def run_with_cache(model, tokens: mx.array, caches: list, prefill: int) -> mx.ar
 def _replayed(model, tokens, caches, start: int, inputs: list) -> mx.array:
     """Logits of one prefill with blocks before `start` replaced by the
     recorded input of block `start` (their caches stay empty, unread)."""
-    from ..sensitivity import _Stand, block_list
-
     blocks = block_list(model)
-    originals = list(blocks)
-    try:
-        if start > 0:
-            for j in range(start - 1):
-                blocks[j] = _Stand(originals[j])
-            blocks[start - 1] = _Stand(originals[start - 1], replay=inputs[start])
+    with blocks_replaced(blocks, replaying_from(list(blocks), start, inputs[start] if start > 0 else None)):
         return model(tokens, cache=caches).astype(mx.float32)
-    finally:
-        blocks[:] = originals
 
 
 def _reference_inputs(model, tokens) -> tuple:
     """(logits, every block's input) of one unquantized prefill."""
-    from ..sensitivity import _Stand, block_list
-
     blocks = block_list(model)
-    originals = list(blocks)
     inputs = []
-    try:
-        for j, block in enumerate(originals):
-            blocks[j] = _Stand(block, inputs=inputs)
+    with blocks_replaced(blocks, recording(list(blocks), inputs)):
         logits = model(tokens, cache=make_prompt_cache(model)).astype(mx.float32)
         mx.eval(logits, inputs)
-    finally:
-        blocks[:] = originals
     return logits, inputs
 
 
-def measure_kv(model, tokens, candidates, prefill: int | None = None, progress: bool = True, kl_stride: int = 1) -> SensitivityTable:
+def measure_kv(model, tokens, candidates, prefill: int | None = None, kl_stride: int = 1, on_probe=run_it, gather=None) -> SensitivityTable:
     """The KV sensitivity table; a layer's `n_params` is its KV elements per token.
     `prefill`: run N tokens as a prefill and decode the rest (default: one
     prefill of everything, replayed from the probed layer). `kl_stride`: KL
     at every Nth position only (each still sees its whole context); with a
-    large vocabulary the head dominates a probe and this divides its cost."""
-    from tqdm.auto import tqdm
-
-    from ..calibration import digest
-    from ..sensitivity import norm_owner, positions_only
-    from .caches import shared_kv_owners
-
+    large vocabulary the head dominates a probe and this divides its cost.
+    Each probe goes through `on_probe` (probe_hooks.py); `gather` merges the
+    probes of several processes."""
     owner = norm_owner(model)
     tokens_mx = mx.array(np.asarray(tokens, dtype=np.int32))
     positions = mx.arange(kl_stride - 1, tokens_mx.shape[1], kl_stride) if kl_stride > 1 else None
-    ref_caches = make_prompt_cache(model)
     replay = prefill is None and not shared_kv_owners(model)
     if replay:
         with positions_only(owner, positions):
             logits, inputs = _reference_inputs(model, tokens_mx)
-        model(tokens_mx[:, :1], cache=ref_caches)  # shapes for the candidate checks below
     else:
-        logits = run_with_cache(model, tokens_mx, ref_caches, prefill or tokens_mx.shape[1])
+        logits = run_with_cache(model, tokens_mx, make_prompt_cache(model), prefill or tokens_mx.shape[1])
         logits = logits if positions is None else logits[:, positions]
     ref = metrics.reference_from_logits(logits)
     del logits
-    layers = cache_layers(model)
-
-    def fits(i, kind, c):  # MLX groups run along the head dimension; TurboQuant rotates whole heads
-        dk, dv = ref_caches[i].keys.shape[3], ref_caches[i].values.shape[3]
-        if c.mode == "turbo":
-            return kind == "full" and c.bits <= 4 and dk == dv == c.group_size and dk % 32 == 0
-        return c.bits < 16 and dk % c.group_size == 0 and dv % c.group_size == 0
-
-    def head_candidates(i):  # a TurboQuant candidate's group is the head dimension
-        d = ref_caches[i].keys.shape[3]
-        return [Candidate(c.bits, d, "turbo") if c.mode == "turbo" else c for c in candidates]
-
-    def probe_caches(i, c):
-        entry = {"layer_idx": i, **c.to_dict()}
-        return make_kv_cache(model, [entry])
-
-    todo = [(i, c) for i, kind in layers for c in head_candidates(i) if fits(i, kind, c)]
-    bar = tqdm(total=len(todo), desc="kv sensitivity", unit="probe", disable=not progress or not distributed.is_writer())
+    shapes = cache_shapes(model)
+    todo = kv_probes(model, candidates, shapes)
     kls = {}
     for n, (i, c) in enumerate(todo):
-        bar.update(1)
-        if not distributed.mine(n):  # another rank's probe (mlx.launch)
-            continue
-        caches = probe_caches(i, c)
-        if replay:
-            with positions_only(owner, positions):
-                got = _replayed(model, tokens_mx, caches, i, inputs)
-        else:
-            got = run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
-            got = got if positions is None else got[:, positions]
-        kls[(i, c)] = float(mx.mean(metrics.token_kl(ref, got)))
-    bar.close()
-    kls = distributed.gather(kls, todo)
+        def run(i=i, c=c):
+            caches = make_kv_cache(model, [KVEntry(i, c.bits, c.group_size, c.mode, c.v_bits)])
+            if replay:
+                with positions_only(owner, positions):
+                    got = _replayed(model, tokens_mx, caches, i, inputs)
+            else:
+                got = run_with_cache(model, tokens_mx, caches, prefill or tokens_mx.shape[1])
+                got = got if positions is None else got[:, positions]
+            return float(mx.mean(metrics.token_kl(ref, got)))
+
+        kl = on_probe(n, f"kv.{i}", c, run)
+        if kl is not None:
+            kls[(i, c)] = kl
+    if gather is not None:
+        kls = gather(kls, todo)
     out = []
-    for i, kind in layers:
-        k = ref_caches[i]
-        per_token = int(k.keys.shape[1] * (k.keys.shape[3] + k.values.shape[3]))  # heads x (Dk + Dv)
-        cands = [c for c in head_candidates(i) if fits(i, kind, c)]
+    for i, kind in cache_layers(model):
+        heads, dk, dv = shapes[i]
+        per_token = int(heads * (dk + dv))
+        cands = [c for j, c in todo if j == i]
         cands = [*cands, UNQUANTIZED]
         out.append(
             LayerSensitivity(

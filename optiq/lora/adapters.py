@@ -15,8 +15,10 @@ from pathlib import Path
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import huggingface_hub
 
 from ..errors import OptiqError
+from ..source import REPO_ID
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MLX_WEIGHTS = "adapters.safetensors"
@@ -110,17 +112,13 @@ def read_adapter(folder) -> LoRAWeights:
 
 def resolve_adapter(source: str) -> Path:
     """A local folder, or a Hugging Face repo id downloaded (config and safetensors only)."""
-    from ..source import _REPO_ID
-
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if not _REPO_ID.match(source):
+    if not REPO_ID.match(source):
         raise OptiqError(f"adapter {source!r} is neither a folder nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(huggingface_hub.snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as exc:
         raise OptiqError(f"cannot download adapter {source!r} from the Hugging Face Hub: {exc}")
 

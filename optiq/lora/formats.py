@@ -21,8 +21,9 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from ..errors import OptiqError
 from ..io import write_json
-from .plan import LoRAPlan
+from ..records import LoRAPlan
 
 PLAN_FILE = "optiq_lora_config.json"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -96,8 +97,6 @@ def write_mlx_lm(folder, plan: LoRAPlan, weights: dict, n_layers: int):
 
 
 def read_plan(folder) -> LoRAPlan:
-    from ..errors import OptiqError
-
     try:
         return LoRAPlan.from_dict(json.loads((Path(folder) / PLAN_FILE).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:

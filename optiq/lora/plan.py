@@ -17,49 +17,28 @@ same everywhere and a rank change changes capacity, not step size.
 import math
 import statistics
 
-import attrs
+from ..records import BitPlan, LoRAModule, LoRAPlan, SensitivityTable
 
 SCALINGS = ("constant", "by_bits", "by_kl")
 KL_CLIP = 4.0
 
 
-@attrs.frozen
-class LoRAModule:
-    path: str
-    rank: int
-    alpha: float
-    in_dims: int
-    out_dims: int
-
-    @property
-    def params(self) -> int:
-        return self.rank * (self.in_dims + self.out_dims)
+def layer_bits(plan: BitPlan | None) -> dict:
+    """{path: bits} of a weight plan (16: kept float)."""
+    return {path: c.bits for path, c in plan.assignments} if plan is not None else {}
 
 
-@attrs.frozen
-class LoRAPlan:
-    modules: tuple = attrs.field(converter=tuple)
-    scaling: str = "constant"
-    base_rank: int = 8
-    alpha_ratio: float = 2.0
-    base_model: str = ""
-    n_layers: int = 0  # the base model's blocks (0: unknown); mlx-lm export needs it
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(m.params for m in self.modules)
-
-    def to_dict(self) -> dict:
-        d = attrs.asdict(self)
-        d["modules"] = [attrs.asdict(m) for m in self.modules]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRAPlan":
-        return cls(
-            modules=[LoRAModule(**m) for m in d["modules"]],
-            **{k: d[k] for k in ("scaling", "base_rank", "alpha_ratio", "base_model", "n_layers") if k in d},
-        )
+def layer_kl(plan: BitPlan | None, table: SensitivityTable | None) -> dict:
+    """{path: KL} at the candidate the plan gave each layer: what quantization cost there."""
+    if plan is None or table is None:
+        return {}
+    chosen = plan.as_dict()
+    out = {}
+    for layer in table.layers:
+        c = chosen.get(layer.path)
+        if c in layer.candidates and math.isfinite(layer.kl_of(c)):
+            out[layer.path] = float(layer.kl_of(c))
+    return out
 
 
 def _weights(paths, scaling, bits, kl) -> dict:
@@ -78,13 +57,15 @@ def _weights(paths, scaling, bits, kl) -> dict:
     raise ValueError(f"unknown rank scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
 
 
-def plan_lora(dims: dict, rank: int = 8, scaling: str = "constant", bits: dict | None = None, kl: dict | None = None,
+def plan_lora(dims: dict, rank: int = 8, scaling: str = "constant", plan: BitPlan | None = None, table: SensitivityTable | None = None,
               param_budget: int | None = None, alpha_ratio: float = 2.0, base_model: str = "") -> LoRAPlan:
-    """dims: {module path: (in, out)} for every target module, in model order."""
+    """dims: {module path: (in, out)} for every target module, in model order;
+    `plan` and `table`: the weights' BitPlan and SensitivityTable (by_bits
+    reads the plan's bits, by_kl the table's KL at each planned candidate)."""
     if rank < 1:
         raise ValueError("rank must be at least 1")
     paths = list(dims)
-    weights = _weights(paths, scaling, bits, kl)
+    weights = _weights(paths, scaling, layer_bits(plan), layer_kl(plan, table))
     if param_budget is None:
         ranks = {p: max(1, round(rank * weights[p])) for p in paths}
     else:
@@ -108,14 +89,8 @@ def _fit_budget(paths, dims, weights, budget) -> dict:
     return {p: max(1, round(lo * weights[p])) for p in paths}
 
 
-def layer_signals(metadata: dict) -> tuple:
-    """(bits, kl) per module path from an optiq model's optiq_metadata.json."""
-    bits, kl = {}, {}
-    for path, c in metadata.get("plan", {}).get("assignments", []):
-        bits[path] = int(c["bits"])
-    for layer in metadata.get("sensitivity", {}).get("layers", []):
-        chosen = bits.get(layer["path"])
-        for c, value in zip(layer["candidates"], layer["kl"]):
-            if c["bits"] == chosen and math.isfinite(value):
-                kl[layer["path"]] = float(value)
-    return bits, kl
+def weight_signals(metadata: dict) -> tuple:
+    """(BitPlan or None, SensitivityTable or None) from an optiq model's optiq_metadata.json."""
+    plan = BitPlan.from_dict(metadata["plan"]) if "plan" in metadata else None
+    table = SensitivityTable.from_dict(metadata["sensitivity"]) if "sensitivity" in metadata else None
+    return plan, table

@@ -8,10 +8,15 @@ import types
 from pathlib import Path
 
 import mlx.nn as nn
+import mlx.optimizers as optim
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.trainer import TrainingArgs
+from mlx_lm.tuner.trainer import train as mlx_train
 
 from ..errors import OptiqError
-from .plan import LoRAPlan
+from ..records import LoRAPlan
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _CHECKPOINT = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -42,8 +47,6 @@ def target_dims(model, targets=DEFAULT_TARGETS, num_layers: int | None = None) -
 
 def apply_plan(model, plan: LoRAPlan, dropout: float = 0.0):
     """Freeze the base; wrap each planned module in mlx-lm's LoRALinear with its own rank."""
-    from mlx_lm.tuner.lora import LoRALinear
-
     model.freeze()
     modules = dict(model.named_modules())
     for m in plan.modules:
@@ -59,8 +62,6 @@ def lora_weights(model, plan: LoRAPlan) -> dict:
 
 
 def load_datasets(data: Path, tokenizer, mask_prompt: bool):
-    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
-
     if not (data / "train.jsonl").exists():
         raise OptiqError(f"{data} has no train.jsonl (mlx-lm's data layout: train.jsonl, valid.jsonl)")
     try:
@@ -98,10 +99,6 @@ class _Reports:
 def train(model, plan: LoRAPlan, train_set, valid_set, work: Path, iters: int, lr: float, batch_size: int,
           max_seq_length: int, steps_per_eval: int, steps_per_save: int, val_batches: int = 25, resume: bool = True):
     """Train in `work` (checkpoints there); returns (reports, iterations done before this run)."""
-    import mlx.optimizers as optim
-    from mlx_lm.tuner.trainer import TrainingArgs
-    from mlx_lm.tuner.trainer import train as mlx_train
-
     done, checkpoint = latest_checkpoint(work) if resume else (0, None)
     if checkpoint is not None:
         model.load_weights(str(checkpoint), strict=False)

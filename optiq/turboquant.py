@@ -26,6 +26,10 @@ import math
 import attrs
 import mlx.core as mx
 import numpy as np
+from scipy import special, stats
+
+from .io import write_json
+from .source import cache_dir
 
 PAPER_MSE = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}  # reported D_mse per unit vector, for comparison
 
@@ -50,8 +54,6 @@ class Codebook:
 
 
 def _solve_lloyd_max(dim: int, bits: int, iters: int = 1000, tol: float = 1e-12) -> Codebook:
-    from scipy import special, stats
-
     a = (dim - 1) / 2.0  # (x + 1) / 2 ~ Beta(a, a)
     levels = 2 ** bits
     c = 2 * stats.beta.ppf((np.arange(levels) + 0.5) / levels, a, a) - 1
@@ -76,8 +78,6 @@ def _solve_lloyd_max(dim: int, bits: int, iters: int = 1000, tol: float = 1e-12)
 @functools.lru_cache(maxsize=None)
 def codebook(dim: int, bits: int) -> Codebook:
     """The Lloyd-Max codebook for dimension `dim`, solved once and cached on disk."""
-    from .source import cache_dir
-
     if not 1 <= bits <= 4 or dim < 2:
         raise ValueError(f"TurboQuant codebooks cover 1-4 bits and dim >= 2, got bits={bits}, dim={dim}")
     path = cache_dir() / "turbo" / f"lloyd-max-d{dim}-b{bits}.json"
@@ -87,8 +87,6 @@ def codebook(dim: int, bits: int) -> Codebook:
         pass
     book = _solve_lloyd_max(dim, bits)
     try:
-        from .io import write_json
-
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, attrs.asdict(book))
     except OSError:

@@ -2,7 +2,7 @@
 
 Per layer and KV head, a seeded random rotation R. A step rotates the
 queries once (q R^T), scores the codes with MLX's 1-bit quantized matmul
-against XORs of the stored bit planes (optiq/turbo.py: an exact expansion of
+against XORs of the stored bit planes (optiq/turboquant.py: an exact expansion of
 the Lloyd-Max codebook), scales by the key norms, takes the softmax, forms
 the weighted sum of value codes the same way (weights times value norms),
 and rotates the output once (out R). Keys and values are never rotated back
@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import _BaseCache
 
-from .. import turbo
+from .. import turboquant
 from .attention import apply_mask
 
 
@@ -30,7 +30,7 @@ def layer_rotations(seed: int, layer_idx: int, heads: int, dim: int) -> tuple:
     """(key, value) rotations, one per KV head, for a layer: computed once per
     process, not once per cache (the server builds caches per request)."""
     base = (seed * 1_000_003 + layer_idx) * 1024
-    rotations = tuple(mx.stack([turbo.rotation(dim, base + 2 * h + kv) for h in range(heads)]) for kv in (0, 1))
+    rotations = tuple(mx.stack([turboquant.rotation(dim, base + 2 * h + kv) for h in range(heads)]) for kv in (0, 1))
     mx.eval(rotations)  # concrete now: a lazy array would belong to the creating thread's stream
     return rotations
 
@@ -51,7 +51,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _encode(self, x, rot):
         # x (B, H, L, d); one rotation per head
-        return turbo.quantize_mse(x, rot[None], self.turbo_bits)
+        return turboquant.quantize_mse(x, rot[None], self.turbo_bits)
 
     def update_and_fetch(self, keys, values):
         B, H, L, d = keys.shape
@@ -140,12 +140,12 @@ def _codes_matmul(x, planes, bits: int, transpose: bool):
     (prefill): gather the codebook values once and use an fp32 matmul, which
     on CPU is far faster than quantized matmuls over many rows (optiq/cpu.py)."""
     d = planes.shape[-1] * 32
-    const, terms = turbo.plane_terms(d, bits)
+    const, terms = turboquant.plane_terms(d, bits)
     rows = x.shape[-2]
     # Measured here at 8k tokens, 3 rows: 1-bit matmuls cost ~4 ms per plane
     # term, the codebook gather ~20 ms in all, so planes win up to 4 terms (3 bits).
     if rows > 16 or len(terms) > 4:
-        w = turbo.rotated_values(planes, bits, d)
+        w = turboquant.rotated_values(planes, bits, d)
         return x @ (mx.swapaxes(w, -1, -2) if transpose else w)
     out = _planes_matmul(x, planes, terms, transpose)
     if const:
@@ -160,7 +160,7 @@ def _planes_matmul(x, planes, terms, transpose: bool):
     shape = (*planes.shape[:-2], d32 * 32 // group)
     out = None
     for subset, scale, bias in terms:
-        w = turbo.xor_plane(planes, subset)
+        w = turboquant.xor_plane(planes, subset)
         s = mx.broadcast_to(mx.array(scale, mx.float32), shape)
         b = mx.broadcast_to(mx.array(bias, mx.float32), shape)
         y = mx.quantized_matmul(x, w, s, b, transpose=transpose, group_size=group, bits=1)
@@ -185,15 +185,3 @@ def turbo_attention(queries, cache: TurboQuantKVCache, scale: float, mask):
     out = _codes_matmul(weights, vp, cache.turbo_bits, transpose=False)  # (B, H, rep L, d), rotated
     out = out @ rv[None]
     return out.reshape(B, n_q, L, d).astype(queries.dtype)
-
-
-def make_turbo_cache(model, bits=3, seed: int = 0, layers=None) -> list:
-    """The model's prompt cache with TurboQuant at `bits` on every full-attention
-    layer (or per layer: `layers` = {layer_idx: bits})."""
-    from .caches import make_kv_cache, uniform_layers
-
-    if layers is None:
-        entries = uniform_layers(model, bits, mode="turbo")
-    else:
-        entries = [{"layer_idx": i, "bits": b, "group_size": 0, "mode": "turbo"} for i, b in layers.items() if b is not None and b < 16]
-    return make_kv_cache(model, [dict(e, seed=seed) for e in entries])
