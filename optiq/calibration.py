@@ -27,6 +27,60 @@ def bos_prefix(tokenizer) -> list:
     return [bos] if bos is not None and ids and ids[0] == bos else []
 
 
+TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json")
+RECORD_FORMS = (("text",), ("messages",), ("question", "answer"), ("prompt", "completion"))
+
+
+def check_source(source, flag: str = "--calibration"):
+    """Refuse now, before any model loads, a text source that cannot work: a
+    missing, empty or unparseable file, an empty folder (speech and image
+    folders are read by their families), a name that is neither a file nor a
+    dataset id."""
+    if source is None:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise OptiqError(f"{flag} {path}: an empty folder")
+        return
+    if path.is_file():
+        if path.suffix not in TEXT_SUFFIXES:
+            raise OptiqError(f"{flag} {path}: a text file must be {', '.join(TEXT_SUFFIXES)}")
+        if path.stat().st_size == 0:
+            raise OptiqError(f"{flag} {path}: an empty file")
+        if path.suffix in (".jsonl", ".json"):
+            check_jsonl(path, flag)
+        return
+    if path.exists():
+        raise OptiqError(f"{flag} {path} is neither a file nor a folder")
+    if "/" not in str(source) or str(source).startswith((".", "/")):
+        raise OptiqError(f"{flag} {source!r} not found (a .txt/.jsonl file or a dataset id)")
+
+
+def check_jsonl(path: Path, flag: str, forms=RECORD_FORMS) -> int:
+    """The number of records in a JSONL file, once each non-blank line is a
+    JSON object in one of `forms` (sets of keys); an error naming the line otherwise."""
+    n = 0
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptiqError(f"{flag} {path}: unreadable ({exc})")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise OptiqError(f"{flag} {path}:{i}: not valid JSON ({exc})")
+        if not isinstance(record, dict) or not any(all(k in record for k in form) for form in forms):
+            keys = " or ".join("/".join(f) for f in forms)
+            raise OptiqError(f"{flag} {path}:{i}: a record needs {keys}")
+        n += 1
+    if n == 0:
+        raise OptiqError(f"{flag} {path}: no records")
+    return n
+
+
 def record_text(record: dict, tokenizer) -> str:
     """One JSONL record as text: `text`, chat `messages`, question/answer or prompt/completion."""
     if "text" in record:

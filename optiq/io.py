@@ -38,6 +38,7 @@ def atomic_output(out, force: bool = False):
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the output gets a folder's usual mode
     try:
         yield tmp
     except BaseException:
@@ -50,6 +51,12 @@ def atomic_output(out, force: bool = False):
     os.rename(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, data):

@@ -24,27 +24,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import device, gptq
 from .model_tree import module_at
 from .records import FLOAT_BITS, Candidate
 
-ROW_SLAB = 1 << 20  # weights per slab of rows (quantizing, probing and estimating large layers)
 QUANTIZERS = ("rtn", "gptq")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def round_stored(x: np.ndarray, dtype=mx.float16) -> np.ndarray:
-    """fp32 values rounded through the stored dtype."""
-    if dtype == mx.float16:
-        return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
-    return np.array(mx.array(np.asarray(x, dtype=np.float32)).astype(dtype).astype(mx.float32))
 
 
 # -- MLX's rounding, simulated in fp32 ----------------------------------------
 
 
 def row_slabs(shape) -> list:
-    """Slices of about ROW_SLAB weights over the rows of a (rows, columns) matrix."""
-    rows = max(1, ROW_SLAB // max(1, shape[-1]))
+    """Slices of about device.row_slab() weights over the rows of a (rows, columns) matrix."""
+    rows = max(1, device.row_slab() // max(1, shape[-1]))
     return [slice(lo, lo + rows) for lo in range(0, shape[0], rows)]
 
 
@@ -73,14 +66,17 @@ def fake_quantize(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> m
     return dequantize_rows(quantize_rows(weight, candidate, dtype), candidate)
 
 
-# -- GPTQ and round-to-nearest in numpy (the written codes) ----------------------
+# -- packing and GPTQ's codes ---------------------------------------------------
 
 
-def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Integer codes (rows, cols) -> uint32 words, MLX's LSB-first bit stream per row."""
+def pack(q, bits: int):
+    """Integer codes (rows, cols) -> uint32 words, MLX's LSB-first bit stream
+    per row: numpy in, numpy out; MLX arrays (a GPU's codes) in, MLX out."""
     rows, cols = q.shape
     if (cols * bits) % 32:
         raise ValueError(f"{cols} columns of {bits} bits do not fill whole 32-bit words")
+    if isinstance(q, mx.array):
+        return pack_mx(q, bits)
     q = q.astype(np.uint64)
     pos = np.arange(cols, dtype=np.uint64) * np.uint64(bits)
     word, offset = pos // np.uint64(32), pos % np.uint64(32)
@@ -96,73 +92,37 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint32)
 
 
+def pack_mx(q: mx.array, bits: int) -> mx.array:
+    """pack on MLX arrays: every 32 codes fill exactly `bits` words, so each
+    word of a 32-code period is an OR of shifted column slices (32 whole-array
+    operations, no loop over the row's length)."""
+    rows, cols = q.shape
+    periods = mx.pad(q.astype(mx.uint64), [(0, 0), (0, (-cols) % 32)]).reshape(rows, -1, 32)
+    words = [mx.zeros(periods.shape[:2], dtype=mx.uint64) for _ in range(bits)]
+    for j in range(32):
+        word, offset = divmod(j * bits, 32)
+        code = periods[:, :, j]
+        words[word] = words[word] | ((code << offset) & 0xFFFFFFFF)
+        if offset + bits > 32:
+            words[word + 1] = words[word + 1] | (code >> (32 - offset))
+    return mx.stack(words, axis=-1).reshape(rows, -1)[:, : cols * bits // 32].astype(mx.uint32)
+
+
 def dequantize(q, scales, biases, group_size: int) -> np.ndarray:
     s = np.repeat(scales.astype(np.float32), group_size, axis=1)
     b = np.repeat(biases.astype(np.float32), group_size, axis=1)
     return q.astype(np.float32) * s + b
 
 
-def _group_params(w: np.ndarray, bits: int, dtype):
-    """MLX's affine parameters for a (rows, group) block, rounded as stored."""
-    levels = (1 << bits) - 1
-    lo, hi = w.min(axis=1), w.max(axis=1)
-    return round_stored(np.maximum((hi - lo) / levels, 1e-8), dtype), round_stored(lo, dtype)
-
-
-def gptq(weight: np.ndarray, gram: np.ndarray, candidate: Candidate, dtype=mx.float16, damp: float = 0.01, block: int = 128):
-    """(codes, scales, biases) for `weight` (out, in) given H = X^T X (in, in)."""
-    bits, g = candidate.bits, candidate.group_size
-    levels = (1 << bits) - 1
-    # fp64 for the inverse; the column updates in fp32 give the same output
-    # error (2.5033e6 vs 2.5035e6 on a SmolLM2 down_proj) in half the time.
-    w = np.array(weight, dtype=np.float32)
-    h = np.array(gram, dtype=np.float64)
-    n_in = w.shape[1]
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper factor of H^-1
-    q = np.zeros(w.shape, dtype=np.int64)
-    scales = np.zeros((w.shape[0], n_in // g), dtype=np.float32)
-    biases = np.zeros_like(scales)
-    block = max(g, (block // g) * g)
-    for start in range(0, n_in, block):
-        stop = min(start + block, n_in)
-        w1 = w[:, start:stop].copy()
-        err1 = np.zeros_like(w1)
-        h1 = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            col = start + i
-            if col % g == 0:
-                s, b = _group_params(w1[:, i : i + g], bits, dtype)
-                scales[:, col // g], biases[:, col // g] = s, b
-            s, b = scales[:, col // g], biases[:, col // g]
-            code = np.clip(np.rint((w1[:, i] - b) / s), 0, levels)
-            q[:, col] = code
-            e = (w1[:, i] - (code * s + b)) / h1[i, i]
-            w1[:, i:] -= np.outer(e, h1[i, i:])
-            err1[:, i] = e
-        w[:, stop:] -= err1 @ hinv[start:stop, stop:]
-    return q, scales, biases
-
-
-def rtn(weight: np.ndarray, candidate: Candidate, dtype=mx.float16):
-    """Round-to-nearest with the same grid (for comparison and for layers without a Gram)."""
-    bits, g = candidate.bits, candidate.group_size
-    w = np.asarray(weight, dtype=np.float32)
-    blocks = w.reshape(w.shape[0], -1, g)
-    levels = (1 << bits) - 1
-    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
-    scales = round_stored(np.maximum((hi - lo) / levels, 1e-8), dtype)
-    biases = round_stored(lo, dtype)
-    q = np.clip(np.rint((blocks - biases[..., None]) / scales[..., None]), 0, levels).reshape(w.shape)
-    return q.astype(np.int64), scales, biases
-
-
-def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16):
-    """(fp32 weight, (codes, scales, biases)) after GPTQ onto MLX's affine grid."""
-    q, scales, biases = gptq(np.array(weight.astype(mx.float32)), np.array(gram), candidate, dtype)
+def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, factor=None):
+    """(fp32 weight, (codes, scales, biases)) after GPTQ onto MLX's affine grid:
+    numpy on a CPU (every CPU result), MLX arrays and the CUDA block kernel on
+    MLX-CUDA given the layer's inverse_factor (computed here when not given)."""
+    if mx.cuda.is_available() and device.on_gpu():
+        factor = factor if factor is not None else gptq.inverse_factor(gram)
+        codes = gptq.gptq_mlx(weight, factor, candidate.bits, candidate.group_size, dtype, block_step=gptq.block_step_cuda)
+        return gptq.dequantize_mx(*codes, candidate.group_size), codes
+    q, scales, biases = gptq.gptq_numpy(np.array(weight.astype(mx.float32)), np.array(gram), candidate.bits, candidate.group_size, dtype)
     return mx.array(dequantize(q, scales, biases, candidate.group_size)), (q, scales, biases)
 
 
@@ -181,6 +141,9 @@ class Rounding:
     dtype: object = mx.float16
     grams: Mapping = attrs.field(factory=dict)  # {path: X^T X} of each Linear's inputs (may live on disk)
     head_gram: Optional[mx.array] = None  # X^T X of a tied head's input, for the embedding's head role
+    # On a GPU: each layer's GPTQ factor (gptq.inverse_factor), made once and
+    # kept, since every candidate of a layer and its codes reuse it.
+    factors: dict = attrs.field(factory=dict, repr=False)
 
     def gram_for(self, path: str, module):
         """X^T X of the layer's input, when one was recorded."""
@@ -196,7 +159,12 @@ class Rounding:
         """(fp32 weight after rounding, (codes, scales, biases) to write or None
         where MLX's own rounding is used)."""
         if self.uses_gptq(path, module, candidate):
-            return gptq_weight(weight, self.gram_for(path, module), candidate, self.dtype)
+            gram = self.gram_for(path, module)
+            if device.on_gpu() and mx.cuda.is_available():
+                if path not in self.factors:
+                    self.factors[path] = gptq.inverse_factor(gram)
+                return gptq_weight(weight, gram, candidate, self.dtype, self.factors[path])
+            return gptq_weight(weight, gram, candidate, self.dtype)
         return fake_quantize(weight, candidate, self.dtype), None
 
     def quantized(self, path: str, module, weight: mx.array, candidate: Candidate) -> mx.array:

@@ -17,10 +17,11 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import huggingface_hub
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
+from . import device
 from .errors import OptiqError
 from .gguf_import import import_gguf
 from .io import atomic_output
@@ -104,12 +105,55 @@ def resolve_model(spec: str | None) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise OptiqError(f"{path} has no config.json: not a Hugging Face / MLX model folder")
-        return path
+        return check_checkpoint(path)
     if path.exists():
         raise OptiqError(f"{path} is neither a model folder nor a .gguf file")
     if REPO_ID.match(spec) and not spec.startswith((".", "/")):
-        return hub_download(spec, allow_patterns=HUB_PATTERNS)
+        return check_checkpoint(hub_download(spec, allow_patterns=HUB_PATTERNS))
     raise OptiqError(f"model {spec!r} not found (a folder, a .gguf file or a Hub repo id)")
+
+
+def check_checkpoint(folder: Path) -> Path:
+    """`folder`, once its config.json is a JSON object and every safetensors
+    file's header reads and fits the file: a corrupt checkpoint is refused in
+    milliseconds, before any model code or weight is touched."""
+    config_path = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise OptiqError(f"{config_path}: not valid JSON ({exc})")
+    if not isinstance(config, dict):
+        raise OptiqError(f"{config_path}: a JSON {type(config).__name__}, not an object of settings")
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise OptiqError(f"{file}: {problem}")
+    return Path(folder)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file's framing (8-byte header length,
+    JSON header, data as long as the header says), or None."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes: empty or truncated (no safetensors header)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return f"the header claims {n} bytes but the file has {size}: truncated, or not a safetensors file"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return "the header is not JSON: not a safetensors file"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object: not a safetensors file"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "the header lacks tensor offsets: not a safetensors file"
+    if 8 + n + end > size:
+        return f"truncated: the header places tensor data up to byte {8 + n + end}, the file ends at {size}"
+    return None
 
 
 @attrs.frozen
@@ -130,6 +174,14 @@ def read_config(folder) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def model_dtype(model: nn.Module) -> str:
+    """The dtype of the model's floating-point weights (the first one found)."""
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return str(v.dtype).removeprefix("mlx.core.")
+    return "float32"
+
+
 def to_fp32(model: nn.Module) -> nn.Module:
     model.update(
         tree_map(
@@ -147,6 +199,13 @@ def dequantized_fp32(model: nn.Module) -> nn.Module:
     # every weight to bf16, which fp32 activations through the quantized
     # kernels (scales cast to fp32) do not.
     return to_fp32(dequantize_model(to_fp32(model)))
+
+
+def as_measured(model: nn.Module) -> nn.Module:
+    """A written (quantized) model as measurements run it: fp32 dense on a
+    CPU (dequantized_fp32), as stock mlx-lm runs it on a GPU (its own dtype,
+    MLX's quantized kernels)."""
+    return model if device.on_gpu() else dequantized_fp32(model)
 
 
 def refuse_unsupported(model: nn.Module, config: dict):
@@ -171,9 +230,11 @@ def load_reference(path: Path) -> Loaded:
     refuse_unsupported(model, config)
     reference = "fp32"
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
-        model = dequantized_fp32(model)
+        model = dequantized_fp32(model) if not device.on_gpu() else dequantize_model(model)
         reference = "dequantized"
-    else:
+    elif not device.on_gpu():
         to_fp32(model)
+    if device.on_gpu():  # measured in the model's own dtype there (device.py)
+        reference += f" ({model_dtype(model)})"
     mx.eval(model.parameters())
     return Loaded(model, tokenizer, config, Path(path), reference)

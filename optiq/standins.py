@@ -37,11 +37,12 @@ class Stand:
             return self._replay
         if self._inputs is None and self._after is None:
             return x
+        # Recorded in the model's own dtype: fp32 on a CPU, bf16/fp16 on a GPU (device.py).
         if self._inputs is not None:
-            self._inputs.append(x.astype(mx.float32))
+            self._inputs.append(x)
         out = self._block(x, *args, **kwargs)
         if self._outputs is not None:
-            self._outputs.append(out.astype(mx.float32))
+            self._outputs.append(out)
         if self._after is not None:
             mx.eval(out, *(self._outputs or ())[-1:])  # what was just recorded, not the whole list again
             self._after()
@@ -123,13 +124,14 @@ def positions_only(owner, positions):
 
 @contextmanager
 def weights_swapped(pairs):
-    """Inside, each (module, weight) pair's module holds that weight; the
-    originals go back on exit, whatever happens inside."""
+    """Inside, each (module, weight) pair's module holds that weight, in the
+    module's own dtype (a quantized copy is made in fp32; a GPU model runs in
+    bf16); the originals go back on exit, whatever happens inside."""
     saved = []
     try:
         for module, weight in pairs:
             saved.append((module, module.weight))
-            module.weight = weight
+            module.weight = weight.astype(module.weight.dtype)
         yield [m for m, _ in saved]
     finally:
         for module, weight in reversed(saved):

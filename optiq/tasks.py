@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from mlx_lm.generate import batch_generate
 
+from . import device
 from .calibration import read_texts, tokens_from_texts, wikitext_split
 from .errors import OptiqError
 from .evaluate import batches, quality, reference_batches
@@ -125,5 +126,6 @@ def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, 
 
 
 def fp32_activations(model):
-    """Keep packed weights; cast every float (scales, biases, norms) to fp32."""
-    return to_fp32(model)
+    """Keep packed weights; on a CPU cast every float (scales, biases, norms)
+    to fp32, on a GPU keep the model's own dtype (device.py)."""
+    return model if device.on_gpu() else to_fp32(model)

@@ -113,22 +113,28 @@ def read_images(folder) -> list:
     """[(image, prompt)] from image files with a .txt prompt beside each."""
     from PIL import Image, UnidentifiedImageError
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise OptiqError(f"image data {folder} is not a folder of images with .txt prompts")
     out = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        text = path.with_suffix(".txt")
-        if not text.is_file():
-            raise OptiqError(f"{path} has no prompt {text.name} beside it")
+    for path in check_images(folder):
         try:
             image = Image.open(path).convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
             raise OptiqError(f"{path}: not a readable image ({exc})")
-        out.append((image, text.read_text().strip()))
-    if not out:
-        raise OptiqError(f"{folder} holds no .png or .jpg images")
+        out.append((image, path.with_suffix(".txt").read_text().strip()))
     return out
+
+
+def check_images(folder) -> list:
+    """The image files of a folder, once each has a .txt prompt beside it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OptiqError(f"image data {folder} is not a folder of images with .txt prompts")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in images:
+        if not path.with_suffix(".txt").is_file():
+            raise OptiqError(f"{path} has no prompt {path.with_suffix('.txt').name} beside it")
+    if not images:
+        raise OptiqError(f"{folder} holds no .png or .jpg images")
+    return images
 
 
 def choice_items(n: int, seed: int) -> list:

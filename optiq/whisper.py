@@ -98,20 +98,23 @@ def read_wav(path) -> np.ndarray:
     return data
 
 
-def read_speech(folder) -> list:
-    """[(waveform, transcript)] from .wav files with a .txt transcript beside each."""
+def check_speech(folder) -> list:
+    """The .wav files of a speech folder, once each has a .txt transcript beside it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise OptiqError(f"speech data {folder} is not a folder of .wav files with .txt transcripts")
-    samples = []
-    for wav in sorted(folder.glob("*.wav")):
-        text = wav.with_suffix(".txt")
-        if not text.is_file():
-            raise OptiqError(f"{wav} has no transcript {text.name} beside it")
-        samples.append((read_wav(wav), text.read_text().strip()))
-    if not samples:
+    wavs = sorted(folder.glob("*.wav"))
+    for wav in wavs:
+        if not wav.with_suffix(".txt").is_file():
+            raise OptiqError(f"{wav} has no transcript {wav.with_suffix('.txt').name} beside it")
+    if not wavs:
         raise OptiqError(f"{folder} holds no .wav files")
-    return samples
+    return wavs
+
+
+def read_speech(folder) -> list:
+    """[(waveform, transcript)] from .wav files with a .txt transcript beside each."""
+    return [(read_wav(wav), wav.with_suffix(".txt").read_text().strip()) for wav in check_speech(folder)]
 
 
 def speak(sentences, folder) -> Path:

@@ -1,7 +1,6 @@
 """optiq serve on a tiny random llama: the real `openai` client for the API,
 raw sockets for malformed HTTP, Hypothesis for random bodies."""
 
-import asyncio
 import json
 import socket
 import threading
@@ -13,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 openai = pytest.importorskip("openai")
+
+from servers import post, raw, start  # noqa: E402
 
 
 def write_mlx_adapter(model_folder, out, seed=1, rank=4, scale=2.0):
@@ -50,50 +51,6 @@ def write_peft_copy(weights, out, scale=2.0):
     return out
 
 
-class Running:
-    def __init__(self, app):
-        from optiq.http.server import serve
-
-        self.app, self.ready = app, threading.Event()
-
-        def on_ready(server):
-            self.port = server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        def run():
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            self.task = self.loop.create_task(serve(app, "127.0.0.1", 0, on_ready))
-            try:
-                self.loop.run_until_complete(self.task)
-            except asyncio.CancelledError:
-                pass
-            finally:  # close the connections still open (the clients' keep-alive)
-                pending = asyncio.all_tasks(self.loop)
-                for task in pending:
-                    task.cancel()
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(30)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def stop(self):
-        self.client.close()
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(10)
-        self.app.engine.close()
-
-
-def start(**options):
-    from optiq.commands.serve import ServeOptions, build_app
-
-    return Running(build_app(ServeOptions(port=0, dtype="float32", **options)))
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
@@ -123,26 +80,6 @@ def reference_greedy(folder, prompt_tokens, n, adapter=None):
             break
         out.append(token)
     return tokenizer.decode(out)
-
-
-def raw(port, data: bytes, read_timeout=10.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
-        s.sendall(data)
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
-        return b"".join(chunks)
-
-
-def post(port, path, body, close=True) -> tuple:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-    reply = raw(port, (head + ("Connection: close\r\n" if close else "") + "\r\n").encode() + data)
-    status = int(reply.split(b" ", 2)[1])
-    return status, reply.split(b"\r\n\r\n", 1)[1]
 
 
 def test_completion_matches_mlx_lm_greedy_generation(server, tiny_llama):
@@ -359,7 +296,7 @@ def kv_server(tmp_path_factory):
     running.stop()
 
 
-def test_quantized_kv_serving_interleaves_and_matches_solo_runs(kv_server):
+def test_quantized_kv_serving_batches_and_matches_solo_runs(kv_server):
     prompts = ["The quick", "A stitch", "Numbers like"]
     solo = [kv_server.client.completions.create(model="", prompt=p, max_tokens=8).choices[0].text for p in prompts]
     results = [None] * 3
@@ -374,6 +311,7 @@ def test_quantized_kv_serving_interleaves_and_matches_solo_runs(kv_server):
     from optiq.kv import PlannedKVCache
 
     assert all(isinstance(c, PlannedKVCache) for c in kv_server.app.engine.make_cache())
+    assert kv_server.app.engine.batched  # one BatchGenerator: the planned caches merge (BatchPlannedKVCache)
 
 
 def test_turbo_kv_serving(tmp_path_factory):
@@ -387,6 +325,7 @@ def test_turbo_kv_serving(tmp_path_factory):
         b = running.client.completions.create(model="", prompt="The quick", max_tokens=6)
         assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens >= 1
         assert all(isinstance(c, TurboQuantKVCache) for c in running.app.engine.make_cache())
+        assert not running.app.engine.batched  # TurboQuant caches do not merge: interleaved
     finally:
         running.stop()
 

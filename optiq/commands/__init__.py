@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from argparse_dataclass import ArgumentParser
 
 from ..blas import ensure_fast_blas
+from ..device import check_backend, describe
 from ..errors import OptiqError
 
 
@@ -23,6 +24,13 @@ def reported():
         raise SystemExit(fail(str(exc)))
 
 
+def announce_device(quiet: bool = False):
+    """Refuse a broken MLX install, then say (on stderr) where the work runs."""
+    check_backend()
+    if not quiet:
+        print(f"optiq: {describe()}", file=sys.stderr, flush=True)
+
+
 def int_list(text: str) -> tuple:
     try:
         return tuple(int(x) for x in str(text).split(",") if x.strip())
@@ -30,9 +38,17 @@ def int_list(text: str) -> tuple:
         raise OptiqError(f"expected comma-separated integers, got {text!r}")
 
 
+class OneLineParser(ArgumentParser):
+    """argparse-dataclass's parser, whose errors are one `optiq: error:` line
+    (exit 2) instead of argparse's usage block."""
+
+    def error(self, message):
+        raise SystemExit(fail(f"{message} (see {self.prog} --help)"))
+
+
 def run_command(options_class, run, argv, prog: str, description: str) -> int:
     """Parse argv into the command's options record and run it; bad input exits 2."""
-    opts = ArgumentParser(options_class, prog=prog, description=description).parse_args(argv)
+    opts = OneLineParser(options_class, prog=prog, description=description).parse_args(argv)
     with reported():
         run(opts)
     return 0

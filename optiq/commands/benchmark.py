@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm import load, stream_generate
 from mlx_lm.utils import compute_bits_per_weight
 
-from . import run_command, script_entry
+from . import announce_device, run_command, script_entry
 from .. import tasks
 from ..errors import OptiqError
 from ..io import write_json
@@ -85,6 +85,7 @@ def run(opts: BenchmarkOptions) -> dict:
     if opts.prompt_tokens < 1 or opts.generation_tokens < 1:
         raise OptiqError("--prompt-tokens and --generation-tokens must be >= 1")
     data = Path(opts.data) if opts.data else tasks.default_data("perplexity")
+    announce_device()
     if data is not None and not data.is_file():
         raise OptiqError(f"--data {data}: no such file")
     rows = [(opts.model, measure(opts.model, opts, data))]

@@ -12,11 +12,12 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm import load
 
-from . import run_command, script_entry
+from . import announce_device, run_command, script_entry
 from .. import tasks, vlm, whisper
+from ..calibration import check_source
 from ..errors import OptiqError
 from ..io import write_json
-from ..source import dequantized_fp32, load_reference, resolve_model
+from ..source import as_measured, load_reference, resolve_model
 
 
 @dataclass
@@ -40,6 +41,10 @@ def data_path(opts) -> Path:
         path = Path(opts.data)
         if not path.is_file():
             raise OptiqError(f"--data {path}: no such file")
+        if opts.task == "gsm8k":
+            tasks.read_gsm8k(path)  # every record parsed now, before a model loads
+        else:
+            check_source(path, "--data")
         return path
     path = tasks.default_data(opts.task)
     if path is None:
@@ -55,7 +60,7 @@ def measure(spec: str, opts, data: Path, reference=None) -> dict:
         return whisper.wer(path, data)
     if opts.task == "ai2d":
         model, processor = vlm.load(path, fp32=False)
-        return vlm.choices(dequantized_fp32(model), processor, data)
+        return vlm.choices(as_measured(model), processor, data)
     if opts.task == "gsm8k":
         model, tokenizer = load(str(path))
         tasks.fp32_activations(model)
@@ -95,6 +100,7 @@ def run(opts: EvalOptions) -> dict:
     if opts.task == "kl" and not opts.reference:
         raise OptiqError("--task kl needs --reference MODEL")
     data = data_path(opts)
+    announce_device()
     reference = load_reference(resolve_model(opts.reference)) if opts.task == "kl" else None
     label = str(data)
     if opts.task == "wer":  # the speech, read (or spoken) once for both models

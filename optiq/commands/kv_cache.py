@@ -9,9 +9,9 @@ from typing import Optional
 import mlx.core as mx
 from tqdm.auto import tqdm
 
-from . import int_list, run_command, script_entry
+from . import announce_device, int_list, run_command, script_entry
 from .. import distributed
-from ..calibration import load_calibration
+from ..calibration import check_source, load_calibration
 from ..errors import OptiqError
 from ..io import atomic_output, check_output
 from ..kv import cache_layers, measure_kv, plan_kv, write_kv_config
@@ -59,7 +59,10 @@ def run(opts: KVOptions):
         raise OptiqError(f"--kl-stride {opts.kl_stride}: between 1 and --seq-len - 1")
     if opts.prefill is not None and not 1 <= opts.prefill < opts.seq_len:
         raise OptiqError("--prefill must be between 1 and --seq-len - 1")
+    check_target(opts.target_bits, bits, split, turbo, opts.group_size, opts.effective)
+    check_source(opts.calibration)
     check_output(Path(opts.output), opts.force)
+    announce_device(opts.quiet)
     loaded, streamed = load_within(resolve_model(opts.model), opts.max_memory)
     kinds = cache_layers(loaded.model)
     if not kinds:
@@ -85,6 +88,18 @@ def run(opts: KVOptions):
         + f"; peak memory {mx.get_peak_memory() / 2**20:.0f} MiB"
     )
     return plan
+
+
+def check_target(target: float, bits, split, turbo, group_size: int, effective: bool):
+    """A target the candidates can meet, checked before any probe: between the
+    cheapest candidate's bits per entry and 16 (every layer unquantized)."""
+    extra = 32 / group_size if effective else 0.0  # fp16 scale and bias per group
+    costs = [b + extra for b in bits] + [(k + v) / 2 + extra for k, v in split] + [float(b) for b in turbo]  # TurboQuant: its norms on top
+    cheapest = min(costs)
+    if target < cheapest:
+        raise OptiqError(f"--target-bits {target:g} is below the cheapest candidate ({cheapest:g} {'effective' if effective else 'nominal'} bits per entry)")
+    if target > 16:
+        raise OptiqError(f"--target-bits {target:g} is above 16, an unquantized cache")
 
 
 def measure_kv_table(opts, loaded, bits, split, turbo):

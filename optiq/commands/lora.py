@@ -13,14 +13,14 @@ from typing import Optional
 import mlx.core as mx
 import mlx_lm
 
-from . import fail, run_command, script_entry
+from . import announce_device, fail, run_command, script_entry
 from ..cpu import adapt_for_cpu
 from ..errors import OptiqError
 from ..io import atomic_output, check_output, write_json
 from ..lora.adapters import read_adapter
 from ..lora.formats import PLAN_FILE, read_plan, write_mlx_lm, write_peft
 from ..lora.plan import plan_lora, weight_signals
-from ..lora.train import apply_plan, load_datasets, lora_weights, target_dims, train, trainable_count
+from ..lora.train import apply_plan, check_data, load_datasets, lora_weights, target_dims, train, trainable_count
 from ..source import resolve_model
 
 
@@ -55,10 +55,10 @@ def run_train(opts: TrainOptions):
     if opts.rank < 1 or opts.iters < 1 or opts.batch_size < 1:
         raise OptiqError("--rank, --iters and --batch-size must be at least 1")
     data = Path(opts.data)
-    if not data.is_dir():
-        raise OptiqError(f"--data {data} is not a folder")
+    check_data(data)
     out = Path(opts.output)
     check_output(out, opts.force)
+    announce_device()
     mx.random.seed(opts.seed)
     folder = resolve_model(opts.model)
     model, tokenizer = mlx_lm.load(str(folder))

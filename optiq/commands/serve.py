@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx_lm
 from mlx_lm.utils import sharded_load
 
-from . import run_command, script_entry
+from . import announce_device, run_command, script_entry
 from ..cpu import adapt_for_cpu
 from ..errors import OptiqError
 from ..http.engine import Engine
@@ -77,6 +77,7 @@ def build_app(opts: ServeOptions):
         raise OptiqError(f"--port {opts.port} is not a TCP port")
     sources = adapter_sources(opts.adapter)
     folder = resolve_model(opts.model)
+    announce_device()
     group = mx.distributed.init()
     if group.size() > 1:  # started by mlx.launch: mlx-lm's own sharding
         model, tokenizer = sharded_model(folder, group, opts.pipeline, sources)

@@ -1,10 +1,15 @@
 """OpenAI's API shapes: validate request bodies into plain records, build
 responses and stream chunks, and the error object every 4xx carries.
 
-Validation is strict and names the field (`param`) that is wrong, so a bad
-request is a 400 that says why, never a 500 from deep inside generation.
+Validation is strict and total: any bytes at all either parse into a
+request the engine can serve or raise an ApiError with a 4xx that names the
+field (`param`) that is wrong, never a 500 from deep inside generation.
+Non-finite numbers (NaN, Infinity: not JSON), integers past Python's parsing
+limit, nesting past the recursion limit, and strings holding lone UTF-16
+surrogates (which no tokenizer can encode) are refused here.
 """
 
+import json
 import time
 import uuid
 
@@ -16,9 +21,10 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 class ApiError(Exception):
     """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param=None, code=None, type="invalid_request_error"):
+    def __init__(self, status: int, message: str, param=None, code=None, type="invalid_request_error", headers=()):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = tuple(headers)  # extra response headers (a 401's WWW-Authenticate)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -49,6 +55,33 @@ class GenerationRequest:
     top_logprobs: int
 
 
+MAX_SEED = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
+
+
+def _not_json_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_body(data: bytes):
+    """The request body as Python values, or a 400 invalid_json for anything
+    that is not strict JSON (or is too deep or too large to parse)."""
+    try:
+        return json.loads(data or b"null", parse_constant=_not_json_constant)
+    except RecursionError:
+        raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json")
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN/Infinity, integers over 4300 digits
+        raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json")
+
+
+def text(value: str, name: str) -> str:
+    """`value`, once known to encode as UTF-8 (a lone surrogate such as "\ud800" does not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{name}' is not valid Unicode text ({exc.reason} at {exc.start})", param=name, code="invalid_value")
+    return value
+
+
 def _field(body, name, types, default=None, check=None, why=""):
     if name not in body or body[name] is None:
         return default
@@ -59,7 +92,7 @@ def _field(body, name, types, default=None, check=None, why=""):
         raise ApiError(400, f"'{name}' must be a {names}, got {type(value).__name__}", param=name, code="invalid_type")
     if check is not None and not check(value):
         raise ApiError(400, f"'{name}' is out of range: {why}", param=name, code="invalid_value")
-    return value
+    return text(value, name) if isinstance(value, str) else value
 
 
 def _stop(body) -> tuple:
@@ -68,7 +101,7 @@ def _stop(body) -> tuple:
         stop = [stop]
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 non-empty strings", param="stop")
-    return tuple(stop)
+    return tuple(text(s, "stop") for s in stop)
 
 
 def _messages(body) -> tuple:
@@ -88,7 +121,7 @@ def _messages(body) -> tuple:
             content = ""
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param=f"messages[{i}].content")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": text(content, f"messages[{i}].content")})
     return tuple(out)
 
 
@@ -97,7 +130,7 @@ def _prompt(body):
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        return prompt
+        return text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         return tuple(prompt)
     raise ApiError(400, "'prompt' must be a non-empty string or an array of token ids (one prompt per request)", param="prompt")
@@ -108,9 +141,9 @@ def parse_request(kind: str, body, defaults) -> GenerationRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _field(body, "model", (str,), default=defaults.model_name)
-    max_tokens = _field(body, "max_completion_tokens", (int,), check=lambda v: v >= 1, why="at least 1")
-    if max_tokens is None:
-        max_tokens = _field(body, "max_tokens", (int,), default=defaults.max_tokens, check=lambda v: v >= 1, why="at least 1")
+    # Both are checked: an invalid max_tokens is an error even beside a valid max_completion_tokens.
+    legacy = _field(body, "max_tokens", (int,), default=defaults.max_tokens, check=lambda v: v >= 1, why="at least 1")
+    max_tokens = _field(body, "max_completion_tokens", (int,), default=legacy, check=lambda v: v >= 1, why="at least 1")
     n = _field(body, "n", (int,), default=1)
     if n != 1:
         raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
@@ -118,7 +151,7 @@ def parse_request(kind: str, body, defaults) -> GenerationRequest:
         temperature=float(_field(body, "temperature", (int, float), defaults.temperature, lambda v: 0 <= v <= 2, "0 to 2")),
         top_p=float(_field(body, "top_p", (int, float), defaults.top_p, lambda v: 0 < v <= 1, "greater than 0, at most 1")),
         top_k=_field(body, "top_k", (int,), defaults.top_k, lambda v: v >= 0, "0 (off) or more"),
-        seed=_field(body, "seed", (int,), defaults.seed),
+        seed=_field(body, "seed", (int,), defaults.seed, lambda v: 0 <= v < MAX_SEED, "0 to 2^64 - 1"),
     )
     stream = _field(body, "stream", (bool,), default=False)
     options = _field(body, "stream_options", (dict,), default={})

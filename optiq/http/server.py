@@ -4,14 +4,18 @@ thread; this loop only parses, validates, tokenizes and writes.
 """
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 
 import attrs
 import h11
 
 from .engine import Ticket
-from .openai import ApiError, chunk, new_id, parse_request, response, usage, usage_chunk
+from .openai import ApiError, chunk, decode_body, new_id, parse_request, response, usage, usage_chunk
+
+log = logging.getLogger("optiq.http")
 
 ROUTES = {
     "/health": ("GET",),
@@ -56,7 +60,10 @@ class App:
 
     def prompt_tokens(self, req) -> list:
         if req.kind == "chat":
-            return chat_tokens(self.tokenizer, list(req.messages))
+            try:
+                return chat_tokens(self.tokenizer, list(req.messages))
+            except Exception as exc:  # jinja's TemplateError, a template's raise_exception: the messages, not a bug
+                raise ApiError(400, f"the model's chat template refuses these messages: {type(exc).__name__}: {exc}", param="messages")
         if isinstance(req.prompt, tuple):
             if max(req.prompt) >= self.vocab_size:
                 raise ApiError(400, f"token ids must be below the vocabulary size {self.vocab_size}", param="prompt")
@@ -74,9 +81,13 @@ def chat_tokens(tokenizer, messages) -> list:
     return tokenizer.encode(text)
 
 
-def _json(status: int, body: dict):
+def _json(status: int, body: dict, headers=()):
     data = json.dumps(body).encode()
-    return status, [("content-type", "application/json"), ("content-length", str(len(data)))], data
+    return status, [("content-type", "application/json"), ("content-length", str(len(data))), *headers], data
+
+
+def _error(exc: ApiError):
+    return _json(exc.status, exc.body(), exc.headers)
 
 
 class Connection:
@@ -94,13 +105,23 @@ class Connection:
                 self.writer.write(data)
         await self.writer.drain()
 
-    async def _receive(self):
-        """The next h11 event, reading the socket as needed (idle timeout applies)."""
+    async def _receive(self, deadline=None, start_on_data=False):
+        """The next h11 event, reading the socket as needed. Each read waits at
+        most `timeout` (an idle connection is dropped); with a `deadline` (loop
+        time) the whole event must arrive by then, however the bytes trickle
+        in. start_on_data: the deadline starts with the first byte read (the
+        headers of a request on a keep-alive connection)."""
+        loop = asyncio.get_running_loop()
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await asyncio.wait_for(self.reader.read(65536), self.app.timeout)
+            wait = self.app.timeout if deadline is None else deadline - loop.time()
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            data = await asyncio.wait_for(self.reader.read(65536), min(wait, self.app.timeout))
+            if start_on_data and deadline is None and data:
+                deadline = loop.time() + self.app.timeout
             self.conn.receive_data(data)
 
     async def _body(self, request) -> bytes:
@@ -108,8 +129,9 @@ class Connection:
         if length is not None and int(length) > self.app.max_body_bytes:
             raise ApiError(413, f"request body over {self.app.max_body_bytes} bytes", code="body_too_large")
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.app.timeout  # the whole body, not each read
         while True:
-            event = await self._receive()
+            event = await self._receive(deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > self.app.max_body_bytes:
@@ -124,7 +146,7 @@ class Connection:
         try:
             while not self.closed:
                 try:
-                    event = await self._receive()
+                    event = await self._receive(start_on_data=True)
                 except (asyncio.TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
                     if isinstance(exc, h11.RemoteProtocolError) and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                         await self.respond(*_json(getattr(exc, "error_status_hint", 400), ApiError(400, f"malformed HTTP request: {exc}").body()))
@@ -170,15 +192,21 @@ class Connection:
             if self.conn.our_state is not h11.SEND_RESPONSE:  # a stream already under way
                 self.closed = True
                 return
-            result = _json(exc.status, exc.body())
+            result = _error(exc)
             if exc.status == 413:
                 self.closed = True  # the rest of the body is unread
-        except (asyncio.TimeoutError, h11.RemoteProtocolError):
+        except h11.RemoteProtocolError as exc:  # a malformed body (a bad chunk size): say so, then close
+            self.closed = True
+            if self.conn.our_state is not h11.SEND_RESPONSE:
+                return
+            result = _error(ApiError(400, f"malformed request body: {exc}", code="invalid_body"))
+        except asyncio.TimeoutError:  # a body slower than --timeout: the client is dropped
             self.closed = True
             return
         except ConnectionError:
             raise
         except Exception as exc:  # a bug must cost one request, not the server
+            log.exception("internal error serving %s %s", method, path)
             if self.conn.our_state is not h11.SEND_RESPONSE:
                 self.closed = True
                 return
@@ -192,8 +220,11 @@ class Connection:
     def _authorize(self, headers):
         if self.app.api_key is None:
             return
-        if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.app.api_key}":
-            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
+        # RFC 7235: the scheme is case-insensitive; compare the key in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode("utf-8", "replace"), self.app.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
+                           headers=[("www-authenticate", 'Bearer realm="optiq"')])
 
     async def route(self, method, path, headers, body):
         if path not in ROUTES:
@@ -207,10 +238,7 @@ class Connection:
             names = [self.app.defaults.model_name, *self.app.adapters]
             data = [{"id": n, "object": "model", "created": self.app.created, "owned_by": "optiq"} for n in names]
             return _json(200, {"object": "list", "data": data})
-        try:
-            parsed = json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json")
+        parsed = decode_body(body)
         kind = "chat" if path.endswith("chat/completions") else "completion"
         return await self.generate(parse_request(kind, parsed, self.app.defaults))
 
@@ -222,6 +250,8 @@ class Connection:
             raise ApiError(400, f"the prompt has {len(tokens)} tokens; the context holds {app.max_context}",
                            param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
         req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)))
+        if req.sampling.top_k >= app.vocab_size:  # every token is in the top k: the same as no top-k
+            req = attrs.evolve(req, sampling=attrs.evolve(req.sampling, top_k=0))
         ticket = Ticket(req, tokens, adapter, asyncio.get_running_loop(), asyncio.Queue())
         app.engine.submit(ticket)
         watcher = asyncio.ensure_future(self._watch())  # one per request, not per event
@@ -240,10 +270,17 @@ class Connection:
                 app.engine.cancel(ticket)  # a client gone mid-request frees its slot
 
     async def _watch(self):
-        """Read the socket while a request runs: h11 keeps any pipelined bytes;
-        the end of the stream means the client hung up."""
+        """Read the socket while a request runs: h11 keeps pipelined bytes up to
+        one more request's worth; past that the bytes are dropped and the
+        connection closes after this response. The end of the stream means
+        the client hung up."""
+        kept, cap = 0, self.app.max_body_bytes + 64 * 1024
         while data := await self.reader.read(65536):
-            self.conn.receive_data(data)
+            if kept + len(data) <= cap and not self.closed:
+                self.conn.receive_data(data)
+                kept += len(data)
+            else:
+                self.closed = True
 
     async def _event(self, ticket, watcher):
         """The next engine event, or ConnectionError once the client hangs up."""

@@ -21,7 +21,7 @@ a `prompt_cache` that `generate`/`stream_generate` accept as is.
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache, _BaseCache
 
 from .attention import affine_attention
 
@@ -69,6 +69,17 @@ class PlannedKVCache(_BaseCache):
 
     def _attention(self, queries, keys, values, scale, mask):
         return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether BatchGenerator can merge this cache with others: quantized
+        from the first token, full attention (a window rotates per sequence)."""
+        return self.start == 0 and self.max_size is None
+
+    @classmethod
+    def merge(cls, caches):
+        """mlx-lm's BatchGenerator merges per-sequence caches through this."""
+        return BatchPlannedKVCache.merge(caches)
 
     def _quantize(self):
         g = self.plan_group_size
@@ -146,6 +157,94 @@ class PlannedKVCache(_BaseCache):
                 c._idx = s[7]
             if arrays:
                 c.keys, c.values = arrays[2 * i], arrays[2 * i + 1]
+
+
+class BatchPlannedKVCache(_BaseCache):
+    """Planned caches of a batch of sequences, for mlx-lm's BatchGenerator:
+    the codes, scales and biases of every sequence in three of mlx-lm's own
+    BatchKVCaches kept in lockstep (left padding, merging, extending,
+    filtering, extracting are mlx-lm's), so requests with a KV plan decode
+    together instead of one step each. Attention reads the codes with the
+    batch's left padding (the fused kernel on MLX-CUDA)."""
+
+    def __init__(self, k_bits: int, v_bits: int, group_size: int, parts: list):
+        self.k_bits, self.v_bits, self.plan_group_size = k_bits, v_bits, group_size
+        self.parts = parts
+
+    @classmethod
+    def merge(cls, caches):
+        first = caches[0]
+        if any(not c.batchable or (c.k_bits, c.v_bits, c.plan_group_size) != (first.k_bits, first.v_bits, first.plan_group_size) for c in caches):
+            raise ValueError("only planned caches quantized from the first token, full attention and one plan, batch together")
+        per_part = [[(c._parts or [c._full] * 3)[i] for c in caches] for i in range(3)]
+        return cls(first.k_bits, first.v_bits, first.plan_group_size, [BatchKVCache.merge(p) for p in per_part])
+
+    def update_and_fetch(self, keys, values):
+        g = self.plan_group_size
+        ks, vs = quantize_kv(keys, g, self.k_bits), quantize_kv(values, g, self.v_bits)
+        fetched = [p.update_and_fetch(k, v) for p, k, v in zip(self.parts, ks, vs)]
+        return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
+
+    def keys_and_values(self):
+        fetched = [p.keys_and_values() for p in self.parts]
+        return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
+
+    def attention(self, queries, keys, values, scale, mask):
+        # Decode: the mask is causal plus each sequence's left padding, which the kernel reads itself.
+        lp = self.parts[0].left_padding
+        return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits, left_padding=lp)
+
+    def extract(self, idx):
+        cache = PlannedKVCache(self.k_bits, self.plan_group_size, 0, self.v_bits)
+        cache._full, cache._parts = None, [p.extract(idx) for p in self.parts]
+        return cache
+
+    def prepare(self, **kwargs):
+        for p in self.parts:
+            p.prepare(**kwargs)
+
+    def finalize(self):
+        for p in self.parts:
+            p.finalize()
+
+    def filter(self, batch_indices):
+        for p in self.parts:
+            p.filter(batch_indices)
+
+    def extend(self, other):
+        for p, q in zip(self.parts, other.parts):
+            p.extend(q)
+
+    @property
+    def offset(self):
+        return self.parts[0].offset
+
+    @property
+    def left_padding(self):
+        return self.parts[0].left_padding
+
+    @property
+    def state(self):
+        return [a for p in self.parts for a in p.state]
+
+    def size(self):
+        return self.parts[0].size()
+
+    def empty(self):
+        return self.parts[0].empty()
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        return [p.trim(n) for p in self.parts][0]
+
+    def make_mask(self, *args, **kwargs):
+        return self.parts[0].make_mask(*args, **kwargs)
+
+    @property
+    def nbytes(self):
+        return sum(p.nbytes for p in self.parts)
 
 
 class SharedKVView(_BaseCache):

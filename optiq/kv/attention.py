@@ -13,7 +13,8 @@ function unchanged. Caches that mlx-lm reads natively never need it.
 import sys
 
 import mlx.core as mx
-from mlx.utils import tree_map
+
+from . import kernels
 
 
 def _dispatching(original):
@@ -59,19 +60,23 @@ def apply_mask(scores, mask, grouped: bool):
 
 
 def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int):
-    """mlx-lm's quantized attention with keys and values at their own bits."""
+    """Attention through MLX's quantized matmuls, keys and values at their own
+    bits. The query heads that share a KV head are folded into rows, (B,
+    H_kv, rep * L, D) against (B, H_kv, T, ...): plain batched products.
+    (mlx-lm instead broadcasts a repeat axis over the codes, a shape
+    MLX-CUDA's quantized_matmul has no kernel for: "1x8193x128x32,
+    transpose: true" fails at decode.)"""
     B, n_q, L, D = queries.shape
     n_kv = q_keys[0].shape[-3]
     rep = n_q // n_kv
-    queries = queries * scale
-    if rep > 1:
-        queries = queries.reshape(B, n_kv, rep, L, D)
-        q_keys = tree_map(lambda x: mx.expand_dims(x, -3), q_keys)
-        q_values = tree_map(lambda x: mx.expand_dims(x, -3), q_values)
-    scores = mx.quantized_matmul(queries, *q_keys, transpose=True, group_size=group_size, bits=k_bits)
-    scores = mx.softmax(apply_mask(scores, mask, rep > 1), axis=-1, precise=True)
+    q = (queries * scale).reshape(B, n_kv, rep * L, D)
+    scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=group_size, bits=k_bits)
+    if mask is not None:
+        T = scores.shape[-1]
+        scores = apply_mask(scores.reshape(B, n_kv, rep, L, T), mask, grouped=True).reshape(B, n_kv, rep * L, T)
+    scores = mx.softmax(scores, axis=-1, precise=True)
     out = mx.quantized_matmul(scores, *q_values, transpose=False, group_size=group_size, bits=v_bits)
-    return out.reshape(B, n_q, L, -1) if rep > 1 else out
+    return out.reshape(B, n_q, L, -1)
 
 
 # Measured on this CPU (SmolLM2 shapes, 4-bit): a 2048-token prefill through
@@ -82,11 +87,8 @@ def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size
 FEW_ROWS = 8
 
 
-def affine_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int):
-    """Attention over affine codes (keys and values at their own bits), by
-    whichever formulation is faster for this many query rows."""
-    if queries.shape[2] <= FEW_ROWS:
-        return split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits)
+def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int):
+    """The codes dequantized into the queries' dtype, then MLX's fused attention."""
     dt = queries.dtype
 
     def dense(w, s, b, bits):
@@ -94,3 +96,18 @@ def affine_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_
 
     keys, values = dense(*q_keys, k_bits), dense(*q_values, v_bits)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def affine_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int, left_padding=None):
+    """Attention over affine codes (keys and values at their own bits), by
+    whichever formulation is fastest where it runs: on MLX-CUDA the fused
+    decode kernel reads the codes (kernels.py); on a CPU (or Metal) few
+    query rows go through quantized matmuls; many rows, or a mask the kernel
+    does not take, dequantize once. `left_padding`: a batch's padding, which
+    the kernel reads in place of the mask array."""
+    kernel_mask = None if left_padding is not None and queries.shape[2] == 1 else mask
+    if kernels.supported(queries, q_keys, kernel_mask, k_bits, v_bits):
+        return kernels.decode_attention(queries, q_keys, q_values, scale, kernel_mask, group_size, k_bits, v_bits, left_padding)
+    if queries.shape[2] <= FEW_ROWS and not mx.cuda.is_available():
+        return split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits)
+    return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits)

@@ -15,6 +15,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.trainer import train as mlx_train
 
+from ..calibration import check_jsonl
 from ..errors import OptiqError
 from ..records import LoRAPlan
 
@@ -59,6 +60,21 @@ def apply_plan(model, plan: LoRAPlan, dropout: float = 0.0):
 def lora_weights(model, plan: LoRAPlan) -> dict:
     modules = dict(model.named_modules())
     return {m.path: (modules[m.path].lora_a, modules[m.path].lora_b) for m in plan.modules}
+
+
+DATA_FORMS = (("text",), ("messages",), ("prompt", "completion"))  # mlx-lm's local dataset records
+
+
+def check_data(data: Path):
+    """Refuse, before the model loads, a data folder mlx-lm's trainer cannot
+    read: no folder, no train.jsonl, an empty or unparseable one."""
+    if not data.is_dir():
+        raise OptiqError(f"--data {data} is not a folder")
+    if not (data / "train.jsonl").is_file():
+        raise OptiqError(f"{data} has no train.jsonl (mlx-lm's data layout: train.jsonl, valid.jsonl)")
+    check_jsonl(data / "train.jsonl", "--data", DATA_FORMS)
+    if (data / "valid.jsonl").is_file():
+        check_jsonl(data / "valid.jsonl", "--data", DATA_FORMS)
 
 
 def load_datasets(data: Path, tokenizer, mask_prompt: bool):

@@ -11,8 +11,10 @@ record; `optiq convert` is a thin front that builds the config from flags.
 """
 
 import time
+from pathlib import Path
 
 from .. import distributed, whisper
+from ..device import check_backend, describe
 from ..errors import OptiqError
 from ..io import check_output
 from ..records import QuantizedWeights
@@ -44,6 +46,19 @@ def family_for(config: ConvertConfig, path):
     return TextFamily()
 
 
+def known_family(config: ConvertConfig):
+    """The family, where it is known before the model is resolved (a GGUF
+    import or a Hub download is the expensive part): the default model and
+    GGUF files are text, local folders say what they are; None for a Hub id."""
+    spec = config.model
+    if config.model_type != "auto":
+        return family_for(config, None)
+    if spec is None or str(spec).endswith(".gguf"):
+        return TextFamily()
+    path = Path(spec).expanduser()
+    return family_for(config, path) if path.is_dir() else None
+
+
 def convert(config: ConvertConfig, report: Report | None = None) -> QuantizedWeights:
     """The whole pipeline; returns what was written (path "" on a process
     that does not write, under mlx.launch)."""
@@ -54,8 +69,15 @@ def convert(config: ConvertConfig, report: Report | None = None) -> QuantizedWei
     out = config.out
     check_output(out, config.force)
     started = time.time()
+    check_backend()
+    report.log(describe())
+    family = known_family(config)
+    if family is not None:  # bad targets and data are refused before any import or download
+        family.check(config, cands)
     path = resolve_model(config.model)
-    family = family_for(config, path)
+    if family is None:
+        family = family_for(config, path)
+        family.check(config, cands)
     loaded = family.load(config, path, report)
     cands = family.candidates(config, loaded, cands, report)
     calibration = family.calibrate(config, loaded, report)

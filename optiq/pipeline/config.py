@@ -135,6 +135,16 @@ def validate(config: ConvertConfig) -> tuple:
     return cands
 
 
+def check_ceiling(config: ConvertConfig, cands):
+    """A target the largest candidate (float, where the family always adds it) can use."""
+    largest = max(cands, key=lambda c: c.effective_bits)
+    if config.target_bpw > largest.effective_bits + 1e-9:
+        raise OptiqError(
+            f"--target-bpw {config.target_bpw} is above the largest candidate ({largest.key} = {largest.effective_bits:g} "
+            "effective bpw), which every layer would get" + ("" if largest.bits >= FLOAT_BITS else "; add 16 to --candidate-bits to keep layers float")
+        )
+
+
 def smallest_plan_bpw(layers, cands, protect=(), protect_bits: int = 8) -> float:
     """The least effective bpw any plan over these candidates can reach, with
     protected layers held at protect_bits or more (as plan_bits holds them)."""

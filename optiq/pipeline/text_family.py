@@ -12,7 +12,8 @@ from mlx_lm import load as mlx_load
 from mlx_lm.utils import compute_bits_per_weight
 
 from .. import __version__, distributed
-from ..calibration import digest, load_calibration, split_calibration
+from ..calibration import check_source, digest, load_calibration, split_calibration
+from ..device import on_gpu
 from ..errors import OptiqError
 from ..evaluate import quality, reference_batches
 from ..model_tree import quantizable_layers
@@ -24,10 +25,10 @@ from ..records import SensitivityTable, load_record
 from ..reference import reference_pass
 from ..refine import marginal_probes, refine
 from ..rounding import DTYPES, Rounding, plan_codes
-from ..source import cache_dir, dequantized_fp32, folder_digest
+from ..source import as_measured, cache_dir, folder_digest
 from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
 from ..strip import is_multimodal, strip_cached, unused_weights
-from .config import ConvertConfig, widen_defaults
+from .config import ConvertConfig, check_ceiling, widen_defaults
 from .family import Report, Written, per_block_bits, plan_summary, uniform_row
 
 
@@ -57,6 +58,12 @@ class TextCalibration:
 
 class TextFamily:
     name = "text"
+
+    def check(self, config: ConvertConfig, cands):
+        """What can be refused before the model loads: the target's ceiling, the text sources."""
+        check_ceiling(config, cands)
+        check_source(config.calibration, "--calibration")
+        check_source(config.eval_data, "--eval-data")
 
     def load(self, config: ConvertConfig, path, report: Report) -> TextModel:
         stripped = extra = None
@@ -118,7 +125,9 @@ class TextFamily:
 
     def _measured(self, config, loaded, calibration, candidates, report) -> SensitivityTable:
         # Scales are rounded through the stored dtype: part of what a probe measures, so part of the key.
-        key = f"{folder_digest(loaded.loaded.path)}-{digest(calibration.every)}-n{config.n_calibration}-s{config.kl_stride}-{loaded.quantizer}" + ("" if loaded.dtype == "float16" else f"-{loaded.dtype}")
+        # A GPU measures in the model's dtype with its own GPTQ: other numbers, another key.
+        key = (f"{folder_digest(loaded.loaded.path)}-{digest(calibration.every)}-n{config.n_calibration}-s{config.kl_stride}-{loaded.quantizer}"
+               + ("" if loaded.dtype == "float16" else f"-{loaded.dtype}") + ("-gpu" if on_gpu() else ""))
         cache = ProbeCache(cache_dir() / "sensitivity" / f"{key}.jsonl" if distributed.is_writer() else None)  # one writer under mlx.launch
         reference = self.reference(loaded, calibration, config)
         cands = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
@@ -208,7 +217,7 @@ class TextFamily:
         """(quality of what was written, opened by stock mlx-lm with fp32 activations; eval label, extras)."""
         tokens, refs = held_out
         written, _ = mlx_load(str(out))
-        return dict(quality(dequantized_fp32(written), tokens, refs)), config.eval_data or "self-sampled (seed + 1)", {"n_tokens": int(tokens.size)}
+        return dict(quality(as_measured(written), tokens, refs)), config.eval_data or "self-sampled (seed + 1)", {"n_tokens": int(tokens.size)}
 
     def finish(self, out, written: Written, started: float, report: Report):
         mx.clear_cache()

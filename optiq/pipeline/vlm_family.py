@@ -15,8 +15,8 @@ from ..plan import plan_bits
 from ..probes import count_probes, with_twins
 from ..quantize import model_bytes, output_dtype, quantize
 from ..rounding import DTYPES, plan_codes
-from ..source import dequantized_fp32, read_config
-from .config import ConvertConfig, widen_defaults
+from ..source import as_measured, read_config
+from .config import ConvertConfig, check_ceiling, widen_defaults
 from .family import Report, Written, family_metadata, plan_summary, uniform_row
 
 
@@ -44,6 +44,13 @@ class VisionLanguageCalibration:
 
 class VisionLanguageFamily:
     name = "vlm"
+
+    def check(self, config: ConvertConfig, cands):
+        """Refused before the model loads: the target's ceiling, the image folders."""
+        check_ceiling(config, cands)
+        for folder in (config.calibration, config.eval_data):
+            if folder is not None:
+                vlm.check_images(folder)
 
     def load(self, config: ConvertConfig, path, report: Report) -> VisionLanguageModel:
         if config.refine_rounds or config.max_memory or config.sensitivity:
@@ -101,7 +108,7 @@ class VisionLanguageFamily:
     def measure_written(self, config: ConvertConfig, out, held_out) -> tuple:
         """What was written, opened by stock mlx-vlm."""
         written, _ = vlm.load(out, fp32=False)
-        return held_out.kl(model=dequantized_fp32(written)), config.eval_data or "drawn scenes (seed + 1)", {}
+        return held_out.kl(model=as_measured(written)), config.eval_data or "drawn scenes (seed + 1)", {}
 
     def finish(self, out, written: Written, started: float, report: Report):
         mx.clear_cache()

@@ -14,7 +14,7 @@ from ..probes import count_probes
 from ..quantize import output_dtype
 from ..records import Candidate
 from ..rounding import DTYPES, plan_codes
-from .config import ConvertConfig
+from .config import ConvertConfig, check_ceiling
 from .family import Report, Written, family_metadata, plan_summary, uniform_row
 
 
@@ -34,6 +34,13 @@ class WhisperCalibration:
 
 class WhisperFamily:
     name = "whisper"
+
+    def check(self, config: ConvertConfig, cands):
+        """Refused before the model loads: the target (float is always a candidate here), the speech folders."""
+        check_ceiling(config, tuple(cands) + (Candidate(16),))
+        for folder in (config.calibration, config.eval_data):
+            if folder is not None:
+                whisper.check_speech(folder)
 
     def load(self, config: ConvertConfig, path, report: Report) -> WhisperModel:
         if config.refine_rounds or config.max_memory or config.sensitivity:

@@ -1,0 +1,252 @@
+"""A fused decode attention over packed affine KV codes, for MLX-CUDA.
+
+Reading fewer bytes only buys speed if attention reads the codes
+themselves: dequantizing the cache first writes and reads it again in fp16.
+This is flash-decoding over MLX's affine layout (codes packed LSB-first in
+uint32 words, an fp16 scale and bias per group along the head dimension):
+
+- `partial`: the cached positions are split into chunks, one CUDA block per
+  (chunk, KV head, batch row); D/8 lanes share a position, each lane owning
+  8 elements. A lane unpacks its 8 key codes from a 64-bit window of two
+  words (any width 2-8 bits), dots them with its slice of every query row
+  of that KV head (GQA: the repeat axis is rows, never a broadcast), the
+  lanes of a position reduce with warp shuffles, and an online softmax
+  accumulates the values, dequantized the same way, in registers. The
+  position groups of a block merge through shared memory into one
+  (max, sum, output) per chunk and row.
+- `combine`: the chunks merge into the output, in the queries' dtype.
+
+Keys and values may have their own widths (split K/V plans). It serves up
+to 8 query rows per KV head (decode: the repeat factor times the new
+tokens), head dims 64, 128 and 256, no mask (decode) or the causal one.
+Anything else falls back to dequantized attention. On Metal, MLX's own
+quantized attention is the path (its quantized_matmul broadcasts the GQA
+axis there).
+"""
+
+import functools
+
+import mlx.core as mx
+
+MAX_ROWS = 8
+HEAD_DIMS = (64, 128, 256)
+THREADS = 128
+TARGET_BLOCKS = 512  # chunks x KV heads x batch: enough to fill an H200's 132 SMs several times
+MIN_CHUNK = 256
+
+HEADER = """
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// 8 codes of BITS bits starting at element e0 of a row of packed uint32 words.
+template <int BITS>
+__device__ __forceinline__ void optiq_unpack8(const uint32_t* row, int e0, float out[8]) {
+  const int bit = e0 * BITS;
+  const int word = bit >> 5, off = bit & 31;
+  unsigned long long win = row[word];
+  if (off + 8 * BITS > 32) win |= (unsigned long long)row[word + 1] << 32;
+  win >>= off;
+  #pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = (float)((win >> (j * BITS)) & ((1u << BITS) - 1u));
+}
+"""
+
+PARTIAL_SOURCE = """
+  constexpr int LP = D / 8;                  // lanes per position
+  constexpr int PW = 32 / LP;                // positions per warp per step
+  constexpr int NGROUPS = (THREADS / 32) * PW;
+  constexpr int REP = R / L;
+  __shared__ float sm_m[NGROUPS][R];
+  __shared__ float sm_l[NGROUPS][R];
+  __shared__ float sm_o[NGROUPS][R][D];
+
+  const int split = blockIdx.x, h = blockIdx.y, bi = blockIdx.z;
+  const int S = gridDim.x, H = gridDim.y;
+  const int T = kc_shape[2];
+  const int chunk = (T + S - 1) / S;
+  const int t0 = split * chunk;
+  const int t1 = min(T, t0 + chunk);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / LP, li = lane % LP, e0 = li * 8;
+  const int group = warp * PW + sub;
+  const float qscale = scale[0];
+  const int first = lp[bi];  // a batch's left padding: positions before it are not this sequence's
+
+  float qv[R][8], qsum[R], m[R], lsum[R], acc[R][8];
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int hq = h * REP + r / L, l = r % L;
+    const QT* qrow = q + bi * q_strides[0] + hq * q_strides[1] + l * q_strides[2];
+    qsum[r] = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      qv[r][j] = (float)qrow[(e0 + j) * q_strides[3]] * qscale;
+      qsum[r] += qv[r][j];
+    }
+    m[r] = -inf;
+    lsum[r] = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) acc[r][j] = 0.0f;
+  }
+
+  const int gk = e0 / G;
+  for (int tb = t0 + warp * PW; tb < t1; tb += NGROUPS) {  // a warp's lanes all take the same steps
+    const int t = tb + sub;
+    const bool valid = t < t1 && t >= first;
+    const int tt = valid ? t : t0;
+    float c[8], score[R];
+    optiq_unpack8<KB>(kc + bi * kc_strides[0] + h * kc_strides[1] + tt * kc_strides[2], e0, c);
+    const float ksc = (float)ks[bi * ks_strides[0] + h * ks_strides[1] + tt * ks_strides[2] + gk];
+    const float kbi = (float)kb[bi * kb_strides[0] + h * kb_strides[1] + tt * kb_strides[2] + gk];
+    #pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float dot = 0.0f;
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) dot += qv[r][j] * c[j];
+      float sr = ksc * dot + kbi * qsum[r];
+      #pragma unroll
+      for (int off = LP / 2; off > 0; off >>= 1) sr += __shfl_xor_sync(0xffffffffu, sr, off);
+      score[r] = sr;
+    }
+    if (!valid) continue;
+    optiq_unpack8<VB>(vc + bi * vc_strides[0] + h * vc_strides[1] + tt * vc_strides[2], e0, c);
+    const float vsc = (float)vs[bi * vs_strides[0] + h * vs_strides[1] + tt * vs_strides[2] + gk];
+    const float vbi = (float)vb[bi * vb_strides[0] + h * vb_strides[1] + tt * vb_strides[2] + gk];
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) c[j] = vsc * c[j] + vbi;
+    #pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (CAUSAL && t > T - L + (r % L)) continue;
+      const float mn = fmaxf(m[r], score[r]);
+      const float corr = exp2f(m[r] - mn), p = exp2f(score[r] - mn);
+      lsum[r] = lsum[r] * corr + p;
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) acc[r][j] = acc[r][j] * corr + p * c[j];
+      m[r] = mn;
+    }
+  }
+
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (li == 0) {
+      sm_m[group][r] = m[r];
+      sm_l[group][r] = lsum[r];
+    }
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) sm_o[group][r][e0 + j] = acc[r][j];
+  }
+  __syncthreads();
+  const long base = ((long)(bi * H + h) * S + split) * R;
+  for (int idx = threadIdx.x; idx < R * D; idx += THREADS) {
+    const int r = idx / D, d = idx % D;
+    float mx_ = -inf;
+    for (int g = 0; g < NGROUPS; ++g) mx_ = fmaxf(mx_, sm_m[g][r]);
+    float num = 0.0f, den = 0.0f;
+    if (mx_ != -inf) {
+      for (int g = 0; g < NGROUPS; ++g) {
+        if (sm_m[g][r] == -inf) continue;
+        const float w = exp2f(sm_m[g][r] - mx_);
+        num += w * sm_o[g][r][d];
+        den += w * sm_l[g][r];
+      }
+    }
+    part_o[(base + r) * D + d] = num;
+    if (d == 0) {
+      part_m[base + r] = mx_;
+      part_l[base + r] = den;
+    }
+  }
+"""
+
+COMBINE_SOURCE = """
+  constexpr int REP = R / L;
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int B = part_m_shape[0], H = part_m_shape[1], S = part_m_shape[2];
+  if (idx >= (long)B * H * R * D) return;
+  const int d = idx % D;
+  const int r = (idx / D) % R;
+  const int h = (idx / ((long)D * R)) % H;
+  const int bi = idx / ((long)D * R * H);
+  const long row = (long)(bi * H + h) * S;
+  float mx_ = -inf;
+  for (int s = 0; s < S; ++s) mx_ = fmaxf(mx_, part_m[(row + s) * R + r]);
+  float num = 0.0f, den = 0.0f;
+  for (int s = 0; s < S; ++s) {
+    const float ms = part_m[(row + s) * R + r];
+    if (ms == -inf) continue;
+    const float w = exp2f(ms - mx_);
+    num += w * part_o[((row + s) * R + r) * D + d];
+    den += w * part_l[(row + s) * R + r];
+  }
+  const int hq = h * REP + r / L, l = r % L;
+  out[(((long)bi * H * REP + hq) * L + l) * D + d] = (QT)(num / den);
+"""
+
+LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    partial = mx.fast.cuda_kernel(
+        name="optiq_kv_decode_partial", input_names=["q", "kc", "ks", "kb", "vc", "vs", "vb", "scale", "lp"],
+        output_names=["part_m", "part_l", "part_o"], source=PARTIAL_SOURCE, header=HEADER, ensure_row_contiguous=False,
+    )
+    combine = mx.fast.cuda_kernel(
+        name="optiq_kv_decode_combine", input_names=["part_m", "part_l", "part_o"], output_names=["out"], source=COMBINE_SOURCE,
+    )
+    return partial, combine
+
+
+@functools.lru_cache(maxsize=64)
+def _scale(value: float) -> mx.array:
+    a = mx.array([value * LOG2E], dtype=mx.float32)
+    mx.eval(a)
+    return a
+
+
+def supported(queries, keys, mask, k_bits: int, v_bits: int) -> bool:
+    """Whether the fused kernel serves this call (else: dequantized attention)."""
+    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+        return False
+    B, n_q, L, D = queries.shape
+    n_kv = keys[0].shape[1]
+    rows = (n_q // n_kv) * L
+    causal_ok = mask is None or (isinstance(mask, str) and mask == "causal")
+    return (D in HEAD_DIMS and n_q % n_kv == 0 and rows <= MAX_ROWS and causal_ok and k_bits in (2, 3, 4, 5, 6, 8)
+            and v_bits in (2, 3, 4, 5, 6, 8) and keys[1].dtype in (mx.float16, mx.bfloat16, mx.float32))
+
+
+def splits(T: int, B: int, H: int) -> int:
+    return max(1, min(-(-TARGET_BLOCKS // (B * H)), -(-T // MIN_CHUNK)))
+
+
+@functools.lru_cache(maxsize=16)
+def _no_padding(batch: int) -> mx.array:
+    a = mx.zeros((batch,), dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
+def decode_attention(queries, q_keys, q_values, scale: float, mask, group_size: int, k_bits: int, v_bits: int, left_padding=None) -> mx.array:
+    """softmax(q k^T * scale) v over affine codes (B, H_kv, T, ...), as (B,
+    H_q, L, D); `left_padding` (B,) int32: a batch's padded positions."""
+    B, n_q, L, D = queries.shape
+    H, T = q_keys[0].shape[1], q_keys[0].shape[2]
+    R = (n_q // H) * L
+    S = splits(T, B, H)
+    partial, combine = _kernels()
+    template = [("KB", k_bits), ("VB", v_bits), ("D", D), ("G", group_size), ("R", R), ("L", L),
+                ("CAUSAL", mask is not None and L > 1), ("THREADS", THREADS), ("QT", queries.dtype)]
+    lp = _no_padding(B) if left_padding is None else left_padding.astype(mx.int32)
+    part_m, part_l, part_o = partial(
+        inputs=[queries, *q_keys, *q_values, _scale(scale), lp], template=template,
+        grid=(S * THREADS, H, B), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(B, H, S, R), (B, H, S, R), (B, H, S, R, D)], output_dtypes=[mx.float32] * 3,
+    )
+    total = B * H * R * D
+    (out,) = combine(
+        inputs=[part_m, part_l, part_o], template=[("R", R), ("L", L), ("D", D), ("QT", queries.dtype)],
+        grid=(-(-total // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(B, n_q, L, D)], output_dtypes=[queries.dtype],
+    )
+    return out

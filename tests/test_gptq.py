@@ -1,0 +1,58 @@
+"""GPTQ's two implementations agree: the MLX-array blocks a GPU runs (here
+with the kernel's plain-MLX reference step) give numpy's codes, the factor
+U (H^-1 = U^T U) from one flipped Cholesky equals numpy's, and MLX-array
+packing equals numpy's. On MLX-CUDA the kernel itself is checked too."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from optiq import gptq
+from optiq.rounding import pack
+
+
+def problem(n=256, rows=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2000, n)).astype(np.float32) * rng.uniform(0.2, 3, n).astype(np.float32)
+    x[:, 7] = 0.0  # an input that never fires
+    return rng.standard_normal((rows, n)).astype(np.float32) * 0.05, x.T @ x
+
+
+def test_inverse_factor_is_the_upper_cholesky_of_the_inverse():
+    _, gram = problem()
+    u, dead = gptq.inverse_factor(mx.array(gram))
+    h = gram.astype(np.float64)
+    h[7, 7] = 1.0
+    h[np.diag_indices(len(h))] += gptq.DAMP * np.mean(np.diag(gram))
+    want = np.linalg.cholesky(np.linalg.inv(h)).T
+    np.testing.assert_allclose(np.array(u), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert np.array(dead).tolist() == [i == 7 for i in range(len(h))]
+
+
+@pytest.mark.parametrize("bits, group", [(4, 64), (3, 128), (8, 64), (2, 32)])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_mlx_blocks_give_numpys_codes(bits, group, dtype):
+    w, gram = problem()
+    q1, s1, b1 = gptq.gptq_numpy(w, gram, bits, group, dtype)
+    q2, s2, b2 = gptq.gptq_mlx(mx.array(w), gptq.inverse_factor(mx.array(gram)), bits, group, dtype)
+    assert np.mean(q1 == np.array(q2)) > 0.999
+    np.testing.assert_allclose(np.array(s2), s1, rtol=1e-6)
+    np.testing.assert_allclose(np.array(b2), b1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_packing_mlx_arrays_equals_numpy(bits):
+    q = np.random.default_rng(bits).integers(0, 1 << bits, size=(9, 192 if bits != 3 else 96))
+    assert np.array_equal(np.array(pack(mx.array(q.astype(np.uint32)), bits)), pack(q, bits))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX-CUDA")
+@pytest.mark.parametrize("bits, group", [(4, 64), (4, 128), (8, 64), (3, 128)])
+def test_the_cuda_block_kernel_equals_its_reference(bits, group):
+    w, gram = problem(n=512, rows=300, seed=bits)
+    factor = gptq.inverse_factor(mx.array(gram))
+    ref = gptq.gptq_mlx(mx.array(w), factor, bits, group, mx.bfloat16)
+    got = gptq.gptq_mlx(mx.array(w), factor, bits, group, mx.bfloat16, block_step=gptq.block_step_cuda)
+    assert np.mean(np.array(ref[0]) == np.array(got[0])) > 0.999
+    np.testing.assert_allclose(np.array(got[1]), np.array(ref[1]), rtol=1e-5)
