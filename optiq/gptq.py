@@ -21,6 +21,7 @@ the written model stores them in).
 
 import mlx.core as mx
 import numpy as np
+import scipy.linalg
 
 DAMP = 0.01
 BLOCK = 128
@@ -87,27 +88,26 @@ def inverse_factor(gram: mx.array, damp: float = DAMP):
     With J the reversal, chol(J H J) = L gives H = (J L J)(J L J)^T, so
     U = (J L J)^-1: one Cholesky and one triangular inverse, no full inverse."""
     h = gram.astype(mx.float32)
-    n = h.shape[0]
     diag = mx.diagonal(h)
     dead = diag == 0
     h = h + mx.diag(dead.astype(mx.float32) + damp * mx.mean(diag))
-    flip = h[::-1, ::-1]
-    lower = linalg(mx.linalg.cholesky, flip)
-    upper = lower[::-1, ::-1]
-    return linalg(lambda a, **kw: mx.linalg.tri_inv(a, upper=True, **kw), upper), dead
-
-
-def linalg(op, a):
-    """A linear-algebra op on the default device where MLX has a kernel for
-    it, else on the CPU (MLX's CUDA backend lacks some)."""
-    try:
-        out = op(a)
-        mx.eval(out)
-        return out
+    try:  # on the default device, where MLX has these kernels
+        u = mx.linalg.tri_inv(mx.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1], upper=True)
+        mx.eval(u)
     except (ValueError, RuntimeError):
-        out = op(a, stream=mx.cpu)
-        mx.eval(out)
-        return out
+        u = host_factor(h)
+    return u, dead
+
+
+def host_factor(h: mx.array) -> mx.array:
+    """inverse_factor's U through numpy and LAPACK (OpenBLAS, every core):
+    where MLX's backend lacks a Cholesky kernel, and MLX's own CPU stream
+    would use the reference LAPACK its CUDA wheel bundles."""
+    lower = np.linalg.cholesky(np.array(h, dtype=np.float32)[::-1, ::-1])
+    u, info = scipy.linalg.lapack.strtri(np.ascontiguousarray(lower[::-1, ::-1]), lower=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"strtri failed ({info})")
+    return mx.array(u)
 
 
 def stored_mx(x: mx.array, dtype) -> mx.array:

@@ -27,6 +27,8 @@ def test_inverse_factor_is_the_upper_cholesky_of_the_inverse():
     want = np.linalg.cholesky(np.linalg.inv(h)).T
     np.testing.assert_allclose(np.array(u), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     assert np.array(dead).tolist() == [i == 7 for i in range(len(h))]
+    damped = mx.array(gram) + mx.diag(dead.astype(mx.float32) + gptq.DAMP * mx.mean(mx.diagonal(mx.array(gram))))
+    np.testing.assert_allclose(np.array(gptq.host_factor(damped)), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())  # the LAPACK path
 
 
 @pytest.mark.parametrize("bits, group", [(4, 64), (3, 128), (8, 64), (2, 32)])

@@ -28,6 +28,7 @@ import json
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -189,7 +190,9 @@ class Engine:
         self.commands = queue.Queue()
         self.generators = {}  # adapter name -> generator
         self.tickets = {}  # (adapter, uid) -> Ticket
-        self.stats = dict(requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
+        # Counters /health reports; the seconds say where the engine thread's time goes
+        # (model steps, per-token bookkeeping), for profiling a server under load.
+        self.stats = dict(requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0, steps=0, step_seconds=0.0, token_seconds=0.0)
         self.thread = threading.Thread(target=self._run, name="optiq-engine", daemon=True)
         self.thread.start()
 
@@ -301,7 +304,9 @@ class Engine:
     def _step(self, adapter, gen):
         if self.selector is not None:
             self.selector.active = adapter
+        t0 = time.perf_counter()
         _, responses = gen.next()
+        t1 = time.perf_counter()
         outbox = []  # one event-loop wake-up per step, not one per request
         for r in responses:
             t = self.tickets.get((adapter, r.uid))
@@ -316,6 +321,9 @@ class Engine:
             by_loop.setdefault(t.loop, []).append((t, event))
         for loop, batch in by_loop.items():
             loop.call_soon_threadsafe(_deliver, batch)
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += t1 - t0
+        self.stats["token_seconds"] += time.perf_counter() - t1
 
     def _command(self, cmd, t):
         if cmd == "add":

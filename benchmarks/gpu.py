@@ -1,0 +1,451 @@
+"""optiq on a GPU (MLX-CUDA), at real model shapes, side by side with mlx-lm
+in the same run. Random-weight models of real shapes are built here (real
+weights cannot travel to the lent machine); speed and memory do not depend
+on the weights' values.
+
+    python benchmarks/gpu.py                       # every section
+    python benchmarks/gpu.py --sections kv --contexts 8192,32768
+
+Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
+- kv: Llama-3-8B-shaped model with 4-bit weights, one decode step at
+  8k-128k cached tokens: mlx-lm's fp16 KVCache and QuantizedKVCache
+  against optiq's caches (uniform 8 and 4 bits, a measured ~4.5-bit plan),
+  optiq's with and without the fused decode kernel; ms per token, cache bytes.
+- serve: Llama-3.2-1B-shaped bf16 model, streamed greedy chats of 64 tokens
+  at concurrency 1, 8 and 32 against optiq serve (also with an 8-bit KV
+  plan, batched) and mlx_lm.server: tok/s, median time to first token,
+  errors; the engine's own step timings.
+- convert: Llama-3-8B-shaped bf16 model: the default `optiq convert`
+  (GPTQ) and round-to-nearest, time and peak memory, against
+  `mlx_lm.convert -q`.
+"""
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+from mlx_lm.utils import save_config, save_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from optiq import device, gptq  # noqa: E402
+from optiq.calibration import sample_tokens  # noqa: E402
+from optiq.kv import kernels, make_kv_cache, measure_kv, plan_kv  # noqa: E402
+from optiq.kv.sensitivity import cache_layers  # noqa: E402
+from optiq.pipeline import ConvertConfig, Report, convert  # noqa: E402
+from optiq.records import Candidate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SHAPES = {
+    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
+    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (rope scaling left out: speed only)
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+)
+TEXT = ("The history of the city begins with a small settlement by the river. Traders came for salt and stayed "
+        "for the fish; by the third century the market had a wall, a temple and a road to the coast. ") * 50
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+def tokenizer_files(folder: Path, vocab: int):
+    """A byte-level BPE tokenizer trained here, padded with added tokens to
+    the model's vocabulary, with a chat template: what mlx-lm and both
+    servers need, none of it downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin|>", "<|end|>", "<|start|>"]
+    tok.train_from_iterator([TEXT], trainer=trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_tokens([f"tok{i}" for i in range(vocab - tok.get_vocab_size())])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin|>", "eos_token": "<|end|>", "chat_template": CHAT_TEMPLATE,
+    }))
+
+
+def build(name: str, folder: Path, bits: int | None = None) -> Path:
+    """A random-weight model of `name`'s shape in bf16 (or `bits`-bit weights, group 64), saved as mlx-lm saves one."""
+    if (folder / "config.json").exists():
+        return folder
+    t0 = time.time()
+    config = dict(model_type="llama", **SHAPES[name], torch_dtype="bfloat16")
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+        config["quantization"] = {"group_size": 64, "bits": bits}
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    save_config(config, config_path=folder / "config.json")
+    tokenizer_files(folder, config["vocab_size"])
+    log(f"built {name} {'bf16' if not bits else f'{bits}-bit'} in {time.time() - t0:.0f}s: {folder}")
+    return folder
+
+
+# -- KV decode --------------------------------------------------------------------------
+
+
+def filled(caches, kv):
+    for i, (k, v) in kv.items():
+        caches[i].update_and_fetch(k, v)
+    return caches
+
+
+def kv_rows(model, plan):
+    def mlx_fp16(m):
+        return make_prompt_cache(m)
+
+    def mlx_quantized(bits):
+        return lambda m: [QuantizedKVCache(64, bits) if type(c) is KVCache else c for c in make_prompt_cache(m)]
+
+    def optiq(entries):
+        return lambda m: make_kv_cache(m, entries)
+
+    uniform = lambda b: [dict(layer_idx=i, bits=b, group_size=64) for i, _ in cache_layers(model)]  # noqa: E731
+    return [
+        ("mlx-lm KVCache (bf16)", mlx_fp16, None),
+        ("mlx-lm QuantizedKVCache 8-bit", mlx_quantized(8), None),
+        ("mlx-lm QuantizedKVCache 4-bit", mlx_quantized(4), None),
+        ("optiq uniform 8-bit", optiq(uniform(8)), True),
+        ("optiq uniform 4-bit", optiq(uniform(4)), True),
+        (f"optiq plan {plan.average_bits:.2f} bits", optiq(list(plan.layers)), True),
+        ("optiq uniform 4-bit, no kernel (dequantized)", optiq(uniform(4)), False),
+    ]
+
+
+def kv_section(args, work: Path) -> dict:
+    folder = build("llama-3-8b", work / "llama-3-8b-4bit", bits=4)
+    from mlx_lm import load
+
+    model, tok = load(str(folder))
+    t0 = time.time()
+    calib = sample_tokens(model, tok, 2, 512, seed=0)
+    candidates = [Candidate(b, 64) for b in (3, 4, 6, 8)] + [Candidate(8, 64, v_bits=4), Candidate(4, 64, v_bits=8)]
+    table = measure_kv(model, calib, candidates)
+    plan = plan_kv(table, args.kv_target, n_layers=len(model.layers))
+    log(f"KV plan measured in {time.time() - t0:.0f}s: {plan.average_bits:.3f} bits; "
+        + " ".join(f"{e.layer_idx}:{e.bits}{'/' + str(e.v_bits) if e.v_bits else ''}" for e in plan.layers))
+    probe = make_prompt_cache(model)
+    model(mx.array([[1, 2]]), cache=probe)
+    shapes = {i: (c.keys.shape[1], c.keys.shape[3]) for i, c in enumerate(probe)}
+    rows, out = kv_rows(model, plan), []
+    for ctx in args.contexts:
+        mx.random.seed(ctx)
+        kv = {i: (mx.random.normal((1, h, ctx, d)).astype(mx.bfloat16), mx.random.normal((1, h, ctx, d)).astype(mx.bfloat16)) for i, (h, d) in shapes.items()}
+        mx.eval(kv)
+        for name, make, kernel in rows:
+            kernels.ENABLED = kernel is not False
+            row = dict(context=ctx, method=name)
+            try:
+                caches = filled(make(model), kv)
+                y = mx.array([[5]])
+                for _ in range(3):  # warm-up: compiles this shape's kernels
+                    mx.eval(model(y, cache=caches))
+                mx.synchronize()
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    logits = model(y, cache=caches)
+                    mx.eval(logits)
+                row.update(ms_per_token=(time.perf_counter() - t) / args.steps * 1e3, kv_bytes=sum(c.nbytes for c in caches))
+            except Exception as exc:  # mlx-lm's quantized caches fail on MLX-CUDA: the row says how
+                row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            finally:
+                kernels.ENABLED = True
+                caches = None
+                mx.clear_cache()
+            out.append(row)
+            log(f"  {ctx:>6} {name:44s} " + (f"{row['ms_per_token']:.2f} ms/token, KV {row['kv_bytes'] / 2**30:.2f} GiB" if "ms_per_token" in row else row["error"]))
+        del kv
+        mx.clear_cache()
+    base = {r["context"]: r for r in out if r["method"].startswith("mlx-lm KVCache")}
+    for r in out:
+        if "ms_per_token" in r and "ms_per_token" in base[r["context"]]:
+            r["speedup_vs_bf16_kv"] = base[r["context"]]["ms_per_token"] / r["ms_per_token"]
+            r["bytes_vs_bf16_kv"] = r["kv_bytes"] / base[r["context"]]["kv_bytes"]
+    return dict(model="llama-3-8b shape, 4-bit weights (random)", plan=plan.to_dict(), rows=out)
+
+
+def kv_table(result) -> str:
+    contexts = sorted({r["context"] for r in result["rows"]})
+    lines = ["| KV cache | " + " | ".join(f"ms/token @{c // 1024}k (x bf16)" for c in contexts) + " | bytes vs bf16 |",
+             "|---|" + "---|" * (len(contexts) + 1)]
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        cells = []
+        for c in contexts:
+            r = next(x for x in result["rows"] if x["method"] == method and x["context"] == c)
+            cells.append(f"{r['ms_per_token']:.2f} ({r.get('speedup_vs_bf16_kv', 1):.2f}x)" if "ms_per_token" in r else "fails")
+        last = next(x for x in result["rows"] if x["method"] == method and x["context"] == contexts[-1])
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {last.get('bytes_vs_bf16_kv', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+# -- serving ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, port, log_path, limit=600):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {Path(log_path).read_text()[-2000:]}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError("server did not start")
+
+
+def chat(port, prompt, max_tokens):
+    """One streamed greedy chat: (seconds to the first content, content chunks, seconds)."""
+    body = json.dumps({"model": "default_model", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                       "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+    first, tokens, usage = None, 0, None
+    for line in r:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        usage = event.get("usage") or usage
+        for ch in event.get("choices", []):
+            if ch.get("delta", {}).get("content"):
+                first = first or time.perf_counter() - t0
+                tokens += 1
+    c.close()
+    n = usage["completion_tokens"] if usage else tokens
+    return first or time.perf_counter() - t0, n, time.perf_counter() - t0
+
+
+def drive(port, prompts, concurrency, max_tokens) -> dict:
+    results, errors, lock = [], [], threading.Lock()
+    queue = list(prompts)
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                p = queue.pop()
+            try:
+                r = chat(port, p, max_tokens)
+                with lock:
+                    results.append(r)
+            except Exception as exc:
+                with lock:
+                    errors.append(repr(exc)[:200])
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    return dict(concurrency=concurrency, requests=len(results), errors=len(errors), error_messages=errors[:3], wall_s=wall,
+                tok_per_s=sum(r[1] for r in results) / wall, ttft_median_s=statistics.median(ttft) if ttft else float("nan"))
+
+
+def health(port) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/health")
+    return json.loads(c.getresponse().read())
+
+
+def serve_section(args, work: Path) -> dict:
+    folder = build("llama-3.2-1b", work / "llama-3.2-1b-bf16")
+    py = sys.executable
+    servers = {
+        "mlx_lm.server": lambda port: [py, "-m", "mlx_lm", "server", "--model", str(folder), "--port", str(port), "--log-level", "WARNING"],
+        "optiq serve": lambda port: [py, "-m", "optiq.http", "--model", str(folder), "--port", str(port)],
+        "optiq serve, 8-bit KV (batched)": lambda port: [py, "-m", "optiq.http", "--model", str(folder), "--port", str(port), "--kv-bits", "8"],
+    }
+    prompts = [f"Question {i}: continue the history of the city by the river in a few sentences." for i in range(max(args.concurrency) * 2)]
+    rows = []
+    for name in args.servers or list(servers):
+        port = free_port()
+        log_path = work / f"serve-{name.split()[0]}-{len(rows)}.log"
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(servers[name](port), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(proc, port, log_path)
+            for c in args.concurrency:  # warm-up at every level: each batch size compiles its kernels once
+                drive(port, prompts[:c], c, 8)
+            for c in args.concurrency:
+                before = health(port) if name.startswith("optiq") else None
+                row = dict(server=name, **drive(port, prompts[: max(2 * c, 16)], c, args.max_tokens))
+                if before is not None:
+                    after = health(port)
+                    row["engine"] = {k: after[k] - before[k] for k in ("steps", "step_seconds", "token_seconds", "generated_tokens")}
+                rows.append(row)
+                log(f"  {name:34s} c={c:<3} {row['tok_per_s']:8.1f} tok/s  TTFT p50 {row['ttft_median_s']:.3f}s  errors {row['errors']}"
+                    + (f"  engine: {row['engine']['steps']} steps, {row['engine']['step_seconds']:.2f}s in steps, {row['engine']['token_seconds']:.2f}s per-token" if "engine" in row else ""))
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+            proc.kill()
+    return dict(model="llama-3.2-1b shape, bf16 (random)", max_tokens=args.max_tokens, rows=rows)
+
+
+def serve_table(result) -> str:
+    lines = ["| server | concurrency | tok/s | TTFT p50 (s) | errors |", "|---|---|---|---|---|"]
+    lines += [f"| {r['server']} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['ttft_median_s']:.3f} | {r['errors']} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+# -- convert ------------------------------------------------------------------------------
+
+
+def convert_section(args, work: Path) -> dict:
+    source = build("llama-3-8b", work / "llama-3-8b-bf16")
+    rows = []
+    for name, config in (("optiq convert (default: GPTQ, 4.5 bpw)", ConvertConfig(model=str(source), output=str(work / "optiq-gptq"), force=True)),
+                         ("optiq convert --quantizer rtn", ConvertConfig(model=str(source), output=str(work / "optiq-rtn"), quantizer="rtn", force=True))):
+        if name not in args.converts:
+            continue
+        mx.reset_peak_memory()
+        t0 = time.time()
+        written = convert(config, Report())
+        rows.append(dict(method=name, seconds=time.time() - t0, peak_gib=mx.get_peak_memory() / 2**30,
+                         effective_bpw=written.plan.effective_bpw, measured=dict(written.measured)))
+        log(f"  {name}: {rows[-1]['seconds']:.0f}s, peak {rows[-1]['peak_gib']:.1f} GiB")
+        mx.clear_cache()
+    if "mlx_lm.convert -q" in args.converts:
+        t0 = time.time()
+        out = work / "mlx-lm-4bit"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out), "-q"], check=True, capture_output=True)
+        rows.append(dict(method="mlx_lm.convert -q (4-bit g64, round-to-nearest)", seconds=time.time() - t0, effective_bpw=4.5))
+        log(f"  mlx_lm.convert -q: {rows[-1]['seconds']:.0f}s")
+    return dict(model="llama-3-8b shape, bf16 (random)", rows=rows)
+
+
+def convert_table(result) -> str:
+    lines = ["| method | time (s) | peak memory (GiB) | eff. bpw |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['seconds']:.0f} | {r.get('peak_gib', float('nan')):.1f} | {r['effective_bpw']:.3f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+# -- GPTQ at layer shapes -----------------------------------------------------------
+
+
+def gptq_section(args, work: Path) -> dict:
+    """GPTQ on one layer of each Llama-3-8B shape: the factor, the blocked
+    kernel, the codes against the kernel's plain-MLX reference (on the
+    first 256 columns: the reference walks columns from Python)."""
+    rows = []
+    for out_dim, in_dim in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        mx.random.seed(out_dim + in_dim)
+        x = mx.random.normal((8192, in_dim)).astype(mx.float32)
+        gram = x.T @ x
+        w = mx.random.normal((out_dim, in_dim)) * 0.02
+        mx.eval(gram, w)
+        t = time.perf_counter()
+        factor = gptq.inverse_factor(gram)
+        t_factor = time.perf_counter() - t
+        row = dict(shape=[out_dim, in_dim], factor_s=t_factor)
+        for bits, group in ((4, 64), (4, 128), (8, 64)):
+            gptq.gptq_mlx(w[:64], factor, bits, group, mx.bfloat16, block_step=gptq.block_step_cuda)  # compile
+            mx.synchronize()
+            t = time.perf_counter()
+            codes = gptq.gptq_mlx(w, factor, bits, group, mx.bfloat16, block_step=gptq.block_step_cuda)
+            mx.eval(codes)
+            row[f"gptq_{bits}@{group}_s"] = time.perf_counter() - t
+        u, dead = factor
+        small = (u[:256, :256], dead[:256])
+        ref = gptq.gptq_mlx(w[:256, :256], small, 4, 64, mx.bfloat16)
+        got = gptq.gptq_mlx(w[:256, :256], small, 4, 64, mx.bfloat16, block_step=gptq.block_step_cuda)
+        row["codes_equal_to_reference"] = float(mx.mean(ref[0] == got[0]))
+        rows.append(row)
+        log(f"  {row}")
+    return dict(model="GPTQ at Llama-3-8B layer shapes (random)", rows=rows)
+
+
+def gptq_table(result) -> str:
+    lines = ["| layer (out x in) | factor (s) | GPTQ 4@64 (s) | 4@128 (s) | 8@64 (s) | codes = reference |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape'][0]} x {r['shape'][1]} | {r['factor_s']:.2f} | {r['gptq_4@64_s']:.2f} | {r['gptq_4@128_s']:.2f} | {r['gptq_8@64_s']:.2f} | {r['codes_equal_to_reference']:.4f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="kv,serve,convert")
+    p.add_argument("--contexts", default="8192,32768,65536,131072")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per KV row")
+    p.add_argument("--kv-target", type=float, default=4.5)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--servers", default=None, help="comma-separated subset of the serving rows")
+    p.add_argument("--converts", default="optiq convert (default: GPTQ, 4.5 bpw),mlx_lm.convert -q")
+    p.add_argument("--work", default=os.environ.get("OPTIQ_GPU_WORK", "/tmp/optiq-gpu"), help="where the built models go")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.servers = args.servers.split(",") if args.servers else None
+    args.converts = args.converts.split(",")
+    if not device.on_gpu():
+        raise SystemExit("benchmarks/gpu.py measures a GPU; MLX runs on the CPU here")
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(device=device.describe(), mlx=mx.__version__, nvidia_smi=subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip())
+    log(info)
+    for section in args.sections.split(","):
+        run, table = SECTIONS[section]
+        t0 = time.time()
+        result = dict(info, section=section, args={k: v for k, v in vars(args).items()}, **run(args, work))
+        result["seconds"] = time.time() - t0
+        (out / f"gpu-{section}.json").write_text(json.dumps(result, indent=2))
+        print(f"\n## {section} ({result['model']}; {info['nvidia_smi']})\n\n{table(result)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
