@@ -147,7 +147,68 @@ def kv_rows(model, plan):
     ]
 
 
+def attention_variants(args) -> list:
+    """The decode kernel alone on one Llama-3-8B layer at the longest context
+    (32 query heads over 8 KV heads, 4-bit codes), per launch variant, against
+    MLX's own fused attention over bf16 keys and values: GB/s read."""
+    from optiq.kv.affine_cache import quantize_kv
+
+    T, rows = max(args.contexts), []
+    mx.random.seed(1)
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    k, v = (mx.random.normal((1, 8, T, 128)).astype(mx.bfloat16) for _ in range(2))
+    qk, qv = quantize_kv(k, 64, 4), quantize_kv(v, 64, 4)
+    mx.eval(q, k, v, qk, qv)
+
+    def timed(fn, reps=20):
+        mx.eval(fn())
+        mx.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn())
+        return (time.perf_counter() - t) / reps
+
+    sdpa = timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=128 ** -0.5))
+    rows.append(dict(variant="mlx sdpa over bf16", ms=sdpa * 1e3, gb_s=(k.nbytes + v.nbytes) / sdpa / 1e9))
+    codes_bytes = sum(a.nbytes for a in (*qk, *qv))
+    for unroll, epl in ((1, 8), (2, 8), (4, 8), (1, 16), (2, 16)):
+        kernels.UNROLL, kernels.EPL = unroll, epl
+        s = timed(lambda: kernels.decode_attention(q, qk, qv, 128 ** -0.5, None, 64, 4, 4))
+        rows.append(dict(variant=f"optiq kernel U={unroll} EPL={epl}", unroll=unroll, epl=epl, ms=s * 1e3, gb_s=codes_bytes / s / 1e9))
+    best = min((r for r in rows if "unroll" in r), key=lambda r: r["ms"])
+    kernels.UNROLL, kernels.EPL = best["unroll"], best["epl"]
+    for r in rows:
+        log(f"  attention @{T}: {r['variant']:28s} {r['ms']:.3f} ms  {r['gb_s']:.0f} GB/s")
+    return rows
+
+
+def step_times(model, caches, steps: int) -> dict:
+    """ms per decode step: synchronous (build, run, wait), pipelined (the next
+    step's graph built while the GPU runs this one, as mlx-lm's generate
+    does), and the host's graph building alone."""
+    y = mx.array([[5]])
+    t = time.perf_counter()
+    logits = model(y, cache=caches)
+    build = time.perf_counter() - t
+    mx.eval(logits)
+    t = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(y, cache=caches))
+    sync = (time.perf_counter() - t) / steps
+    nxt = mx.argmax(model(y, cache=caches)[:, -1:], axis=-1)
+    mx.async_eval(nxt)
+    t = time.perf_counter()
+    for _ in range(steps):
+        cur = nxt
+        nxt = mx.argmax(model(cur, cache=caches)[:, -1:], axis=-1)
+        mx.async_eval(nxt)
+        cur.item()
+    nxt.item()
+    return dict(ms_per_token=sync * 1e3, pipelined_ms_per_token=(time.perf_counter() - t) / steps * 1e3, host_build_ms=build * 1e3)
+
+
 def kv_section(args, work: Path) -> dict:
+    variants = attention_variants(args)
     folder = build("llama-3-8b", work / "llama-3-8b-4bit", bits=4)
     from mlx_lm import load
 
@@ -176,11 +237,7 @@ def kv_section(args, work: Path) -> dict:
                 for _ in range(3):  # warm-up: compiles this shape's kernels
                     mx.eval(model(y, cache=caches))
                 mx.synchronize()
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    logits = model(y, cache=caches)
-                    mx.eval(logits)
-                row.update(ms_per_token=(time.perf_counter() - t) / args.steps * 1e3, kv_bytes=sum(c.nbytes for c in caches))
+                row.update(step_times(model, caches, args.steps), kv_bytes=sum(c.nbytes for c in caches))
             except Exception as exc:  # mlx-lm's quantized caches fail on MLX-CUDA: the row says how
                 row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             finally:
@@ -188,28 +245,33 @@ def kv_section(args, work: Path) -> dict:
                 caches = None
                 mx.clear_cache()
             out.append(row)
-            log(f"  {ctx:>6} {name:44s} " + (f"{row['ms_per_token']:.2f} ms/token, KV {row['kv_bytes'] / 2**30:.2f} GiB" if "ms_per_token" in row else row["error"]))
+            log(f"  {ctx:>6} {name:44s} " + (f"{row['ms_per_token']:.2f} ms/token ({row['pipelined_ms_per_token']:.2f} pipelined, host {row['host_build_ms']:.2f}), KV {row['kv_bytes'] / 2**30:.2f} GiB" if "ms_per_token" in row else row["error"]))
         del kv
         mx.clear_cache()
     base = {r["context"]: r for r in out if r["method"].startswith("mlx-lm KVCache")}
     for r in out:
         if "ms_per_token" in r and "ms_per_token" in base[r["context"]]:
             r["speedup_vs_bf16_kv"] = base[r["context"]]["ms_per_token"] / r["ms_per_token"]
+            r["pipelined_speedup_vs_bf16_kv"] = base[r["context"]]["pipelined_ms_per_token"] / r["pipelined_ms_per_token"]
             r["bytes_vs_bf16_kv"] = r["kv_bytes"] / base[r["context"]]["kv_bytes"]
-    return dict(model="llama-3-8b shape, 4-bit weights (random)", plan=plan.to_dict(), rows=out)
+    return dict(model="llama-3-8b shape, 4-bit weights (random)", plan=plan.to_dict(), attention=variants,
+                kernel=dict(unroll=kernels.UNROLL, epl=kernels.EPL), rows=out)
 
 
 def kv_table(result) -> str:
     contexts = sorted({r["context"] for r in result["rows"]})
-    lines = ["| KV cache | " + " | ".join(f"ms/token @{c // 1024}k (x bf16)" for c in contexts) + " | bytes vs bf16 |",
+    lines = ["| KV cache | " + " | ".join(f"@{c // 1024}k: ms/token (x bf16), pipelined" for c in contexts) + " | bytes vs bf16 |",
              "|---|" + "---|" * (len(contexts) + 1)]
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
         cells = []
         for c in contexts:
             r = next(x for x in result["rows"] if x["method"] == method and x["context"] == c)
-            cells.append(f"{r['ms_per_token']:.2f} ({r.get('speedup_vs_bf16_kv', 1):.2f}x)" if "ms_per_token" in r else "fails")
+            cells.append(f"{r['ms_per_token']:.2f} ({r.get('speedup_vs_bf16_kv', 1):.2f}x), {r['pipelined_ms_per_token']:.2f} ({r.get('pipelined_speedup_vs_bf16_kv', 1):.2f}x)"
+                         if "ms_per_token" in r else "fails")
         last = next(x for x in result["rows"] if x["method"] == method and x["context"] == contexts[-1])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {last.get('bytes_vs_bf16_kv', float('nan')):.3f} |")
+    lines += ["", "| attention alone, one layer @" + f"{contexts[-1] // 1024}k | ms | GB/s |", "|---|---|---|"]
+    lines += [f"| {a['variant']} | {a['ms']:.3f} | {a['gb_s']:.0f} |" for a in result["attention"]]
     return "\n".join(lines)
 
 

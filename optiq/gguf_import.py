@@ -14,7 +14,6 @@ import numpy as np
 from gguf.quants import dequantize
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
-from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
 from .errors import OptiqError
 
@@ -145,6 +144,10 @@ def read_tensors(reader, arch: str, config: dict) -> dict:
 
 def build_tokenizer(meta: dict, arch: str):
     """A transformers fast tokenizer rebuilt from the GGUF vocabulary."""
+    # Imported here: transformers' GGUF internals move between releases (5.17
+    # has no GGUF_TOKENIZER_MAPPING), and only a GGUF import needs them.
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
     grouped = {
         group: {
             name: meta[f"tokenizer.{key}"]

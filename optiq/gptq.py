@@ -91,12 +91,37 @@ def inverse_factor(gram: mx.array, damp: float = DAMP):
     diag = mx.diagonal(h)
     dead = diag == 0
     h = h + mx.diag(dead.astype(mx.float32) + damp * mx.mean(diag))
-    try:  # on the default device, where MLX has these kernels
-        u = mx.linalg.tri_inv(mx.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1], upper=True)
-        mx.eval(u)
+    try:  # on the default device, where MLX has a Cholesky kernel (MLX-CUDA does)
+        upper = mx.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+        mx.eval(upper)
     except (ValueError, RuntimeError):
-        u = host_factor(h)
+        return host_factor(h), dead
+    u = upper_inverse(upper)
+    mx.eval(u)
     return u, dead
+
+
+LEAF = 512
+
+
+def upper_inverse(u: mx.array) -> mx.array:
+    """The inverse of an upper-triangular matrix by halves,
+    [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]: the work is
+    matmuls on the default device (MLX-CUDA has no triangular inverse), the
+    leaves of LEAF rows inverted by LAPACK."""
+    n = u.shape[0]
+    if n <= LEAF:
+        if mx.default_device() == mx.cpu:
+            return mx.linalg.tri_inv(u, upper=True)
+        inv, info = scipy.linalg.lapack.strtri(np.array(u, dtype=np.float32), lower=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"strtri failed ({info})")
+        return mx.array(inv)
+    half = n // 2
+    a_inv, c_inv = upper_inverse(u[:half, :half]), upper_inverse(u[half:, half:])
+    top = -(a_inv @ u[:half, half:]) @ c_inv
+    return mx.concatenate([mx.concatenate([a_inv, top], axis=1),
+                           mx.concatenate([mx.zeros((n - half, half), dtype=u.dtype), c_inv], axis=1)], axis=0)
 
 
 def host_factor(h: mx.array) -> mx.array:

@@ -6,6 +6,8 @@ import pytest
 
 from optiq.blas import OPENBLAS
 
+pytestmark = pytest.mark.cpu_only  # OpenBLAS is the CPU backend's BLAS
+
 CHECK = "from optiq.blas import openblas_loaded; import numpy, scipy.linalg; print(openblas_loaded())"
 
 

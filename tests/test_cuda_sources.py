@@ -71,7 +71,7 @@ def test_decode_attention_kernels_compile(tmp_path, bits, d, rows, length, qtype
         "partial", kernels.HEADER, kernels.PARTIAL_SOURCE, q + codes + [("scale", "float32", 1), ("lp", "int32", 1)],
         [("part_m", "float32", 4), ("part_l", "float32", 4), ("part_o", "float32", 5)],
         [("KB", k_bits), ("VB", v_bits), ("D", d), ("G", 64), ("R", rows), ("L", length), ("CAUSAL", length > 1),
-         ("THREADS", kernels.THREADS), ("QT", qtype)],
+         ("THREADS", kernels.THREADS), ("EPL", 16 if rows <= 4 else 8), ("U", kernels.UNROLL), ("QT", qtype), ("ST", "float16")],
     ))
     compiles(tmp_path, wrapped(
         "combine", "", kernels.COMBINE_SOURCE, [("part_m", "float32", 4), ("part_l", "float32", 4), ("part_o", "float32", 5)],

@@ -58,3 +58,14 @@ def test_the_cuda_block_kernel_equals_its_reference(bits, group):
     got = gptq.gptq_mlx(mx.array(w), factor, bits, group, mx.bfloat16, block_step=gptq.block_step_cuda)
     assert np.mean(np.array(ref[0]) == np.array(got[0])) > 0.999
     np.testing.assert_allclose(np.array(got[1]), np.array(ref[1]), rtol=1e-5)
+
+
+def test_the_triangular_inverse_by_halves_is_exact(monkeypatch):
+    """upper_inverse (MLX-CUDA lacks tri_inv): halves down to LEAF rows."""
+    monkeypatch.setattr(gptq, "LEAF", 64)
+    rng = np.random.default_rng(3)
+    u = np.triu(rng.standard_normal((300, 300))).astype(np.float32) + 30 * np.eye(300, dtype=np.float32)
+    got = np.array(gptq.upper_inverse(mx.array(u)))
+    want = np.linalg.inv(u.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert not np.tril(got, -1).any()

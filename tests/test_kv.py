@@ -121,6 +121,7 @@ def test_quantized_rotating_cache_is_mlx_lms_rotating_cache_over_quantized_value
     assert cache.nbytes < ref.nbytes / 4
 
 
+@pytest.mark.cpu_only  # MLX-CUDA reads codes with the fused kernel instead (tests/test_kv_decode.py)
 def test_affine_attention_prefill_and_decode_formulations_agree():
     """Many rows dequantize into an fp32 attention, few read the codes: the
     same numbers either way, with a causal mask and grouped heads."""
@@ -136,6 +137,7 @@ def test_affine_attention_prefill_and_decode_formulations_agree():
     assert float(mx.abs(fast - codes).max()) < 1e-4
 
 
+@pytest.mark.cpu_only  # quantized matmuls over tiny head dims: MLX-CUDA has no kernel for them
 def test_split_kv_bits_attention_matches_dequantized_attention():
     from optiq.kv.attention import split_quantized_attention
 

@@ -4,6 +4,7 @@ Chat, completions and streaming, continuous batching, per-layer quantized
 KV caches and LoRA adapters chosen by the request's model."""
 
 import asyncio
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,8 @@ def sharded_model(folder, group, pipeline: bool, sources):
 
 
 def run(opts: ServeOptions):
+    if os.environ.get("OPTIQ_SWITCH_INTERVAL"):  # GIL hand-over between the engine and HTTP threads (profiling knob)
+        sys.setswitchinterval(float(os.environ["OPTIQ_SWITCH_INTERVAL"]))
     app = build_app(opts)
     if not app.engine.is_leader:  # another rank: decode in step with rank 0 until it stops
         app.engine.thread.join()

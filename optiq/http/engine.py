@@ -24,7 +24,10 @@ Sampling stays identical because the random state is shared at start and the
 logits are the same on every rank.
 """
 
+import cProfile
 import json
+import os
+import pstats
 import queue
 import random
 import threading
@@ -348,6 +351,23 @@ class Engine:
         return cmds
 
     def _run(self):
+        profile = os.environ.get("OPTIQ_PROFILE")  # a path: the engine thread's cProfile, rewritten every 10 s
+        if not profile:
+            return self._loop()
+        profiler, stop = cProfile.Profile(), threading.Event()
+
+        def dump():
+            while not stop.wait(10):
+                with open(profile, "w") as f:
+                    pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(40)
+
+        threading.Thread(target=dump, daemon=True).start()
+        try:
+            return profiler.runcall(self._loop)
+        finally:
+            stop.set()
+
+    def _loop(self):
         self.stream = mx.default_stream(mx.default_device())
         if self.group is not None:
             share_random_state(self.group)

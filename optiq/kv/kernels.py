@@ -32,12 +32,15 @@ ENABLED = True  # benchmarks/gpu.py turns it off to time the dequantized path
 MAX_ROWS = 8
 HEAD_DIMS = (64, 128, 256)
 THREADS = 128
+UNROLL = 2  # positions per lane group in flight per step
+EPL = None  # elements per lane (None: 16 up to 4 query rows, else 8); benchmarks/gpu.py tunes both
 TARGET_BLOCKS = 512  # chunks x KV heads x batch: enough to fill an H200's 132 SMs several times
 MIN_CHUNK = 256
 
 HEADER = """
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#define OPTIQ_NEG_INF (__int_as_float(0xff800000))
 
 // 8 codes of BITS bits starting at element e0 of a row of packed uint32 words.
 template <int BITS>
@@ -53,8 +56,8 @@ __device__ __forceinline__ void optiq_unpack8(const uint32_t* row, int e0, float
 """
 
 PARTIAL_SOURCE = """
-  constexpr int LP = D / 8;                  // lanes per position
-  constexpr int PW = 32 / LP;                // positions per warp per step
+  constexpr int LP = D / EPL;                // lanes per position
+  constexpr int PW = 32 / LP;                // positions per warp per unrolled step
   constexpr int NGROUPS = (THREADS / 32) * PW;
   constexpr int REP = R / L;
   __shared__ float sm_m[NGROUPS][R];
@@ -68,62 +71,84 @@ PARTIAL_SOURCE = """
   const int t0 = split * chunk;
   const int t1 = min(T, t0 + chunk);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int sub = lane / LP, li = lane % LP, e0 = li * 8;
+  const int sub = lane / LP, li = lane % LP, e0 = li * EPL;
   const int group = warp * PW + sub;
   const float qscale = scale[0];
   const int first = lp[bi];  // a batch's left padding: positions before it are not this sequence's
+  const int gk = e0 / G;     // EPL elements never straddle a group (G is a multiple of 16)
 
-  float qv[R][8], qsum[R], m[R], lsum[R], acc[R][8];
+  float qv[R][EPL], qsum[R], m[R], lsum[R], acc[R][EPL];
   #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int hq = h * REP + r / L, l = r % L;
     const QT* qrow = q + bi * q_strides[0] + hq * q_strides[1] + l * q_strides[2];
     qsum[r] = 0.0f;
     #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < EPL; ++j) {
       qv[r][j] = (float)qrow[(e0 + j) * q_strides[3]] * qscale;
       qsum[r] += qv[r][j];
+      acc[r][j] = 0.0f;
     }
-    m[r] = -inf;
+    m[r] = OPTIQ_NEG_INF;
     lsum[r] = 0.0f;
-    #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[r][j] = 0.0f;
   }
 
-  const int gk = e0 / G;
-  for (int tb = t0 + warp * PW; tb < t1; tb += NGROUPS) {  // a warp's lanes all take the same steps
-    const int t = tb + sub;
-    const bool valid = t < t1 && t >= first;
-    const int tt = valid ? t : t0;
-    float c[8], score[R];
-    optiq_unpack8<KB>(kc + bi * kc_strides[0] + h * kc_strides[1] + tt * kc_strides[2], e0, c);
-    const float ksc = (float)ks[bi * ks_strides[0] + h * ks_strides[1] + tt * ks_strides[2] + gk];
-    const float kbi = (float)kb[bi * kb_strides[0] + h * kb_strides[1] + tt * kb_strides[2] + gk];
+  const uint32_t* kbase = kc + bi * kc_strides[0] + h * kc_strides[1];
+  const uint32_t* vbase = vc + bi * vc_strides[0] + h * vc_strides[1];
+  const ST* ksb = ks + bi * ks_strides[0] + h * ks_strides[1] + gk;
+  const ST* kbb = kb + bi * kb_strides[0] + h * kb_strides[1] + gk;
+  const ST* vsb = vs + bi * vs_strides[0] + h * vs_strides[1] + gk;
+  const ST* vbb = vb + bi * vb_strides[0] + h * vb_strides[1] + gk;
+
+  // U positions per lane group per step, their loads issued together; every
+  // lane of a warp takes the same number of steps (the shuffles need all 32).
+  for (int tb = t0 + warp * PW * U; tb < t1; tb += NGROUPS * U) {
+    float score[U][R], val[U][EPL];
+    bool valid[U];
     #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float dot = 0.0f;
+    for (int u = 0; u < U; ++u) {
+      const int t = tb + u * PW + sub;
+      valid[u] = t < t1 && t >= first;
+      const long tt = valid[u] ? t : t0;
+      float c[EPL];
       #pragma unroll
-      for (int j = 0; j < 8; ++j) dot += qv[r][j] * c[j];
-      float sr = ksc * dot + kbi * qsum[r];
+      for (int k = 0; k < EPL; k += 8) optiq_unpack8<KB>(kbase + tt * kc_strides[2], e0 + k, c + k);
+      const float ksc = (float)ksb[tt * ks_strides[2]], kbi = (float)kbb[tt * kb_strides[2]];
       #pragma unroll
-      for (int off = LP / 2; off > 0; off >>= 1) sr += __shfl_xor_sync(0xffffffffu, sr, off);
-      score[r] = sr;
+      for (int r = 0; r < R; ++r) {
+        float dot = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < EPL; ++j) dot += qv[r][j] * c[j];
+        score[u][r] = ksc * dot + kbi * qsum[r];
+      }
+      #pragma unroll
+      for (int k = 0; k < EPL; k += 8) optiq_unpack8<VB>(vbase + tt * vc_strides[2], e0 + k, val[u] + k);
+      const float vsc = (float)vsb[tt * vs_strides[2]], vbi = (float)vbb[tt * vb_strides[2]];
+      #pragma unroll
+      for (int j = 0; j < EPL; ++j) val[u][j] = vsc * val[u][j] + vbi;
     }
-    if (!valid) continue;
-    optiq_unpack8<VB>(vc + bi * vc_strides[0] + h * vc_strides[1] + tt * vc_strides[2], e0, c);
-    const float vsc = (float)vs[bi * vs_strides[0] + h * vs_strides[1] + tt * vs_strides[2] + gk];
-    const float vbi = (float)vb[bi * vb_strides[0] + h * vb_strides[1] + tt * vb_strides[2] + gk];
     #pragma unroll
-    for (int j = 0; j < 8; ++j) c[j] = vsc * c[j] + vbi;
-    #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (CAUSAL && t > T - L + (r % L)) continue;
-      const float mn = fmaxf(m[r], score[r]);
-      const float corr = exp2f(m[r] - mn), p = exp2f(score[r] - mn);
-      lsum[r] = lsum[r] * corr + p;
+    for (int u = 0; u < U; ++u) {
       #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] = acc[r][j] * corr + p * c[j];
-      m[r] = mn;
+      for (int r = 0; r < R; ++r) {
+        #pragma unroll
+        for (int off = LP / 2; off > 0; off >>= 1) score[u][r] += __shfl_xor_sync(0xffffffffu, score[u][r], off);
+      }
+    }
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!valid[u]) continue;
+      const int t = tb + u * PW + sub;
+      #pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (CAUSAL && t > T - L + (r % L)) continue;
+        const float mn = fmaxf(m[r], score[u][r]);
+        const float corr = exp2f(m[r] - mn), p = exp2f(score[u][r] - mn);
+        lsum[r] = lsum[r] * corr + p;
+        #pragma unroll
+        for (int j = 0; j < EPL; ++j) acc[r][j] = acc[r][j] * corr + p * val[u][j];
+        m[r] = mn;
+      }
     }
   }
 
@@ -134,18 +159,18 @@ PARTIAL_SOURCE = """
       sm_l[group][r] = lsum[r];
     }
     #pragma unroll
-    for (int j = 0; j < 8; ++j) sm_o[group][r][e0 + j] = acc[r][j];
+    for (int j = 0; j < EPL; ++j) sm_o[group][r][e0 + j] = acc[r][j];
   }
   __syncthreads();
   const long base = ((long)(bi * H + h) * S + split) * R;
   for (int idx = threadIdx.x; idx < R * D; idx += THREADS) {
     const int r = idx / D, d = idx % D;
-    float mx_ = -inf;
+    float mx_ = OPTIQ_NEG_INF;
     for (int g = 0; g < NGROUPS; ++g) mx_ = fmaxf(mx_, sm_m[g][r]);
     float num = 0.0f, den = 0.0f;
-    if (mx_ != -inf) {
+    if (mx_ != OPTIQ_NEG_INF) {
       for (int g = 0; g < NGROUPS; ++g) {
-        if (sm_m[g][r] == -inf) continue;
+        if (sm_m[g][r] == OPTIQ_NEG_INF) continue;
         const float w = exp2f(sm_m[g][r] - mx_);
         num += w * sm_o[g][r][d];
         den += w * sm_l[g][r];
@@ -160,6 +185,9 @@ PARTIAL_SOURCE = """
 """
 
 COMBINE_SOURCE = """
+#ifndef OPTIQ_NEG_INF
+#define OPTIQ_NEG_INF (__int_as_float(0xff800000))
+#endif
   constexpr int REP = R / L;
   const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   const int B = part_m_shape[0], H = part_m_shape[1], S = part_m_shape[2];
@@ -169,12 +197,12 @@ COMBINE_SOURCE = """
   const int h = (idx / ((long)D * R)) % H;
   const int bi = idx / ((long)D * R * H);
   const long row = (long)(bi * H + h) * S;
-  float mx_ = -inf;
+  float mx_ = OPTIQ_NEG_INF;
   for (int s = 0; s < S; ++s) mx_ = fmaxf(mx_, part_m[(row + s) * R + r]);
   float num = 0.0f, den = 0.0f;
   for (int s = 0; s < S; ++s) {
     const float ms = part_m[(row + s) * R + r];
-    if (ms == -inf) continue;
+    if (ms == OPTIQ_NEG_INF) continue;
     const float w = exp2f(ms - mx_);
     num += w * part_o[((row + s) * R + r) * D + d];
     den += w * part_l[(row + s) * R + r];
@@ -237,7 +265,8 @@ def decode_attention(queries, q_keys, q_values, scale: float, mask, group_size: 
     S = splits(T, B, H)
     partial, combine = _kernels()
     template = [("KB", k_bits), ("VB", v_bits), ("D", D), ("G", group_size), ("R", R), ("L", L),
-                ("CAUSAL", mask is not None and L > 1), ("THREADS", THREADS), ("QT", queries.dtype)]
+                ("CAUSAL", mask is not None and L > 1), ("THREADS", THREADS), ("EPL", (EPL or 16) if R <= 4 else 8), ("U", UNROLL),
+                ("QT", queries.dtype), ("ST", q_keys[1].dtype)]
     lp = _no_padding(B) if left_padding is None else left_padding.astype(mx.int32)
     part_m, part_l, part_o = partial(
         inputs=[queries, *q_keys, *q_values, _scale(scale), lp], template=template,
