@@ -363,17 +363,25 @@ def serve_section(args, work: Path) -> dict:
     servers = {
         "mlx_lm.server": lambda port: [py, "-m", "mlx_lm", "server", "--model", str(folder), "--port", str(port), "--log-level", "WARNING"],
         "optiq serve": lambda port: [py, "-m", "optiq.http", "--model", str(folder), "--port", str(port)],
+        "optiq serve, GIL switch 1 ms": lambda port: [py, "-m", "optiq.http", "--model", str(folder), "--port", str(port)],
         "optiq serve, 8-bit KV (batched)": lambda port: [py, "-m", "optiq.http", "--model", str(folder), "--port", str(port), "--kv-bits", "8"],
     }
+    env_of = {"optiq serve": {"OPTIQ_PROFILE": str(Path(args.out) / "gpu-serve-profile.txt")},
+              "optiq serve, GIL switch 1 ms": {"OPTIQ_SWITCH_INTERVAL": "0.001"}}
     prompts = [f"Question {i}: continue the history of the city by the river in a few sentences." for i in range(max(args.concurrency) * 2)]
     rows = []
     for name in args.servers or list(servers):
         port = free_port()
         log_path = work / f"serve-{name.split()[0]}-{len(rows)}.log"
         with open(log_path, "w") as out:
-            proc = subprocess.Popen(servers[name](port), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(servers[name](port), stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **env_of.get(name, {})))
         try:
-            wait_ready(proc, port, log_path)
+            try:
+                wait_ready(proc, port, log_path)
+            except RuntimeError as exc:  # a server that cannot start is a row that says why
+                rows.append(dict(server=name, error=str(exc)[-500:]))
+                log(f"  {name}: {rows[-1]['error']}")
+                continue
             for c in args.concurrency:  # warm-up at every level: each batch size compiles its kernels once
                 drive(port, prompts[:c], c, 8)
             for c in args.concurrency:
@@ -395,7 +403,8 @@ def serve_section(args, work: Path) -> dict:
 
 def serve_table(result) -> str:
     lines = ["| server | concurrency | tok/s | TTFT p50 (s) | errors |", "|---|---|---|---|---|"]
-    lines += [f"| {r['server']} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['ttft_median_s']:.3f} | {r['errors']} |" for r in result["rows"]]
+    lines += [f"| {r['server']} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['ttft_median_s']:.3f} | {r['errors']} |" if "error" not in r
+              else f"| {r['server']} | - | fails to start | - | - |" for r in result["rows"]]
     return "\n".join(lines)
 
 
@@ -484,15 +493,16 @@ def main():
     p.add_argument("--kv-target", type=float, default=4.5)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--servers", default=None, help="comma-separated subset of the serving rows")
-    p.add_argument("--converts", default="optiq convert (default: GPTQ, 4.5 bpw),mlx_lm.convert -q")
+    p.add_argument("--servers", default="mlx_lm.server;optiq serve;optiq serve, 8-bit KV (batched)",
+                   help="';'-separated serving rows (also: 'optiq serve, GIL switch 1 ms')")
+    p.add_argument("--converts", default="optiq convert (default: GPTQ, 4.5 bpw);mlx_lm.convert -q", help="';'-separated rows (also: optiq convert --quantizer rtn)")
     p.add_argument("--work", default=os.environ.get("OPTIQ_GPU_WORK", "/tmp/optiq-gpu"), help="where the built models go")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.servers = args.servers.split(",") if args.servers else None
-    args.converts = args.converts.split(",")
+    args.servers = [s for s in args.servers.split(";") if s] if args.servers else None
+    args.converts = args.converts.split(";")
     if not device.on_gpu():
         raise SystemExit("benchmarks/gpu.py measures a GPU; MLX runs on the CPU here")
     work, out = Path(args.work), Path(args.out)
