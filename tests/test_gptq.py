@@ -38,8 +38,10 @@ def test_mlx_blocks_give_numpys_codes(bits, group, dtype):
     q1, s1, b1 = gptq.gptq_numpy(w, gram, bits, group, dtype)
     q2, s2, b2 = gptq.gptq_mlx(mx.array(w), gptq.inverse_factor(mx.array(gram)), bits, group, dtype)
     assert np.mean(q1 == np.array(q2)) > 0.999
-    np.testing.assert_allclose(np.array(s2), s1, rtol=1e-6)
-    np.testing.assert_allclose(np.array(b2), b1, rtol=1e-6, atol=1e-7)
+    # A GPU's fp32 matmuls move the compensated weights by an ulp here and there: one stored-dtype step.
+    tol = 1e-6 if mx.default_device() == mx.cpu else 2e-3
+    np.testing.assert_allclose(np.array(s2), s1, rtol=tol)
+    np.testing.assert_allclose(np.array(b2), b1, rtol=tol, atol=1e-7 if tol < 1e-3 else 1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -67,5 +69,6 @@ def test_the_triangular_inverse_by_halves_is_exact(monkeypatch):
     u = np.triu(rng.standard_normal((300, 300))).astype(np.float32) + 30 * np.eye(300, dtype=np.float32)
     got = np.array(gptq.upper_inverse(mx.array(u)))
     want = np.linalg.inv(u.astype(np.float64))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    tol = 1e-6 if mx.default_device() == mx.cpu else 1e-3  # H200 measured 1.4e-4 of the largest entry: its fp32 matmuls
+    np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
     assert not np.tril(got, -1).any()

@@ -53,9 +53,13 @@ def test_replayed_prefill_probes_equal_prefill_then_decoding(kv_models, arch):
     fast = measure_kv(loaded.model, tokens, cands)
     slow = measure_kv(loaded.model, tokens, cands, prefill=24)
     assert "replayed" in fast.method and "decoding" in slow.method
+    # On MLX-CUDA a prefill and single-token decode steps take different
+    # kernels and accumulation orders: the H200 measured 9% apart on gemma3's
+    # 8/4-bit probe (0.0134 against 0.0123), 5% holds on the CPU.
+    rtol = 0.05 if mx.default_device() == mx.cpu else 0.15
     for a, b in zip(fast.layers, slow.layers):
         assert a.candidates == b.candidates
-        np.testing.assert_allclose(a.kl, b.kl, rtol=0.05, atol=1e-5)
+        np.testing.assert_allclose(a.kl, b.kl, rtol=rtol, atol=1e-5)
         assert max(a.kl) > 1e-3  # the probes do perturb the model
 
 
