@@ -2,7 +2,9 @@
 the KV-cache measurements (quality, needle, decode speed) over rows of
 `(name, make_caches)`, where `make_caches(model)` returns a prompt cache."""
 
+import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -153,3 +155,37 @@ def kv_decode_speed(model, tok, contexts, rows, steps=8):
             mx.clear_cache()
         del kv
     return out
+
+
+def drive_requests(one, prompts, concurrency: int) -> dict:
+    """`concurrency` clients taking `prompts` from one queue; one(prompt) ->
+    (seconds to the first token, tokens, seconds). Throughput over the whole
+    wall time, median and p95 time to first token, errors."""
+    results, errors, lock = [], [], threading.Lock()
+    queue = list(prompts)
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt = queue.pop()
+            try:
+                r = one(prompt)
+                with lock:
+                    results.append(r)
+            except Exception as exc:
+                with lock:
+                    errors.append(repr(exc)[:300])
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))] if ttfts else float("nan")
+    return dict(concurrency=concurrency, requests=len(results), errors=len(errors), error_messages=errors[:3],
+                wall_s=wall, req_per_s=len(results) / wall, tok_per_s=tokens / wall, tokens=tokens,
+                ttft_median_s=statistics.median(ttfts) if ttfts else float("nan"), ttft_p95_s=p95)

@@ -27,10 +27,8 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +39,8 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.utils import save_config, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import drive_requests  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
@@ -324,31 +324,7 @@ def chat(port, prompt, max_tokens):
 
 
 def drive(port, prompts, concurrency, max_tokens) -> dict:
-    results, errors, lock = [], [], threading.Lock()
-    queue = list(prompts)
-
-    def worker():
-        while True:
-            with lock:
-                if not queue:
-                    return
-                p = queue.pop()
-            try:
-                r = chat(port, p, max_tokens)
-                with lock:
-                    results.append(r)
-            except Exception as exc:
-                with lock:
-                    errors.append(repr(exc)[:200])
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    ttft = sorted(r[0] for r in results)
-    return dict(concurrency=concurrency, requests=len(results), errors=len(errors), error_messages=errors[:3], wall_s=wall,
-                tok_per_s=sum(r[1] for r in results) / wall, ttft_median_s=statistics.median(ttft) if ttft else float("nan"))
+    return drive_requests(lambda prompt: chat(port, prompt, max_tokens), prompts, concurrency)
 
 
 def health(port) -> dict:

@@ -20,14 +20,12 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, WIKITEXT  # also puts the repo on sys.path
+from common import RESULTS, WIKITEXT, drive_requests  # also puts the repo on sys.path
 FALLBACK_PROMPTS = [
     "Explain why the sky is blue in two sentences.",
     "Write a short poem about a lighthouse.",
@@ -110,34 +108,7 @@ def drive(url, model, work, concurrency, max_tokens):
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
-    results, errors, lock = [], [], threading.Lock()
-    queue = list(work)
-
-    def worker():
-        while True:
-            with lock:
-                if not queue:
-                    return
-                prompt = queue.pop()
-            try:
-                r = one_request(client, model, prompt, max_tokens)
-                with lock:
-                    results.append(r)
-            except Exception as exc:
-                with lock:
-                    errors.append(repr(exc))
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    ttfts = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))] if ttfts else float("nan")
-    return dict(concurrency=concurrency, requests=len(results), errors=len(errors), error_messages=errors[:3],
-                wall_s=wall, req_per_s=len(results) / wall, tok_per_s=tokens / wall, tokens=tokens,
-                ttft_median_s=statistics.median(ttfts) if ttfts else float("nan"), ttft_p95_s=p95)
+    return drive_requests(lambda prompt: one_request(client, model, prompt, max_tokens), work, concurrency)
 
 
 def ceiling(model, work, concurrency, max_tokens):

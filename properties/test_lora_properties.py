@@ -10,20 +10,10 @@ from hypothesis import strategies as st
 
 from optiq.lora.adapters import read_adapter
 from optiq.lora.formats import write_peft
-from optiq.lora.plan import plan_lora
-from optiq.records import BitPlan, Candidate, LayerSensitivity, SensitivityTable
+from optiq.lora.plan import plan_lora, signals_from
 
 layers = st.lists(st.tuples(st.sampled_from([32, 64, 96]), st.sampled_from([32, 64, 128]), st.sampled_from([2, 3, 4, 5, 6, 8]),
                             st.floats(1e-4, 10.0)), min_size=1, max_size=12)
-
-
-def signals(bits=None, kl=None):
-    """(BitPlan, SensitivityTable) whose layers carry these bits and KLs, as an optiq model's metadata would."""
-    paths = list(bits or kl)
-    cands = {p: Candidate((bits or {}).get(p, 4), 64) for p in paths}
-    plan = BitPlan([(p, cands[p]) for p in paths], 4.5, 4.5, 0.0, "exact")
-    layers = [LayerSensitivity(p, 1, [cands[p]], [(kl or {}).get(p, 0.0)], [True], [0.0]) for p in paths]
-    return plan, SensitivityTable("test", layers)
 
 
 def setup(rows):
@@ -38,7 +28,7 @@ def setup(rows):
 def test_param_budget_is_respected_and_nearly_spent(rows, rule, extra):
     dims, bits, kl = setup(rows)
     floor = sum(a + b for a, b in dims.values())
-    plan = plan_lora(dims, 8, rule, *signals(bits, kl), param_budget=floor + extra)
+    plan = plan_lora(dims, 8, rule, *signals_from(bits, kl), param_budget=floor + extra)
     assert floor <= plan.trainable_params <= floor + extra
     # no single module could take one more rank without breaking the budget... for the
     # rule's scale: spending is within one module's (in + out) per module of the budget
@@ -50,7 +40,7 @@ def test_param_budget_is_respected_and_nearly_spent(rows, rule, extra):
 def test_ranks_follow_the_signal(rows, rule):
     dims, bits, kl = setup(rows)
     signal = bits if rule == "by_bits" else kl
-    plan = plan_lora(dims, 8, rule, *signals(bits, kl))
+    plan = plan_lora(dims, 8, rule, *signals_from(bits, kl))
     by_signal = sorted(plan.modules, key=lambda m: signal[m.path])
     assert [m.rank for m in by_signal] == sorted(m.rank for m in by_signal)
 
@@ -59,7 +49,7 @@ def test_ranks_follow_the_signal(rows, rule):
 @given(rows=layers, seed=st.integers(0, 2**16))
 def test_peft_files_round_trip(rows, seed):
     dims, bits, _ = setup(rows)
-    plan = plan_lora(dims, 4, "by_bits", *signals(bits))
+    plan = plan_lora(dims, 4, "by_bits", *signals_from(bits))
     rng = np.random.default_rng(seed)
     weights = {m.path: (mx.array(rng.standard_normal((m.in_dims, m.rank)).astype(np.float32)),
                         mx.array(rng.standard_normal((m.rank, m.out_dims)).astype(np.float32))) for m in plan.modules}

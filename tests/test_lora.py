@@ -8,21 +8,11 @@ import numpy as np
 import pytest
 
 from optiq.lora.formats import write_peft
-from optiq.lora.plan import plan_lora
-from optiq.records import BitPlan, Candidate, LayerSensitivity, SensitivityTable
+from optiq.lora.plan import plan_lora, signals_from
 from optiq.lora.train import apply_plan, lora_weights, target_dims
 from conftest import TEXT
 
 FAST = ["--n-calibration", "2", "--seq-len", "32", "--kl-stride", "2", "--quiet"]
-
-
-def signals(bits=None, kl=None):
-    """(BitPlan, SensitivityTable) whose layers carry these bits and KLs, as an optiq model's metadata would."""
-    paths = list(bits or kl)
-    cands = {p: Candidate((bits or {}).get(p, 4), 64) for p in paths}
-    plan = BitPlan([(p, cands[p]) for p in paths], 4.5, 4.5, 0.0, "exact")
-    layers = [LayerSensitivity(p, 1, [cands[p]], [(kl or {}).get(p, 0.0)], [True], [0.0]) for p in paths]
-    return plan, SensitivityTable("test", layers)
 
 
 def write_data(folder, kind="chat", n=24):
@@ -52,10 +42,10 @@ def test_plan_rules():
     dims = {f"model.layers.{i}.self_attn.q_proj": (64, 64) for i in range(4)}
     bits = dict(zip(dims, [2, 4, 8, 16]))
     kl = dict(zip(dims, [0.01, 0.1, 1.0, 100.0]))
-    assert [m.rank for m in plan_lora(dims, 8, "by_bits", *signals(bits=bits)).modules] == [4, 8, 16, 16]
-    by_kl = [m.rank for m in plan_lora(dims, 8, "by_kl", *signals(kl=kl)).modules]
+    assert [m.rank for m in plan_lora(dims, 8, "by_bits", *signals_from(bits=bits)).modules] == [4, 8, 16, 16]
+    by_kl = [m.rank for m in plan_lora(dims, 8, "by_kl", *signals_from(kl=kl)).modules]
     assert by_kl == sorted(by_kl) and max(by_kl) <= 8 * 4 and min(by_kl) >= 2  # clipped at 4x and 1/4x
-    plan = plan_lora(dims, 8, "by_kl", *signals(kl=kl), param_budget=4000)
+    plan = plan_lora(dims, 8, "by_kl", *signals_from(kl=kl), param_budget=4000)
     assert plan.trainable_params <= 4000 and plan.trainable_params > 4000 - 4 * 128
     assert all(m.alpha == 2.0 * m.rank for m in plan.modules)
     with pytest.raises(ValueError):
@@ -135,7 +125,7 @@ def mixed_rank_adapter(folder, tmp_path):
     model, _ = mlx_lm.load(str(folder))
     dims = target_dims(model, ("q_proj", "v_proj", "down_proj"))
     bits = {p: (8 if "v_proj" in p else 2 if "down" in p else 4) for p in dims}
-    plan = plan_lora(dims, 4, "by_bits", *signals(bits=bits), base_model=str(folder))
+    plan = plan_lora(dims, 4, "by_bits", *signals_from(bits=bits), base_model=str(folder))
     apply_plan(model, plan)
     mx.random.seed(3)
     for m in plan.modules:

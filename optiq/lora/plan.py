@@ -17,7 +17,7 @@ same everywhere and a rank change changes capacity, not step size.
 import math
 import statistics
 
-from ..records import BitPlan, LoRAModule, LoRAPlan, SensitivityTable
+from ..records import BitPlan, Candidate, LayerSensitivity, LoRAModule, LoRAPlan, SensitivityTable
 
 SCALINGS = ("constant", "by_bits", "by_kl")
 KL_CLIP = 4.0
@@ -94,3 +94,15 @@ def weight_signals(metadata: dict) -> tuple:
     plan = BitPlan.from_dict(metadata["plan"]) if "plan" in metadata else None
     table = SensitivityTable.from_dict(metadata["sensitivity"]) if "sensitivity" in metadata else None
     return plan, table
+
+
+def signals_from(bits: dict | None = None, kl: dict | None = None, group_size: int = 64) -> tuple:
+    """(BitPlan, SensitivityTable) from plain {path: bits} and {path: KL} maps,
+    for bits or sensitivities that came from somewhere other than an optiq
+    convert (another quantizer's recipe, a hand-made plan). A layer missing
+    from `bits` counts as 4-bit, one missing from `kl` as 0."""
+    paths = list(bits or kl or {})
+    chosen = {p: Candidate((bits or {}).get(p, 4), group_size) for p in paths}
+    plan = BitPlan([(p, chosen[p]) for p in paths], 0.0, 0.0, 0.0, "given")
+    layers = [LayerSensitivity(p, 1, [chosen[p]], [(kl or {}).get(p, 0.0)], [True], [0.0]) for p in paths]
+    return plan, SensitivityTable("given", layers)

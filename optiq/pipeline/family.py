@@ -20,6 +20,7 @@ from ..io import write_json
 from ..plan import uniform_plan
 from ..probe_hooks import with_progress
 from ..records import BitPlan, Candidate, QuantizedWeights, SensitivityTable
+from ..rounding import plan_codes
 from .config import ConvertConfig
 
 
@@ -71,6 +72,17 @@ class Family(Protocol):
     def write(self, config: ConvertConfig, loaded, plan, table, rounding, calibration, out, report: Report) -> tuple: ...  # (Written, metadata)
 
     def measure_written(self, config: ConvertConfig, out, held_out) -> dict: ...
+
+
+class ProbedFamily:
+    """What the whole-model-probe families (Whisper, vision-language) share:
+    their Rounding lives in the calibration, their plans print one line."""
+
+    def codes(self, config, loaded, calibration, plan):
+        return plan_codes(calibration.rounding, loaded.model, plan)
+
+    def summary(self, plan, report: Report):
+        report.log(plan_summary(plan))
 
 
 def baseline_candidate(cands, target: float) -> Candidate:

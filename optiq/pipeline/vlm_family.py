@@ -14,10 +14,10 @@ from ..errors import OptiqError
 from ..plan import plan_bits
 from ..probes import count_probes, with_twins
 from ..quantize import model_bytes, output_dtype, quantize
-from ..rounding import DTYPES, plan_codes
+from ..rounding import DTYPES
 from ..source import as_measured, read_config
 from .config import ConvertConfig, check_ceiling, widen_defaults
-from .family import Report, Written, family_metadata, plan_summary, uniform_row
+from .family import ProbedFamily, Report, Written, family_metadata, uniform_row
 
 
 @attrs.frozen(eq=False)
@@ -42,7 +42,7 @@ class VisionLanguageCalibration:
     rounding: object
 
 
-class VisionLanguageFamily:
+class VisionLanguageFamily(ProbedFamily):
     name = "vlm"
 
     def check(self, config: ConvertConfig, cands):
@@ -80,12 +80,6 @@ class VisionLanguageFamily:
 
     def plan(self, config: ConvertConfig, loaded, calibration, table, report: Report):
         return plan_bits(table, config.target_bpw, method=config.method, protect=list(config.protect), protect_bits=config.protect_bits), []
-
-    def codes(self, config, loaded: VisionLanguageModel, calibration, plan):
-        return plan_codes(calibration.rounding, loaded.model, plan)
-
-    def summary(self, plan, report: Report):
-        report.log(plan_summary(plan))
 
     def held_out(self, config: ConvertConfig, loaded: VisionLanguageModel):
         if not config.evaluate:

@@ -13,9 +13,9 @@ from ..errors import OptiqError
 from ..probes import count_probes
 from ..quantize import output_dtype
 from ..records import Candidate
-from ..rounding import DTYPES, plan_codes
+from ..rounding import DTYPES
 from .config import ConvertConfig, check_ceiling
-from .family import Report, Written, family_metadata, plan_summary, uniform_row
+from .family import ProbedFamily, Report, Written, family_metadata, uniform_row
 
 
 @attrs.frozen(eq=False)
@@ -32,7 +32,7 @@ class WhisperCalibration:
     rounding: object  # the Rounding (GPTQ's Grams recorded over these batches)
 
 
-class WhisperFamily:
+class WhisperFamily(ProbedFamily):
     name = "whisper"
 
     def check(self, config: ConvertConfig, cands):
@@ -67,12 +67,6 @@ class WhisperFamily:
 
     def plan(self, config: ConvertConfig, loaded, calibration, table, report: Report):
         return whisper.best_plan(table, config.target_bpw, method=config.method), []
-
-    def codes(self, config, loaded: WhisperModel, calibration: WhisperCalibration, plan):
-        return plan_codes(calibration.rounding, loaded.model, plan)
-
-    def summary(self, plan, report: Report):
-        report.log(plan_summary(plan))
 
     def held_out(self, config: ConvertConfig, loaded: WhisperModel):
         if not config.evaluate:
