@@ -15,13 +15,14 @@ import attrs
 from tqdm.auto import tqdm
 
 from .. import __version__, distributed
+from ..errors import OptiqError
 from ..evaluate import simulated
 from ..io import write_json
 from ..plan import uniform_plan
 from ..probe_hooks import with_progress
 from ..records import BitPlan, Candidate, QuantizedWeights, SensitivityTable
 from ..rounding import plan_codes
-from .config import ConvertConfig
+from .config import ConvertConfig, check_ceiling
 
 
 @attrs.frozen
@@ -76,7 +77,27 @@ class Family(Protocol):
 
 class ProbedFamily:
     """What the whole-model-probe families (Whisper, vision-language) share:
-    their Rounding lives in the calibration, their plans print one line."""
+    the same early checks and refusals, their Rounding in the calibration,
+    a one-line plan summary. A subclass names itself (`title`), its data
+    folder check (`check_data`) and candidates it always has (`always`)."""
+
+    title = ""
+    always: tuple = ()
+
+    @staticmethod
+    def check_data(folder):
+        raise NotImplementedError
+
+    def check(self, config: ConvertConfig, cands):
+        """Refused before the model loads: the target's ceiling, the data folders."""
+        check_ceiling(config, tuple(cands) + self.always)
+        for folder in (config.calibration, config.eval_data):
+            if folder is not None:
+                self.check_data(folder)
+
+    def refuse_text_only_options(self, config: ConvertConfig):
+        if config.refine_rounds or config.max_memory or config.sensitivity:
+            raise OptiqError(f"{self.title} take neither --refine-rounds, --max-memory nor --sensitivity")
 
     def codes(self, config, loaded, calibration, plan):
         return plan_codes(calibration.rounding, loaded.model, plan)

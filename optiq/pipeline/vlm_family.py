@@ -10,13 +10,12 @@ import mlx.core as mx
 from mlx_lm.utils import compute_bits_per_weight
 
 from .. import vlm
-from ..errors import OptiqError
 from ..plan import plan_bits
 from ..probes import count_probes, with_twins
 from ..quantize import model_bytes, output_dtype, quantize
 from ..rounding import DTYPES
 from ..source import as_measured, read_config
-from .config import ConvertConfig, check_ceiling, widen_defaults
+from .config import ConvertConfig, widen_defaults
 from .family import ProbedFamily, Report, Written, family_metadata, uniform_row
 
 
@@ -44,17 +43,11 @@ class VisionLanguageCalibration:
 
 class VisionLanguageFamily(ProbedFamily):
     name = "vlm"
-
-    def check(self, config: ConvertConfig, cands):
-        """Refused before the model loads: the target's ceiling, the image folders."""
-        check_ceiling(config, cands)
-        for folder in (config.calibration, config.eval_data):
-            if folder is not None:
-                vlm.check_images(folder)
+    title = "vision-language models"
+    check_data = staticmethod(vlm.check_images)
 
     def load(self, config: ConvertConfig, path, report: Report) -> VisionLanguageModel:
-        if config.refine_rounds or config.max_memory or config.sensitivity:
-            raise OptiqError("vision-language models take neither --refine-rounds, --max-memory nor --sensitivity")
+        self.refuse_text_only_options(config)
         model, processor = vlm.load(path)
         model_config = read_config(path)
         layers, twins = vlm.quantizable(model)

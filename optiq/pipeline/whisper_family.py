@@ -9,12 +9,11 @@ import attrs
 from mlx_lm.utils import compute_bits_per_weight
 
 from .. import whisper
-from ..errors import OptiqError
 from ..probes import count_probes
 from ..quantize import output_dtype
 from ..records import Candidate
 from ..rounding import DTYPES
-from .config import ConvertConfig, check_ceiling
+from .config import ConvertConfig
 from .family import ProbedFamily, Report, Written, family_metadata, uniform_row
 
 
@@ -34,17 +33,12 @@ class WhisperCalibration:
 
 class WhisperFamily(ProbedFamily):
     name = "whisper"
-
-    def check(self, config: ConvertConfig, cands):
-        """Refused before the model loads: the target (float is always a candidate here), the speech folders."""
-        check_ceiling(config, tuple(cands) + (Candidate(16),))
-        for folder in (config.calibration, config.eval_data):
-            if folder is not None:
-                whisper.check_speech(folder)
+    title = "Whisper models"
+    always = (Candidate(16),)  # float is always a candidate here
+    check_data = staticmethod(whisper.check_speech)
 
     def load(self, config: ConvertConfig, path, report: Report) -> WhisperModel:
-        if config.refine_rounds or config.max_memory or config.sensitivity:
-            raise OptiqError("Whisper models take neither --refine-rounds, --max-memory nor --sensitivity")
+        self.refuse_text_only_options(config)
         model = whisper.load(path)
         report.log(f"model: {path} (whisper, {model.dims.n_audio_layer} encoder + {model.dims.n_text_layer} decoder blocks, reference fp32)")
         # mlx-whisper's config names no dtype: fp16 unless --dtype.
