@@ -189,3 +189,9 @@ def drive_requests(one, prompts, concurrency: int) -> dict:
     return dict(concurrency=concurrency, requests=len(results), errors=len(errors), error_messages=errors[:3],
                 wall_s=wall, req_per_s=len(results) / wall, tok_per_s=tokens / wall, tokens=tokens,
                 ttft_median_s=statistics.median(ttfts) if ttfts else float("nan"), ttft_p95_s=p95)
+
+
+def markdown_table(header, rows) -> str:
+    """A Markdown table of `header` (column names) over `rows` (lists of cells, already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])

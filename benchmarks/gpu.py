@@ -40,7 +40,7 @@ from mlx_lm.utils import save_config, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import drive_requests  # noqa: E402
+from common import drive_requests, markdown_table  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
@@ -378,10 +378,9 @@ def serve_section(args, work: Path) -> dict:
 
 
 def serve_table(result) -> str:
-    lines = ["| server | concurrency | tok/s | TTFT p50 (s) | errors |", "|---|---|---|---|---|"]
-    lines += [f"| {r['server']} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['ttft_median_s']:.3f} | {r['errors']} |" if "error" not in r
-              else f"| {r['server']} | - | fails to start | - | - |" for r in result["rows"]]
-    return "\n".join(lines)
+    return markdown_table(["server", "concurrency", "tok/s", "TTFT p50 (s)", "errors"],
+                          [[r["server"], r["concurrency"], f"{r['tok_per_s']:.1f}", f"{r['ttft_median_s']:.3f}", r["errors"]] if "error" not in r
+                           else [r["server"], "-", "fails to start", "-", "-"] for r in result["rows"]])
 
 
 # -- convert ------------------------------------------------------------------------------
@@ -412,9 +411,8 @@ def convert_section(args, work: Path) -> dict:
 
 
 def convert_table(result) -> str:
-    lines = ["| method | time (s) | peak memory (GiB) | eff. bpw |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['seconds']:.0f} | {r.get('peak_gib', float('nan')):.1f} | {r['effective_bpw']:.3f} |" for r in result["rows"]]
-    return "\n".join(lines)
+    return markdown_table(["method", "time (s)", "peak memory (GiB)", "eff. bpw"],
+                          [[r["method"], f"{r['seconds']:.0f}", f"{r.get('peak_gib', float('nan')):.1f}", f"{r['effective_bpw']:.3f}"] for r in result["rows"]])
 
 
 # -- GPTQ at layer shapes -----------------------------------------------------------
@@ -453,9 +451,9 @@ def gptq_section(args, work: Path) -> dict:
 
 
 def gptq_table(result) -> str:
-    lines = ["| layer (out x in) | factor (s) | GPTQ 4@64 (s) | 4@128 (s) | 8@64 (s) | codes = reference |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['shape'][0]} x {r['shape'][1]} | {r['factor_s']:.2f} | {r['gptq_4@64_s']:.2f} | {r['gptq_4@128_s']:.2f} | {r['gptq_8@64_s']:.2f} | {r['codes_equal_to_reference']:.4f} |" for r in result["rows"]]
-    return "\n".join(lines)
+    return markdown_table(["layer (out x in)", "factor (s)", "GPTQ 4@64 (s)", "4@128 (s)", "8@64 (s)", "codes = reference"],
+                          [[f"{r['shape'][0]} x {r['shape'][1]}", f"{r['factor_s']:.2f}", f"{r['gptq_4@64_s']:.2f}", f"{r['gptq_4@128_s']:.2f}",
+                            f"{r['gptq_8@64_s']:.2f}", f"{r['codes_equal_to_reference']:.4f}"] for r in result["rows"]])
 
 
 SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table)}
