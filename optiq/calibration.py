@@ -57,6 +57,22 @@ def check_source(source, flag: str = "--calibration"):
         raise OptiqError(f"{flag} {source!r} not found (a .txt/.jsonl file or a dataset id)")
 
 
+def paired_files(folder, suffixes: tuple, media: str, partner: str) -> list:
+    """The files of `folder` ending in one of `suffixes` (sorted), once each
+    has a .txt `partner` (its prompt, its transcript) beside it: the layout
+    of Whisper's and the vision-language models' calibration and eval data."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OptiqError(f"{folder} is not a folder of {media} with .txt {partner}s")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    for path in files:
+        if not path.with_suffix(".txt").is_file():
+            raise OptiqError(f"{path} has no {partner} {path.with_suffix('.txt').name} beside it")
+    if not files:
+        raise OptiqError(f"{folder} holds no {media} ({', '.join(suffixes)})")
+    return files
+
+
 def check_jsonl(path: Path, flag: str, forms=RECORD_FORMS) -> int:
     """The number of records in a JSONL file, once each non-blank line is a
     JSON object in one of `forms` (sets of keys); an error naming the line otherwise."""

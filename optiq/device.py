@@ -20,6 +20,11 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU: where optiq's CUDA kernels run."""
+    return on_gpu() and mx.cuda.is_available()
+
+
 def backend() -> str:
     """'cuda', 'metal' or 'cpu': what MLX computes with by default."""
     if not on_gpu():

@@ -118,7 +118,7 @@ def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, 
     """(fp32 weight, (codes, scales, biases)) after GPTQ onto MLX's affine grid:
     numpy on a CPU (every CPU result), MLX arrays and the CUDA block kernel on
     MLX-CUDA given the layer's inverse_factor (computed here when not given)."""
-    if mx.cuda.is_available() and device.on_gpu():
+    if device.on_cuda():
         factor = factor if factor is not None else gptq.inverse_factor(gram)
         codes = gptq.gptq_mlx(weight, factor, candidate.bits, candidate.group_size, dtype, block_step=gptq.block_step_cuda)
         return gptq.dequantize_mx(*codes, candidate.group_size), codes
@@ -160,7 +160,7 @@ class Rounding:
         where MLX's own rounding is used)."""
         if self.uses_gptq(path, module, candidate):
             gram = self.gram_for(path, module)
-            if device.on_gpu() and mx.cuda.is_available():
+            if device.on_cuda():
                 if path not in self.factors:
                     self.factors[path] = gptq.inverse_factor(gram)
                 return gptq_weight(weight, gram, candidate, self.dtype, self.factors[path])

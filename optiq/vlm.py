@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import metrics
+from .calibration import paired_files
 from .errors import OptiqError, require_extra
 from .io import atomic_output, write_json
 from .model_tree import quantizable_layers
@@ -125,16 +126,7 @@ def read_images(folder) -> list:
 
 def check_images(folder) -> list:
     """The image files of a folder, once each has a .txt prompt beside it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise OptiqError(f"image data {folder} is not a folder of images with .txt prompts")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    for path in images:
-        if not path.with_suffix(".txt").is_file():
-            raise OptiqError(f"{path} has no prompt {path.with_suffix('.txt').name} beside it")
-    if not images:
-        raise OptiqError(f"{folder} holds no .png or .jpg images")
-    return images
+    return paired_files(folder, IMAGE_SUFFIXES, "images", "prompt")
 
 
 def choice_items(n: int, seed: int) -> list:

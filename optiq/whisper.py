@@ -27,6 +27,7 @@ from scipy.io import wavfile
 from scipy.signal import resample_poly
 
 from . import metrics
+from .calibration import paired_files
 from .errors import OptiqError, require_extra
 from .io import atomic_output, write_json
 from .plan import plan_bits
@@ -100,16 +101,7 @@ def read_wav(path) -> np.ndarray:
 
 def check_speech(folder) -> list:
     """The .wav files of a speech folder, once each has a .txt transcript beside it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise OptiqError(f"speech data {folder} is not a folder of .wav files with .txt transcripts")
-    wavs = sorted(folder.glob("*.wav"))
-    for wav in wavs:
-        if not wav.with_suffix(".txt").is_file():
-            raise OptiqError(f"{wav} has no transcript {wav.with_suffix('.txt').name} beside it")
-    if not wavs:
-        raise OptiqError(f"{folder} holds no .wav files")
-    return wavs
+    return paired_files(folder, (".wav",), ".wav files", "transcript")
 
 
 def read_speech(folder) -> list:

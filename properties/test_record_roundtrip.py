@@ -1,6 +1,7 @@
 """Hypothesis: every record survives its JSON form unchanged."""
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,18 +63,6 @@ plans = st.builds(
 )
 
 
-@settings(max_examples=100)
-@given(tables)
-def test_sensitivity_table_round_trip(table):
-    assert from_json(SensitivityTable, to_json(table)) == table
-
-
-@settings(max_examples=100)
-@given(plans)
-def test_bit_plan_round_trip(plan):
-    assert from_json(BitPlan, to_json(plan)) == plan
-
-
 @settings(max_examples=50)
 @given(plans, st.integers(0, 10**12), finite, st.dictionaries(st.sampled_from(["kl_mean", "top1", "perplexity"]), finite))
 def test_quantized_weights_round_trip(plan, nbytes, bpw, measured):
@@ -109,12 +98,6 @@ lora_plans = st.builds(
 
 
 @settings(max_examples=100)
-@given(candidates)
-def test_candidate_round_trip(candidate):
-    assert from_json(Candidate, to_json(candidate)) == candidate
-
-
-@settings(max_examples=100)
 @given(kv_entries)
 def test_kv_entry_round_trip_keeps_the_seed_format(entry):
     d = entry.to_dict()
@@ -131,8 +114,10 @@ def test_kv_plan_round_trip_and_equals_itself(plan):
     assert from_json(KVPlan, to_json(plan)) == plan
 
 
-@settings(max_examples=100)
-@given(lora_plans)
-def test_lora_plan_round_trip(plan):
-    assert from_json(LoRAPlan, to_json(plan)) == plan
 
+@pytest.mark.parametrize("kind", [Candidate, SensitivityTable, BitPlan, LoRAPlan], ids=lambda k: k.__name__)
+@settings(max_examples=100)
+@given(data=st.data())
+def test_record_round_trip(kind, data):
+    record = data.draw({Candidate: candidates, SensitivityTable: tables, BitPlan: plans, LoRAPlan: lora_plans}[kind])
+    assert from_json(kind, to_json(record)) == record

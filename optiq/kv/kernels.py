@@ -28,6 +28,8 @@ import functools
 
 import mlx.core as mx
 
+from .. import device
+
 ENABLED = True  # benchmarks/gpu.py turns it off to time the dequantized path
 MAX_ROWS = 8
 HEAD_DIMS = (64, 128, 256)
@@ -235,7 +237,7 @@ def _scale(value: float) -> mx.array:
 
 def supported(queries, keys, mask, k_bits: int, v_bits: int) -> bool:
     """Whether the fused kernel serves this call (else: dequantized attention)."""
-    if not (ENABLED and mx.default_device() == mx.gpu and mx.cuda.is_available()):
+    if not (ENABLED and device.on_cuda()):
         return False
     B, n_q, L, D = queries.shape
     n_kv = keys[0].shape[1]

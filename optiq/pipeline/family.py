@@ -9,7 +9,7 @@ pipeline (optiq.pipeline.convert) runs those steps in one order for all.
 import re
 import sys
 from collections import Counter
-from typing import Protocol
+from typing import Callable, Protocol
 
 import attrs
 from tqdm.auto import tqdm
@@ -81,12 +81,9 @@ class ProbedFamily:
     a one-line plan summary. A subclass names itself (`title`), its data
     folder check (`check_data`) and candidates it always has (`always`)."""
 
-    title = ""
+    title: str
+    check_data: Callable  # folder -> None, raising OptiqError on what cannot be read
     always: tuple = ()
-
-    @staticmethod
-    def check_data(folder):
-        raise NotImplementedError
 
     def check(self, config: ConvertConfig, cands):
         """Refused before the model loads: the target's ceiling, the data folders."""
