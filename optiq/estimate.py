@@ -18,10 +18,10 @@ from .standins import weights_swapped
 
 
 def weighting(path: str, module, rounding: Rounding, token_counts):
-    """(Gram of the layer's input, or None; per-row token counts for an
-    embedding's lookups, or None)."""
+    """(Gram of the layer's input ({expert: Gram} for an expert stack), or
+    None; per-row token counts for an embedding's lookups, or None)."""
     gram = rounding.gram_for(path, module)
-    if gram is not None or isinstance(module, nn.Linear):
+    if gram is not None or not isinstance(module, nn.Embedding):
         return gram, None
     counts = np.zeros(module.weight.shape[0], dtype=np.float32)
     k = min(len(token_counts), len(counts))
@@ -30,7 +30,12 @@ def weighting(path: str, module, rounding: Rounding, token_counts):
 
 
 def weighted_error(dw: mx.array, rows, gram, counts) -> float:
-    """tr(dW G dW^T) for these rows; lookups weigh rows by token counts; else plain squares."""
+    """tr(dW G dW^T) for these rows; lookups weigh rows by token counts; else
+    plain squares. An expert stack's rows are experts, each weighed by its
+    own Gram (an expert no token reached costs nothing on the calibration)."""
+    if isinstance(gram, dict):
+        first = rows.start or 0
+        return sum(float(mx.sum((dw[e - first] @ gram[e]) * dw[e - first])) for e in range(first, first + dw.shape[0]) if e in gram)
     if gram is not None:
         return float(mx.sum((dw @ gram) * dw))
     if counts is not None:
@@ -48,7 +53,7 @@ def output_error(path: str, module, candidate, rounding: Rounding, token_counts)
     total = 0.0
     for rows in row_slabs(module.weight.shape):
         w = module.weight[rows].astype(mx.float32)
-        total += weighted_error(rounding.quantized(path, module, w, candidate) - w, rows, *weights)
+        total += weighted_error(rounding.quantized(path, module, w, candidate, rows) - w, rows, *weights)
     return total
 
 

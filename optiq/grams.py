@@ -3,8 +3,11 @@ GPTQ's Hessian, and the weighting of every weight-space error estimate.
 
 A `GramTap` wraps a Linear for the time of the calibration forwards and adds
 its input's X^T X into a mapping; `grams_tapped` puts taps in and takes them
-out. Streamed models keep complete Grams on disk (`DiskGrams`): a Gram of an
-11008-wide input is 484 MB.
+out. A routed expert projection (SwitchLinear) gets an `ExpertGramTap`: one
+Gram per expert over the tokens the reference routed to it, kept as
+{expert: X_e^T X_e} (experts that saw no token have none), and the count of
+tokens each expert saw. Streamed models keep complete Grams on disk
+(`DiskGrams`): a Gram of an 11008-wide input is 484 MB.
 """
 
 import tempfile
@@ -13,8 +16,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from .model_tree import container_of
+from .model_tree import container_of, is_experts
 
 
 class GramTap(nn.Module):
@@ -32,15 +36,53 @@ class GramTap(nn.Module):
         return self.inner(x)
 
 
+class ExpertGramTap(nn.Module):
+    """Stands in for a SwitchLinear: adds each expert's X_e^T X_e (the rows
+    routed to expert e) to grams[path][e] and its token count to counts[path]."""
+
+    def __init__(self, inner, grams, path, counts):
+        super().__init__()
+        self.inner = inner
+        self._grams, self._path, self._counts = grams, path, counts
+
+    def __call__(self, x, indices, sorted_indices=False):
+        rows, experts = routed_rows(x, indices)
+        n_experts = self.inner.weight.shape[0]
+        seen = np.bincount(experts, minlength=n_experts)
+        self._counts[self._path] = self._counts.get(self._path, 0) + seen
+        order = np.argsort(experts, kind="stable")
+        ends = np.cumsum(seen)
+        by_expert = rows[mx.array(order)]
+        grams = self._grams.setdefault(self._path, {})
+        for e in np.nonzero(seen)[0]:
+            xe = by_expert[int(ends[e] - seen[e]) : int(ends[e])]
+            grams[int(e)] = grams.get(int(e), 0) + xe.T @ xe
+        mx.eval(list(grams.values()))
+        return self.inner(x, indices, sorted_indices=sorted_indices)
+
+
+def routed_rows(x, indices) -> tuple:
+    """(rows (n, in) in fp32, expert of each row (n,) as numpy) of a
+    SwitchLinear call: gather_mm broadcasts x's batch dimensions against the
+    indices, and each of x's M rows goes to every index of its token."""
+    m, width = x.shape[-2], x.shape[-1]
+    batch = mx.broadcast_to(x, indices.shape + (m, width))
+    rows = batch.reshape(-1, width).astype(mx.float32)
+    experts = np.repeat(np.asarray(indices.reshape(-1)), m)
+    return rows, experts
+
+
 @contextmanager
-def grams_tapped(model, layers, grams):
+def grams_tapped(model, layers, grams, counts=None):
     """Inside, every Linear among `layers` ([(path, module)]) adds its inputs'
-    X^T X to `grams`; yields the tapped paths."""
-    linears = [(p, m) for p, m in layers if isinstance(m, nn.Linear)]
+    X^T X to `grams`, every expert projection its per-expert Grams (and, into
+    `counts`, its tokens per expert); yields the tapped paths."""
+    linears = [(p, m) for p, m in layers if isinstance(m, nn.Linear) or is_experts(m)]
+    counts = {} if counts is None else counts
     try:
         for path, module in linears:
             container, key = container_of(model, path)
-            container[key] = GramTap(module, grams, path)
+            container[key] = ExpertGramTap(module, grams, path, counts) if is_experts(module) else GramTap(module, grams, path)
         yield [p for p, _ in linears]
     finally:
         for path, module in linears:
@@ -83,13 +125,18 @@ class DiskGrams(dict):
         for path in paths:
             if dict.__contains__(self, path):
                 file = Path(self._folder.name) / f"{len(self.files)}.safetensors"
-                mx.save_safetensors(str(file), {"gram": dict.__getitem__(self, path)})
+                gram = dict.__getitem__(self, path)
+                arrays = {f"expert.{e}": g for e, g in gram.items()} if isinstance(gram, dict) else {"gram": gram}
+                if not arrays:  # an expert layer no token reached: nothing to store
+                    continue
+                mx.save_safetensors(str(file), arrays)
                 self.files[path] = file
                 dict.__delitem__(self, path)
 
     def get(self, path, default=None):
         if path in self.files:
-            return mx.load(str(self.files[path]))["gram"]
+            arrays = mx.load(str(self.files[path]))
+            return arrays["gram"] if "gram" in arrays else {int(k.split(".")[1]): v for k, v in arrays.items()}
         return dict.get(self, path, default)
 
     def __getitem__(self, path):

@@ -8,6 +8,8 @@ tree and change nothing.
 import re
 
 import mlx.nn as nn
+from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .errors import OptiqError
 from .records import FLOAT_BITS
@@ -41,11 +43,24 @@ def block_list(model: nn.Module):
     raise OptiqError("cannot find the decoder blocks of this model")
 
 
+# Layers whose weight is a stack of matrices (stack, out, in): a mixture-of-
+# experts projection (one matrix per expert, each token routed to a few) and
+# multi-head latent attention's per-head projections. mlx-lm quantizes each
+# as one tensor, so each is one plan entry.
+STACKED = (SwitchLinear, MultiLinear)
+
+
+def is_experts(module) -> bool:
+    """Whether `module` is a routed expert projection (mlx-lm's SwitchLinear)."""
+    return isinstance(module, SwitchLinear)
+
+
 def quantizable_layers(model: nn.Module) -> list:
-    """[(path, module)] for every Linear and Embedding, in forward order."""
+    """[(path, module)] for every Linear, Embedding and stacked (expert,
+    per-head) projection not yet quantized, in forward order."""
     out = []
     for path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(
+        if isinstance(module, (nn.Linear, nn.Embedding, *STACKED)) and not isinstance(
             module, (nn.QuantizedLinear, nn.QuantizedEmbedding)
         ):
             out.append((path, module))

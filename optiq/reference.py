@@ -43,6 +43,7 @@ class ReferencePass:
     token_counts: np.ndarray  # how often each token id occurs in the calibration
     streamed: object = None  # an optiq.stream.Streamed when the blocks live on disk
     layers: list = attrs.field(factory=list)  # [(path, module)] quantizable, in forward order
+    expert_tokens: dict = attrs.field(factory=dict)  # {expert projection path: tokens routed to each expert}
 
     def logits(self, batch):
         """The model's logits at the measured positions only."""
@@ -95,7 +96,8 @@ def reference_pass(model, tokens, batch_size: int = 8, kl_stride: int = 1, refs=
     # Grams only on the reference itself (they weight every error estimate).
     grams = (DiskGrams() if streamed is not None else {}) if refs is None else {}
     tapped = layers if refs is None else []
-    with grams_tapped(model, tapped, grams) as linear_paths:
+    expert_tokens = {}
+    with grams_tapped(model, tapped, grams, expert_tokens) as linear_paths:
         if streamed is not None:
             block_inputs, finals, ref_dists = _streamed_pass(shell, gram_batches, grams, linear_paths, refs)
         else:
@@ -104,7 +106,7 @@ def reference_pass(model, tokens, batch_size: int = 8, kl_stride: int = 1, refs=
     tied_gram = None
     if is_tied(model) and refs is None and owner is not None:
         tied_gram = head_gram(owner["norm"], [inputs[-1] for inputs in block_inputs] + finals)
-    return attrs.evolve(shell, block_inputs=block_inputs, refs=ref_dists, grams=grams, head_gram=tied_gram)
+    return attrs.evolve(shell, block_inputs=block_inputs, refs=ref_dists, grams=grams, head_gram=tied_gram, expert_tokens=expert_tokens)
 
 
 def _memory_pass(ref: ReferencePass, refs):

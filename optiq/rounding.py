@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import device, gptq
-from .model_tree import module_at
+from .model_tree import STACKED, is_experts, module_at
 from .records import FLOAT_BITS, Candidate
 
 QUANTIZERS = ("rtn", "gptq")
@@ -36,8 +36,11 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def row_slabs(shape) -> list:
-    """Slices of about device.row_slab() weights over the rows of a (rows, columns) matrix."""
-    rows = max(1, device.row_slab() // max(1, shape[-1]))
+    """Slices of about device.row_slab() weights over the first axis: rows of
+    a (rows, columns) matrix, whole matrices of a stacked (experts, rows,
+    columns) one."""
+    per_item = int(np.prod(shape[1:])) if len(shape) > 2 else shape[-1]
+    rows = max(1, device.row_slab() // max(1, per_item))
     return [slice(lo, lo + rows) for lo in range(0, shape[0], rows)]
 
 
@@ -45,13 +48,17 @@ def quantize_rows(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> t
     """MLX's (codes, scales, biases), scales and biases rounded through the
     dtype they are stored in. A slab of rows at a time: mx.quantize holds up
     to six times its input in temporaries at 3, 5 and 6 bits, and groups run
-    along a row, so slabs give the same codes."""
+    along a row, so slabs give the same codes. A stacked weight (experts)
+    is its rows one after another, as mx.quantize treats it."""
+    shape = weight.shape
+    weight = weight.reshape(-1, shape[-1])
     parts = []
     for rows in row_slabs(weight.shape):
         q, scales, biases = mx.quantize(weight[rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
         parts.append((q, scales.astype(dtype).astype(mx.float32), biases.astype(dtype).astype(mx.float32)))
         mx.eval(parts[-1])
-    return tuple(mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
+    whole = (mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
+    return tuple(p.reshape(*shape[:-1], p.shape[-1]) for p in whole)
 
 
 def dequantize_rows(parts: tuple, candidate: Candidate) -> mx.array:
@@ -71,7 +78,10 @@ def fake_quantize(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> m
 
 def pack(q, bits: int):
     """Integer codes (rows, cols) -> uint32 words, MLX's LSB-first bit stream
-    per row: numpy in, numpy out; MLX arrays (a GPU's codes) in, MLX out."""
+    per row: numpy in, numpy out; MLX arrays (a GPU's codes) in, MLX out. A
+    stack of matrices (experts, rows, cols) packs row by row alike."""
+    if q.ndim > 2:
+        return pack(q.reshape(-1, q.shape[-1]), bits).reshape(*q.shape[:-1], -1)
     rows, cols = q.shape
     if (cols * bits) % 32:
         raise ValueError(f"{cols} columns of {bits} bits do not fill whole 32-bit words")
@@ -114,6 +124,32 @@ def dequantize(q, scales, biases, group_size: int) -> np.ndarray:
     return q.astype(np.float32) * s + b
 
 
+def experts_gptq_weight(weight: mx.array, grams: Mapping, candidate: Candidate, dtype=mx.float16, factors=None, first: int = 0):
+    """gptq_weight for a routed expert stack (experts, out, in), one expert
+    at a time with its own Gram ({expert: X_e^T X_e} over the tokens routed
+    to it). An expert no calibration token reached has no Gram: an identity
+    Gram makes GPTQ plain rounding on the same grid. factors: {expert: GPU
+    factor}, filled as made; first: the stack's first expert when `weight`
+    is a slab of experts."""
+    identity = None
+    weights, codes = [], []
+    for e in range(first, first + weight.shape[0]):
+        gram = grams.get(e)
+        if gram is None:
+            identity = mx.eye(weight.shape[-1]) if identity is None else identity
+            gram = identity
+        factor = None
+        if factors is not None and device.on_cuda():
+            factor = factors.get(e)
+            if factor is None:
+                factor = factors[e] = gptq.inverse_factor(gram)
+        w, c = gptq_weight(weight[e - first], gram, candidate, dtype, factor)
+        weights.append(w)
+        codes.append(c)
+    stack = mx.stack if isinstance(codes[0][0], mx.array) else np.stack
+    return mx.stack(weights), tuple(stack(list(p)) for p in zip(*codes))
+
+
 def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, factor=None):
     """(fp32 weight, (codes, scales, biases)) after GPTQ onto MLX's affine grid:
     numpy on a CPU (every CPU result), MLX arrays and the CUDA block kernel on
@@ -146,20 +182,30 @@ class Rounding:
     factors: dict = attrs.field(factory=dict, repr=False)
 
     def gram_for(self, path: str, module):
-        """X^T X of the layer's input, when one was recorded."""
-        if isinstance(module, nn.Linear):
+        """X^T X of the layer's input, when one was recorded ({expert: Gram}
+        for a routed expert stack; none for per-head stacks, rounded by MLX)."""
+        if isinstance(module, nn.Linear) or is_experts(module):
             return self.grams.get(path)
+        if isinstance(module, STACKED):
+            return None
         return self.head_gram
 
     def uses_gptq(self, path: str, module, candidate: Candidate) -> bool:
         """GPTQ where this rounding uses it and an input Gram matrix exists; else MLX's rounding."""
         return self.quantizer == "gptq" and candidate.bits < FLOAT_BITS and self.gram_for(path, module) is not None
 
-    def rounded(self, path: str, module, weight: mx.array, candidate: Candidate):
+    def rounded(self, path: str, module, weight: mx.array, candidate: Candidate, rows: slice | None = None):
         """(fp32 weight after rounding, (codes, scales, biases) to write or None
-        where MLX's own rounding is used)."""
+        where MLX's own rounding is used). rows: `weight` is module.weight[rows]
+        (a slab of an expert stack's experts)."""
         if self.uses_gptq(path, module, candidate):
             gram = self.gram_for(path, module)
+            if is_experts(module):
+                # An expert stack's factors are a Gram's size per expert: keep one layer's, not every layer's.
+                for other in [p for p, f in self.factors.items() if isinstance(f, dict) and p != path]:
+                    del self.factors[other]
+                first = 0 if rows is None else rows.start or 0
+                return experts_gptq_weight(weight, gram, candidate, self.dtype, self.factors.setdefault(path, {}), first)
             if device.on_cuda():
                 if path not in self.factors:
                     self.factors[path] = gptq.inverse_factor(gram)
@@ -167,9 +213,9 @@ class Rounding:
             return gptq_weight(weight, gram, candidate, self.dtype)
         return fake_quantize(weight, candidate, self.dtype), None
 
-    def quantized(self, path: str, module, weight: mx.array, candidate: Candidate) -> mx.array:
-        """The fp32 weight this layer holds at `candidate`."""
-        return self.rounded(path, module, weight, candidate)[0]
+    def quantized(self, path: str, module, weight: mx.array, candidate: Candidate, rows: slice | None = None) -> mx.array:
+        """The fp32 weight this layer holds at `candidate` (of module.weight[rows] if given)."""
+        return self.rounded(path, module, weight, candidate, rows)[0]
 
     def codes(self, path: str, module, weight: mx.array, candidate: Candidate):
         """(codes, scales, biases) to write, or None where mlx-lm's own rounding is used."""

@@ -18,7 +18,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import huggingface_hub
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from . import device
@@ -208,16 +207,6 @@ def as_measured(model: nn.Module) -> nn.Module:
     return model if device.on_gpu() else dequantized_fp32(model)
 
 
-def refuse_unsupported(model: nn.Module, config: dict):
-    """Mixture-of-experts layers are not planned yet: say so instead of guessing."""
-    for path, module in model.named_modules():
-        if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
-            raise OptiqError(
-                f"{config.get('model_type')}: mixture-of-experts layers ({path}) "
-                "are not supported by optiq's planner yet"
-            )
-
-
 def load_reference(path: Path) -> Loaded:
     """Load a model folder as the fp32 reference (dequantizing a quantized one)."""
     try:
@@ -227,7 +216,6 @@ def load_reference(path: Path) -> Loaded:
     except (ValueError, KeyError, TypeError) as exc:
         raise OptiqError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
     tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
-    refuse_unsupported(model, config)
     reference = "fp32"
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         model = dequantized_fp32(model) if not device.on_gpu() else dequantize_model(model)

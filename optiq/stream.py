@@ -24,7 +24,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from .errors import OptiqError
 from .model_tree import block_list
-from .source import Loaded, load_reference, refuse_unsupported
+from .source import Loaded, load_reference
 from .standins import Stand, blocks_replaced
 
 FP32 = 4  # bytes per weight once cast to fp32, as the sensitivity pass runs
@@ -130,7 +130,6 @@ def load_streamed(path, budget: int | None = None):
         model, config = load_model(Path(path), lazy=True)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         raise OptiqError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
-    refuse_unsupported(model, config)
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise OptiqError(f"{path} is quantized: streaming (--max-memory) needs a full-precision checkpoint")
     streamed = Streamed(path, model)

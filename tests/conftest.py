@@ -165,6 +165,103 @@ CONFIGS = {
             laurel_rank=8,
         ),
     ),
+    # Mixture-of-experts families: expert projections are SwitchLinear
+    # tensors (experts, out, in); small enough that every expert sees tokens.
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        hidden_size=128,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    # Qwen3.5-MoE: linear-attention and full-attention layers, routed and shared experts.
+    "qwen3_5_moe": dict(
+        model_type="qwen3_5_moe",
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        full_attention_interval=2,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    ),
+    "mixtral": dict(
+        model_type="mixtral",
+        hidden_size=128,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    # gpt-oss: biased experts, attention sinks, sliding and full layers.
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=16,
+        rope_theta=10000,
+        rms_norm_eps=1e-5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    ),
+    # DeepSeek-V3: multi-head latent attention, a dense first block, shared experts.
+    "deepseek_v3": dict(
+        model_type="deepseek_v3",
+        hidden_size=128,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=64,
+        q_lora_rank=64,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=64,
+        v_head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+    ),
 }
 
 
@@ -184,7 +281,13 @@ def build_model(folder: Path, arch: str, seed: int = 0, **overrides) -> Path:
     model = arch_module.Model(arch_module.ModelArgs.from_dict(config))
     # Wider weights than the default init: peaked next-token distributions make
     # quantization visible in the KL, as in a trained model.
-    model.update(tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, model.parameters()))
+    model.update(tree_map(lambda x: x * 3.0 if x.ndim in (2, 3) else x, model.parameters()))
+    # A router that starts at zero (DeepSeek's MoEGate) would send every token
+    # to the same experts: give it random weights like the rest.
+    for _, module in model.named_modules():
+        weight = module.get("weight") if isinstance(module, dict) else None
+        if isinstance(weight, mx.array) and weight.ndim == 2 and not mx.any(weight).item():
+            module["weight"] = mx.random.normal(weight.shape) * 0.5
     mx.eval(model.parameters())
     save_model(folder, model)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

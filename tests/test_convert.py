@@ -156,29 +156,6 @@ def test_quantized_input_is_a_dequantized_reference(model_factory, tmp_path):
     assert meta["sensitivity"]["reference"] == "dequantized"
 
 
-def test_moe_is_refused_clearly(tmp_path, capsys):
-    from conftest import build_tokenizer
-    import importlib
-
-    import mlx.core as mx
-    from mlx_lm.utils import save_model
-
-    folder = tmp_path / "moe"
-    folder.mkdir()
-    vocab = build_tokenizer(folder)
-    config = dict(model_type="qwen3_moe", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                  moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
-                  mlp_only_layers=[], num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                  rms_norm_eps=1e-6, vocab_size=vocab, rope_theta=10000.0, max_position_embeddings=128,
-                  tie_word_embeddings=True, norm_topk_prob=True)
-    arch = importlib.import_module("mlx_lm.models.qwen3_moe")
-    model = arch.Model(arch.ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    save_model(folder, model)
-    (folder / "config.json").write_text(json.dumps(config))
-    expect_error(capsys, [str(folder), "-o", str(tmp_path / "o"), *FAST], ["mixture-of-experts"])
-
-
 def test_quantized_weights_record_is_returned(model_factory, tmp_path):
     from optiq.commands.convert import ConvertOptions, convert
 

@@ -16,6 +16,7 @@ from ..calibration import check_source, digest, load_calibration, split_calibrat
 from ..device import on_gpu
 from ..errors import OptiqError
 from ..evaluate import quality, reference_batches
+from ..experts import coverage, coverage_lines
 from ..model_tree import quantizable_layers
 from ..plan import plan_bits
 from ..probe_hooks import ProbeCache, cached, shared_by_ranks
@@ -54,6 +55,7 @@ class TextCalibration:
     tokens: np.ndarray
     gram_tokens: object
     reference: object = None
+    expert_coverage: dict = attrs.field(factory=dict)  # experts.coverage of the reference's routing
 
 
 class TextFamily:
@@ -104,6 +106,7 @@ class TextFamily:
         """One reference pass, shared by the probes, refinement and GPTQ's codes."""
         if calibration.reference is None:
             calibration.reference = reference_pass(loaded.model, calibration.tokens, 8, config.kl_stride, streamed=loaded.streamed, gram_tokens=calibration.gram_tokens)
+            calibration.expert_coverage = coverage(calibration.reference.expert_tokens)
         return calibration.reference
 
     def rounding(self, loaded: TextModel, calibration: TextCalibration, config: ConvertConfig) -> Rounding:
@@ -117,6 +120,8 @@ class TextFamily:
                 raise OptiqError(f"--sensitivity {config.sensitivity}: not a sensitivity table ({exc})")
         else:
             table = self._measured(config, loaded, calibration, candidates, report)
+            for line in coverage_lines(calibration.expert_coverage):
+                report.log(line)
         paths = {p for p, _ in quantizable_layers(loaded.model)}
         missing = [layer.path for layer in table.layers if layer.path not in paths]
         if missing:
@@ -201,6 +206,8 @@ class TextFamily:
             "sensitivity": table.to_dict(),
             "refinement": [attrs.asdict(r) for r in history],
         }
+        if calibration.expert_coverage:
+            metadata["expert_coverage"] = calibration.expert_coverage
         if loaded.stripped is not None:
             metadata["stripped"] = loaded.stripped.to_dict()
         written = Written(model_bytes(qmodel), float(compute_bits_per_weight(qmodel)))
