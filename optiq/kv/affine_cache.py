@@ -67,8 +67,8 @@ class PlannedKVCache(_BaseCache):
             return self._attention
         raise AttributeError(name)
 
-    def _attention(self, queries, keys, values, scale, mask):
-        return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits)
+    def _attention(self, queries, keys, values, scale, mask, sinks=None):
+        return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits, sinks=sinks)
 
     @property
     def batchable(self) -> bool:
@@ -159,6 +159,36 @@ class PlannedKVCache(_BaseCache):
                 c.keys, c.values = arrays[2 * i], arrays[2 * i + 1]
 
 
+class LatentKVCache(PlannedKVCache):
+    """A PlannedKVCache for attention that computes with what its cache
+    returns instead of handing it to scaled_dot_product_attention: DeepSeek's
+    multi-head latent attention caches the compressed latent and the rotary
+    key part, multiplies them itself and projects the latent through its
+    per-head matrices (mlx-lm's QuantizedKVCache fails there). The codes are
+    stored; each fetch returns them dequantized in the activations' dtype, so
+    the memory is the plan's and the model's own arithmetic is unchanged. One
+    sequence at a time (no batch merge)."""
+
+    def __getattr__(self, name):  # neither `bits` nor `attention`: the model reads plain arrays
+        raise AttributeError(name)
+
+    @property
+    def batchable(self) -> bool:
+        return False
+
+    def _dense(self, fetched, dtype):
+        if self._parts is None:
+            return fetched
+        (k, v), g = fetched, self.plan_group_size
+        return tuple(mx.dequantize(w, s.astype(dtype), b.astype(dtype), group_size=g, bits=bits) for (w, s, b), bits in ((k, self.k_bits), (v, self.v_bits)))
+
+    def update_and_fetch(self, keys, values):
+        return self._dense(super().update_and_fetch(keys, values), keys.dtype)
+
+    def keys_and_values(self):
+        return self._dense(super().keys_and_values(), mx.float32)
+
+
 class BatchPlannedKVCache(_BaseCache):
     """Planned caches of a batch of sequences, for mlx-lm's BatchGenerator:
     the codes, scales and biases of every sequence in three of mlx-lm's own
@@ -189,10 +219,10 @@ class BatchPlannedKVCache(_BaseCache):
         fetched = [p.keys_and_values() for p in self.parts]
         return tuple(f[0] for f in fetched), tuple(f[1] for f in fetched)
 
-    def attention(self, queries, keys, values, scale, mask):
+    def attention(self, queries, keys, values, scale, mask, sinks=None):
         # Decode: the mask is causal plus each sequence's left padding, which the kernel reads itself.
         lp = self.parts[0].left_padding
-        return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits, left_padding=lp)
+        return affine_attention(queries, keys, values, scale, mask, self.plan_group_size, self.k_bits, self.v_bits, left_padding=lp, sinks=sinks)
 
     def extract(self, idx):
         cache = PlannedKVCache(self.k_bits, self.plan_group_size, 0, self.v_bits)

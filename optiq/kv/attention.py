@@ -21,9 +21,7 @@ def _dispatching(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         attend = getattr(cache, "attention", None)
         if attend is not None:
-            if sinks is not None:
-                raise ValueError(f"{type(cache).__name__} does not support attention sinks")
-            return attend(queries, keys, values, scale, mask)
+            return attend(queries, keys, values, scale, mask, sinks=sinks)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.optiq_dispatch = True
@@ -59,7 +57,18 @@ def apply_mask(scores, mask, grouped: bool):
     return scores + mask
 
 
-def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int):
+def sink_softmax(scores, sinks):
+    """softmax over the last axis of grouped scores (B, H_kv, rep, L, T), with
+    gpt-oss's attention sinks: one learned logit per query head that joins
+    every row's normaliser and carries no value (as mx.fast's `sinks`)."""
+    if sinks is None:
+        return mx.softmax(scores, axis=-1, precise=True)
+    B, n_kv, rep, L, _ = scores.shape
+    sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, n_kv, rep, 1, 1), (B, n_kv, rep, L, 1))
+    return mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1, precise=True)[..., :-1]
+
+
+def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int, sinks=None):
     """Attention through MLX's quantized matmuls, keys and values at their own
     bits. The query heads that share a KV head are folded into rows, (B,
     H_kv, rep * L, D) against (B, H_kv, T, ...): plain batched products.
@@ -71,10 +80,9 @@ def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size
     rep = n_q // n_kv
     q = (queries * scale).reshape(B, n_kv, rep * L, D)
     scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=group_size, bits=k_bits)
-    if mask is not None:
-        T = scores.shape[-1]
-        scores = apply_mask(scores.reshape(B, n_kv, rep, L, T), mask, grouped=True).reshape(B, n_kv, rep * L, T)
-    scores = mx.softmax(scores, axis=-1, precise=True)
+    T = scores.shape[-1]
+    scores = apply_mask(scores.reshape(B, n_kv, rep, L, T), mask, grouped=True)
+    scores = sink_softmax(scores, sinks).reshape(B, n_kv, rep * L, T)
     out = mx.quantized_matmul(scores, *q_values, transpose=False, group_size=group_size, bits=v_bits)
     return out.reshape(B, n_q, L, -1)
 
@@ -87,7 +95,7 @@ def split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size
 FEW_ROWS = 8
 
 
-def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int):
+def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int, sinks=None):
     """The codes dequantized into the queries' dtype, then MLX's fused attention."""
     dt = queries.dtype
 
@@ -95,19 +103,20 @@ def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size: in
         return mx.dequantize(w, s.astype(dt), b.astype(dt), group_size=group_size, bits=bits)
 
     keys, values = dense(*q_keys, k_bits), dense(*q_values, v_bits)
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
 
-def affine_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int, left_padding=None):
+def affine_attention(queries, q_keys, q_values, scale, mask, group_size: int, k_bits: int, v_bits: int, left_padding=None, sinks=None):
     """Attention over affine codes (keys and values at their own bits), by
     whichever formulation is fastest where it runs: on MLX-CUDA the fused
     decode kernel reads the codes (kernels.py); on a CPU (or Metal) few
     query rows go through quantized matmuls; many rows, or a mask the kernel
     does not take, dequantize once. `left_padding`: a batch's padding, which
-    the kernel reads in place of the mask array."""
+    the kernel reads in place of the mask array. `sinks`: gpt-oss's
+    attention sinks (the fused kernel has none: the other formulations)."""
     kernel_mask = None if left_padding is not None and queries.shape[2] == 1 else mask
-    if kernels.supported(queries, q_keys, kernel_mask, k_bits, v_bits):
+    if sinks is None and kernels.supported(queries, q_keys, kernel_mask, k_bits, v_bits):
         return kernels.decode_attention(queries, q_keys, q_values, scale, kernel_mask, group_size, k_bits, v_bits, left_padding)
     if queries.shape[2] <= FEW_ROWS and not mx.cuda.is_available():
-        return split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits)
-    return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits)
+        return split_quantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits, sinks)
+    return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, k_bits, v_bits, sinks)

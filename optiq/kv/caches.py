@@ -9,9 +9,10 @@ mlx-lm's default. The result is a `prompt_cache` that mlx-lm's
 """
 
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 
 from ..records import KVEntry
-from .affine_cache import PlannedKVCache, SharedKVView
+from .affine_cache import LatentKVCache, PlannedKVCache, SharedKVView
 from .attention import install
 from .turbo_cache import TurboQuantKVCache
 
@@ -48,13 +49,27 @@ def as_entries(plan) -> tuple:
     return tuple(e if isinstance(e, KVEntry) else KVEntry.from_dict(e) for e in getattr(plan, "layers", plan))
 
 
-def planned_cache(entry: KVEntry, mlx_cache_entry, start: int = 0):
-    """The cache for one kv_config entry, replacing mlx-lm's default for that layer."""
+def reads_latent_cache(model) -> bool:
+    """Whether the model's attention computes with its cache's contents itself
+    (multi-head latent attention: DeepSeek-V3 and its kin, whose per-head
+    projections are MultiLinear), so a planned cache must fetch plain arrays."""
+    known = model.__dict__.get("_optiq_latent_kv")
+    if known is None:
+        known = any(isinstance(m, (MultiLinear, QuantizedMultiLinear)) for _, m in model.named_modules())
+        object.__setattr__(model, "_optiq_latent_kv", known)
+    return known
+
+
+def planned_cache(entry: KVEntry, mlx_cache_entry, start: int = 0, latent: bool = False):
+    """The cache for one kv_config entry, replacing mlx-lm's default for that
+    layer (latent: a LatentKVCache, see reads_latent_cache)."""
     idx = entry.layer_idx
     rotating = isinstance(mlx_cache_entry, RotatingKVCache)
     if not isinstance(mlx_cache_entry, (KVCache, RotatingKVCache)):
         raise ValueError(f"layer {idx} has a {type(mlx_cache_entry).__name__}, not a KV cache")
     if entry.mode == "turbo":  # quantized from the first token (no `start`)
+        if latent:
+            raise ValueError(f"layer {idx} caches multi-head latent attention's latent: TurboQuant's rotated-space attention does not apply, use affine bits")
         if rotating:
             raise ValueError(f"layer {idx} is a sliding-window layer: TurboQuant covers full-attention layers only")
         return TurboQuantKVCache(entry.bits, entry.seed, idx)
@@ -64,7 +79,7 @@ def planned_cache(entry: KVEntry, mlx_cache_entry, start: int = 0):
     if max(bits, v_bits) >= 16:
         raise ValueError(f"layer {idx}: keys and values are quantized together (bits {bits}, v_bits {v_bits})")
     window = dict(max_size=mlx_cache_entry.max_size, keep=mlx_cache_entry.keep) if rotating else {}
-    return PlannedKVCache(bits, entry.group_size, start, v_bits=v_bits, **window)
+    return (LatentKVCache if latent else PlannedKVCache)(bits, entry.group_size, start, v_bits=v_bits, **window)
 
 
 def make_kv_cache(model, plan=None, start: int = 0) -> list:
@@ -73,8 +88,9 @@ def make_kv_cache(model, plan=None, start: int = 0) -> list:
     caches = make_prompt_cache(model)
     if plan is None:
         return caches
+    latent = reads_latent_cache(model)
     for entry in as_entries(plan):
-        caches[entry.layer_idx] = planned_cache(entry, caches[entry.layer_idx], start)
+        caches[entry.layer_idx] = planned_cache(entry, caches[entry.layer_idx], start, latent)
     if any(isinstance(c, PlannedKVCache) or hasattr(type(c), "attention") for c in caches):
         install(model)
     owners = shared_kv_owners(model)

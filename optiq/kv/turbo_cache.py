@@ -22,7 +22,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import _BaseCache
 
 from .. import turboquant
-from .attention import apply_mask
+from .attention import apply_mask, sink_softmax
 
 
 @functools.lru_cache(maxsize=128)
@@ -118,8 +118,8 @@ class TurboQuantKVCache(_BaseCache):
     def make_mask(self, *args, **kwargs):
         return mlx_cache.create_attention_mask(*args, offset=self.offset, **kwargs)
 
-    def attention(self, queries, keys, values, scale, mask):
-        return turbo_attention(queries, self, scale, mask)
+    def attention(self, queries, keys, values, scale, mask, sinks=None):
+        return turbo_attention(queries, self, scale, mask, sinks)
 
     def empty(self):
         return self.keys is None
@@ -168,8 +168,9 @@ def _planes_matmul(x, planes, terms, transpose: bool):
     return out
 
 
-def turbo_attention(queries, cache: TurboQuantKVCache, scale: float, mask):
-    """Attention over a TurboQuant cache, computed in the rotated space."""
+def turbo_attention(queries, cache: TurboQuantKVCache, scale: float, mask, sinks=None):
+    """Attention over a TurboQuant cache, computed in the rotated space
+    (`sinks`: gpt-oss's attention sinks, attention.sink_softmax)."""
     B, n_q, L, d = queries.shape
     H = cache.keys.shape[1]
     rep = n_q // H
@@ -180,7 +181,7 @@ def turbo_attention(queries, cache: TurboQuantKVCache, scale: float, mask):
     scores = _codes_matmul(q, kp, cache.turbo_bits, transpose=True)  # (B, H, rep L, T)
     scores = (scores * cache.key_norms[:, :, None, :o].astype(mx.float32)).reshape(B, H, rep, L, o)
     scores = apply_mask(scores, mask, grouped=True)
-    weights = mx.softmax(scores, axis=-1, precise=True).reshape(B, H, rep * L, o)
+    weights = sink_softmax(scores, sinks).reshape(B, H, rep * L, o)
     weights = weights * cache.value_norms[:, :, None, :o].astype(mx.float32)
     out = _codes_matmul(weights, vp, cache.turbo_bits, transpose=False)  # (B, H, rep L, d), rotated
     out = out @ rv[None]
