@@ -18,11 +18,17 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
 - convert: Llama-3-8B-shaped bf16 model: the default `optiq convert`
   (GPTQ) and round-to-nearest, time and peak memory, against
   `mlx_lm.convert -q`.
+- moe: Qwen3-30B-A3B-shaped bf16 mixture-of-experts model (128 experts of
+  768, 8 per token, hidden 2048) with `--moe-layers` of its 48 blocks (the
+  whole model is 61 GB in bf16, more than the machine's disk holds next to
+  its output): the default `optiq convert` against `mlx_lm.convert -q`,
+  time, peak memory, tokens per expert.
 """
 
 import argparse
 import contextlib
 import http.client
+import importlib
 import json
 import os
 import shutil
@@ -34,7 +40,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.utils import save_config, save_model
 
@@ -57,6 +62,12 @@ SHAPES = {
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
                        rms_norm_eps=1e-5, tie_word_embeddings=False),
     # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (rope scaling left out: speed only)
+    # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json (num_hidden_layers: --moe-layers of 48)
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                          mlp_only_layers=[], norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960,
+                          rms_norm_eps=1e-6, tie_word_embeddings=False),
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
                          max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True),
@@ -95,14 +106,15 @@ def tokenizer_files(folder: Path, vocab: int):
     }))
 
 
-def build(name: str, folder: Path, bits: int | None = None) -> Path:
+def build(name: str, folder: Path, bits: int | None = None, **overrides) -> Path:
     """A random-weight model of `name`'s shape in bf16 (or `bits`-bit weights, group 64), saved as mlx-lm saves one."""
     if (folder / "config.json").exists():
         return folder
     t0 = time.time()
-    config = dict(model_type="llama", **SHAPES[name], torch_dtype="bfloat16")
+    config = dict({"model_type": "llama", **SHAPES[name], **overrides}, torch_dtype="bfloat16")
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
@@ -415,6 +427,42 @@ def convert_table(result) -> str:
                           [[r["method"], f"{r['seconds']:.0f}", f"{r.get('peak_gib', float('nan')):.1f}", f"{r['effective_bpw']:.3f}"] for r in result["rows"]])
 
 
+# -- mixture of experts ---------------------------------------------------------------
+
+
+def moe_section(args, work: Path) -> dict:
+    source = build("qwen3-30b-a3b", work / f"qwen3-30b-a3b-{args.moe_layers}l-bf16", num_hidden_layers=args.moe_layers)
+    rows = []
+    if "optiq convert (default: GPTQ, 4.5 bpw)" in args.converts:
+        mx.reset_peak_memory()
+        t0 = time.time()
+        written = convert(ConvertConfig(model=str(source), output=str(work / "moe-optiq"), force=True), Report())
+        meta = json.loads((work / "moe-optiq" / "optiq_metadata.json").read_text())
+        cover = meta.get("expert_coverage", {}).values()
+        rows.append(dict(method="optiq convert (default: GPTQ, 4.5 bpw)", seconds=time.time() - t0, peak_gib=mx.get_peak_memory() / 2**30,
+                         effective_bpw=written.plan.effective_bpw, measured=dict(written.measured),
+                         tokens_per_expert=[min(c["min_tokens"] for c in cover), max(c["max_tokens"] for c in cover)],
+                         unseen_experts=sum(len(c["unseen"]) for c in cover)))
+        log(f"  optiq convert: {rows[-1]['seconds']:.0f}s, peak {rows[-1]['peak_gib']:.1f} GiB")
+        shutil.rmtree(work / "moe-optiq", ignore_errors=True)
+        mx.clear_cache()
+    if "mlx_lm.convert -q" in args.converts:
+        t0 = time.time()
+        out = work / "moe-mlx-lm-4bit"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out), "-q"], check=True, capture_output=True)
+        rows.append(dict(method="mlx_lm.convert -q (4-bit g64, round-to-nearest)", seconds=time.time() - t0, effective_bpw=4.5))
+        log(f"  mlx_lm.convert -q: {rows[-1]['seconds']:.0f}s")
+        shutil.rmtree(out, ignore_errors=True)
+    return dict(model=f"qwen3-30b-a3b shape with {args.moe_layers} of 48 blocks, bf16 (random)", rows=rows)
+
+
+def moe_table(result) -> str:
+    return markdown_table(["method", "time (s)", "peak memory (GiB)", "eff. bpw", "tokens per expert"],
+                          [[r["method"], f"{r['seconds']:.0f}", f"{r.get('peak_gib', float('nan')):.1f}", f"{r['effective_bpw']:.3f}",
+                            "{}..{} ({} unseen)".format(*r["tokens_per_expert"], r["unseen_experts"]) if "tokens_per_expert" in r else ""] for r in result["rows"]])
+
+
 # -- GPTQ at layer shapes -----------------------------------------------------------
 
 
@@ -456,7 +504,7 @@ def gptq_table(result) -> str:
                             f"{r['gptq_8@64_s']:.2f}", f"{r['codes_equal_to_reference']:.4f}"] for r in result["rows"]])
 
 
-SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table)}
+SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table)}
 
 
 def main():
@@ -470,6 +518,7 @@ def main():
     p.add_argument("--servers", default="mlx_lm.server;optiq serve;optiq serve, 8-bit KV (batched)",
                    help="';'-separated serving rows (also: 'optiq serve, GIL switch 1 ms')")
     p.add_argument("--converts", default="optiq convert (default: GPTQ, 4.5 bpw);mlx_lm.convert -q", help="';'-separated rows (also: optiq convert --quantizer rtn)")
+    p.add_argument("--moe-layers", type=int, default=8, help="blocks of the Qwen3-30B-A3B shape (of 48) in the moe section")
     p.add_argument("--work", default=os.environ.get("OPTIQ_GPU_WORK", "/tmp/optiq-gpu"), help="where the built models go")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()

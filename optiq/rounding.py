@@ -201,11 +201,13 @@ class Rounding:
         if self.uses_gptq(path, module, candidate):
             gram = self.gram_for(path, module)
             if is_experts(module):
-                # An expert stack's factors are a Gram's size per expert: keep one layer's, not every layer's.
-                for other in [p for p, f in self.factors.items() if isinstance(f, dict) and p != path]:
+                # An expert stack's factors are a Gram's size per expert: keep one
+                # block's, keyed by its Grams (gate_proj and up_proj share theirs).
+                key = ("experts", id(gram))
+                for other in [k for k in self.factors if isinstance(k, tuple) and k != key]:
                     del self.factors[other]
                 first = 0 if rows is None else rows.start or 0
-                return experts_gptq_weight(weight, gram, candidate, self.dtype, self.factors.setdefault(path, {}), first)
+                return experts_gptq_weight(weight, gram, candidate, self.dtype, self.factors.setdefault(key, {}), first)
             if device.on_cuda():
                 if path not in self.factors:
                     self.factors[path] = gptq.inverse_factor(gram)
