@@ -398,27 +398,38 @@ def serve_table(result) -> str:
 # -- convert ------------------------------------------------------------------------------
 
 
+def optiq_row(name: str, config: ConvertConfig) -> dict:
+    """One `optiq convert` through the library: time, peak memory, what it measured."""
+    mx.reset_peak_memory()
+    t0 = time.time()
+    written = convert(config, Report())
+    row = dict(method=name, seconds=time.time() - t0, peak_gib=mx.get_peak_memory() / 2**30,
+               effective_bpw=written.plan.effective_bpw, measured=dict(written.measured))
+    log(f"  {name}: {row['seconds']:.0f}s, peak {row['peak_gib']:.1f} GiB")
+    mx.clear_cache()
+    return row
+
+
+def mlx_lm_row(source: Path, out: Path) -> dict:
+    """`mlx_lm.convert -q` on the same source, timed (its output removed after)."""
+    t0 = time.time()
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out), "-q"], check=True, capture_output=True)
+    row = dict(method="mlx_lm.convert -q (4-bit g64, round-to-nearest)", seconds=time.time() - t0, effective_bpw=4.5)
+    log(f"  mlx_lm.convert -q: {row['seconds']:.0f}s")
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
 def convert_section(args, work: Path) -> dict:
     source = build("llama-3-8b", work / "llama-3-8b-bf16")
     rows = []
     for name, config in (("optiq convert (default: GPTQ, 4.5 bpw)", ConvertConfig(model=str(source), output=str(work / "optiq-gptq"), force=True)),
                          ("optiq convert --quantizer rtn", ConvertConfig(model=str(source), output=str(work / "optiq-rtn"), quantizer="rtn", force=True))):
-        if name not in args.converts:
-            continue
-        mx.reset_peak_memory()
-        t0 = time.time()
-        written = convert(config, Report())
-        rows.append(dict(method=name, seconds=time.time() - t0, peak_gib=mx.get_peak_memory() / 2**30,
-                         effective_bpw=written.plan.effective_bpw, measured=dict(written.measured)))
-        log(f"  {name}: {rows[-1]['seconds']:.0f}s, peak {rows[-1]['peak_gib']:.1f} GiB")
-        mx.clear_cache()
+        if name in args.converts:
+            rows.append(optiq_row(name, config))
     if "mlx_lm.convert -q" in args.converts:
-        t0 = time.time()
-        out = work / "mlx-lm-4bit"
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out), "-q"], check=True, capture_output=True)
-        rows.append(dict(method="mlx_lm.convert -q (4-bit g64, round-to-nearest)", seconds=time.time() - t0, effective_bpw=4.5))
-        log(f"  mlx_lm.convert -q: {rows[-1]['seconds']:.0f}s")
+        rows.append(mlx_lm_row(source, work / "mlx-lm-4bit"))
     return dict(model="llama-3-8b shape, bf16 (random)", rows=rows)
 
 
@@ -433,27 +444,15 @@ def convert_table(result) -> str:
 def moe_section(args, work: Path) -> dict:
     source = build("qwen3-30b-a3b", work / f"qwen3-30b-a3b-{args.moe_layers}l-bf16", num_hidden_layers=args.moe_layers)
     rows = []
-    if "optiq convert (default: GPTQ, 4.5 bpw)" in args.converts:
-        mx.reset_peak_memory()
-        t0 = time.time()
-        written = convert(ConvertConfig(model=str(source), output=str(work / "moe-optiq"), force=True), Report())
-        meta = json.loads((work / "moe-optiq" / "optiq_metadata.json").read_text())
-        cover = meta.get("expert_coverage", {}).values()
-        rows.append(dict(method="optiq convert (default: GPTQ, 4.5 bpw)", seconds=time.time() - t0, peak_gib=mx.get_peak_memory() / 2**30,
-                         effective_bpw=written.plan.effective_bpw, measured=dict(written.measured),
-                         tokens_per_expert=[min(c["min_tokens"] for c in cover), max(c["max_tokens"] for c in cover)],
-                         unseen_experts=sum(len(c["unseen"]) for c in cover)))
-        log(f"  optiq convert: {rows[-1]['seconds']:.0f}s, peak {rows[-1]['peak_gib']:.1f} GiB")
+    name = "optiq convert (default: GPTQ, 4.5 bpw)"
+    if name in args.converts:
+        rows.append(optiq_row(name, ConvertConfig(model=str(source), output=str(work / "moe-optiq"), force=True)))
+        cover = json.loads((work / "moe-optiq" / "optiq_metadata.json").read_text()).get("expert_coverage", {}).values()
+        rows[-1].update(tokens_per_expert=[min(c["min_tokens"] for c in cover), max(c["max_tokens"] for c in cover)],
+                        unseen_experts=sum(len(c["unseen"]) for c in cover))
         shutil.rmtree(work / "moe-optiq", ignore_errors=True)
-        mx.clear_cache()
     if "mlx_lm.convert -q" in args.converts:
-        t0 = time.time()
-        out = work / "moe-mlx-lm-4bit"
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out), "-q"], check=True, capture_output=True)
-        rows.append(dict(method="mlx_lm.convert -q (4-bit g64, round-to-nearest)", seconds=time.time() - t0, effective_bpw=4.5))
-        log(f"  mlx_lm.convert -q: {rows[-1]['seconds']:.0f}s")
-        shutil.rmtree(out, ignore_errors=True)
+        rows.append(mlx_lm_row(source, work / "moe-mlx-lm-4bit"))
     return dict(model=f"qwen3-30b-a3b shape with {args.moe_layers} of 48 blocks, bf16 (random)", rows=rows)
 
 

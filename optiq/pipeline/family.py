@@ -128,11 +128,17 @@ def plan_summary(plan) -> str:
 
 def per_block_bits(plan) -> str:
     """One line per block: each layer's bits, in a compact form."""
-    rows = {}
+    named = {}
     for path, c in plan.assignments:
         m = re.search(r"layers\.(\d+)\.(.+)$", path)
         block, name = (int(m.group(1)), m.group(2)) if m else (-1, path)
-        rows.setdefault(block, []).append(f"{name.split('.')[-1]}={c.bits}")
+        named.setdefault(block, []).append((name, c.bits))
+    rows = {}
+    for block, layers in named.items():
+        last = [n.split(".")[-1] for n, _ in layers]
+        # a name two layers of the block share (an MoE block's routed and shared
+        # experts' down_proj) keeps its parent: switch_mlp.down_proj
+        rows[block] = [f"{'.'.join(n.split('.')[-2:]) if last.count(n.split('.')[-1]) > 1 else n.split('.')[-1]}={b}" for n, b in layers]
     lines = []
     for block in sorted(rows):
         label = "other" if block < 0 else f"block {block:3d}"
