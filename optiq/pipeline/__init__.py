@@ -18,6 +18,7 @@ from ..device import check_backend, describe
 from ..errors import OptiqError
 from ..io import check_output
 from ..records import QuantizedWeights
+from ..ct2_import import is_ct2_whisper
 from ..source import resolve_model
 from .config import ConvertConfig, candidates, validate
 from .family import Report, not_written, record_measured
@@ -39,7 +40,8 @@ def family_for(config: ConvertConfig, path):
     """The family that converts the model at `path`."""
     if config.model_type == "yolo":
         raise OptiqError(YOLO_REFUSAL)
-    if config.model_type == "whisper" or (config.model_type == "auto" and whisper.is_whisper(path)):
+    # a CTranslate2 (faster-whisper) folder is Whisper too, before its import
+    if config.model_type == "whisper" or (config.model_type == "auto" and path is not None and (whisper.is_whisper(path) or is_ct2_whisper(path))):
         return WhisperFamily()
     if config.model_type == "vlm":
         return VisionLanguageFamily()
