@@ -72,24 +72,25 @@ def folder_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def imported_once(kind: str, name: str, digest: str, write) -> Path:
+    """An import (GGUF, CTranslate2) kept in the optiq cache, keyed by its
+    source's digest: write(folder) runs once, atomically."""
+    out = cache_dir() / kind / f"{name}-{digest[:12]}"
+    if not (out / "config.json").exists():
+        with atomic_output(out, force=True) as tmp:
+            write(tmp)
+    return out
+
+
 def import_gguf_cached(gguf_path: Path) -> Path:
     """Import a GGUF once into the optiq cache, keyed by the file's digest."""
-    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:12]}"
-    if (out / "config.json").exists():
-        return out
-    with atomic_output(out, force=True) as tmp:
-        import_gguf(gguf_path, tmp)
-    return out
+    return imported_once("gguf", gguf_path.stem, file_digest(gguf_path), lambda tmp: import_gguf(gguf_path, tmp))
 
 
 def import_ct2_cached(folder: Path) -> Path:
     """Import a CTranslate2 Whisper folder once into the optiq cache, keyed by model.bin's digest."""
-    out = cache_dir() / "ctranslate2" / f"{Path(folder).resolve().name}-{file_digest(Path(folder) / 'model.bin')[:12]}"
-    if (out / "config.json").exists():
-        return out
-    with atomic_output(out, force=True) as tmp:
-        import_ct2_whisper(folder, tmp)
-    return out
+    folder = Path(folder)
+    return imported_once("ctranslate2", folder.resolve().name, file_digest(folder / "model.bin"), lambda tmp: import_ct2_whisper(folder, tmp))
 
 
 def hub_download(repo_id: str, repo_type: str = "model", allow_patterns=None) -> Path:
