@@ -17,6 +17,7 @@ from mlx_lm.utils import sharded_load
 from . import announce_device, run_command, script_entry
 from ..cpu import adapt_for_cpu
 from ..errors import OptiqError
+from ..http import grammar
 from ..http.engine import Engine
 from ..http.server import App, Defaults, serve
 from ..kv import make_kv_cache, read_kv_config, uniform_layers
@@ -47,6 +48,8 @@ class ServeOptions:
     timeout: float = field(default=60.0, metadata=dict(help="seconds an idle or slow connection may wait"))
     batch_size: int = field(default=16, metadata=dict(help="requests decoded together"))
     dtype: str = field(default="auto", metadata=dict(choices=["auto", "float32", "native"], help="activation dtype; auto = float32 on CPU, where bf16/fp16 matmuls are slow and quantized ones accumulate in low precision (see optiq/cpu.py)"))
+    draft_model: Optional[str] = field(default=None, metadata=dict(help="a smaller model with the same vocabulary: speculative decoding (folder, .gguf or repo id)"))
+    num_draft_tokens: int = field(default=3, metadata=dict(help="tokens the draft proposes per verification step"))
     pipeline: bool = field(default=False, metadata=dict(help="under mlx.launch: shard the model by layers (pipeline) instead of tensor parallel"))
 
 
@@ -76,16 +79,22 @@ def build_app(opts: ServeOptions):
         raise OptiqError(f"--kv-group-size {opts.kv_group_size}: MLX supports 32, 64, 128")
     if not 0 <= opts.port <= 65535:
         raise OptiqError(f"--port {opts.port} is not a TCP port")
+    if opts.num_draft_tokens < 1:
+        raise OptiqError(f"--num-draft-tokens {opts.num_draft_tokens}: at least 1")
     sources = adapter_sources(opts.adapter)
     folder = resolve_model(opts.model)
     announce_device()
     group = mx.distributed.init()
+    if group.size() > 1 and opts.draft_model:
+        raise OptiqError("--draft-model is not served with a model sharded over processes (mlx-lm cannot either)")
+    draft_folder = resolve_model(opts.draft_model) if opts.draft_model else None
     if group.size() > 1:  # started by mlx.launch: mlx-lm's own sharding
         model, tokenizer = sharded_model(folder, group, opts.pipeline, sources)
     else:
         model, tokenizer = mlx_lm.load(str(folder))
     if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
         adapt_for_cpu(model)  # fp32 activations, row-adaptive quantized matmuls (optiq/cpu.py)
+    draft = load_draft(draft_folder, tokenizer, opts.dtype) if draft_folder else None
     mx.eval(model.parameters())  # materialise here: the engine thread has its own stream
     layers = None
     if opts.kv_config:
@@ -108,11 +117,28 @@ def build_app(opts: ServeOptions):
         mount(model, name, read_adapter(resolve_adapter(source)), selector)
     args = getattr(model, "args", None)
     context = opts.max_context or getattr(args, "max_position_embeddings", None) or 4096
-    engine = Engine(model, tokenizer, make_cache, selector, opts.prompt_cache_bytes, opts.batch_size, group=group)
+    if draft is not None and make_cache is not None and not all(getattr(c, "is_trimmable", lambda: False)() for c in make_cache()):
+        raise OptiqError("--draft-model needs a KV cache that can drop rejected tokens; this KV plan's caches cannot (drop --kv-config/--kv-bits)")
+    vocab = getattr(args, "vocab_size", None) or len(tokenizer.get_vocab())
+    make_processor = lambda g: grammar.GrammarProcessor(g, grammar.lltokenizer(tokenizer, vocab), vocab)  # noqa: E731
+    engine = Engine(model, tokenizer, make_cache, selector, opts.prompt_cache_bytes, opts.batch_size, group=group,
+                    make_processor=make_processor, draft_model=draft, num_draft_tokens=opts.num_draft_tokens)
     name = opts.model or folder.name
     defaults = Defaults(name, opts.max_tokens, opts.temp, opts.top_p, opts.top_k, opts.seed)
-    vocab = getattr(args, "vocab_size", None) or len(tokenizer.get_vocab())
     return App(engine, tokenizer, defaults, tuple(sources), int(context), opts.api_key, opts.max_body_bytes, opts.timeout, vocab)
+
+
+def load_draft(folder, tokenizer, dtype: str):
+    """The draft model for speculative decoding: it must speak the same vocabulary."""
+    draft, draft_tokenizer = mlx_lm.load(str(folder))
+    ours, theirs = tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if ours != theirs:  # the same ids must mean the same tokens, added tokens included
+        differ = sum(ours.get(k) != v for k, v in theirs.items()) + len(ours.keys() - theirs.keys())
+        raise OptiqError(f"--draft-model {folder}: its vocabulary ({len(theirs)} tokens) is not the model's ({len(ours)}; {differ} differ)")
+    if dtype == "float32" or (dtype == "auto" and mx.default_device() == mx.cpu):
+        adapt_for_cpu(draft)
+    mx.eval(draft.parameters())
+    return draft
 
 
 def sharded_model(folder, group, pipeline: bool, sources):

@@ -15,19 +15,11 @@ import uuid
 
 import attrs
 
+from . import grammar, tools
+from .grammar import Grammar
+from .errors import ApiError
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param=None, code=None, type="invalid_request_error", headers=()):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = tuple(headers)  # extra response headers (a 401's WWW-Authenticate)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @attrs.frozen
@@ -53,6 +45,10 @@ class GenerationRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    tools: tuple = ()  # OpenAI function shape, for the chat template
+    tool_choice: object = None  # tools.ToolChoice
+    grammar: Grammar | None = None  # structured output, enforced while decoding
+    api: str = "openai"  # "openai" or "anthropic": the response shape
 
 
 MAX_SEED = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
@@ -121,8 +117,78 @@ def _messages(body) -> tuple:
             content = ""
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param=f"messages[{i}].content")
-        out.append({"role": m["role"], "content": text(content, f"messages[{i}].content")})
+        message = {"role": m["role"], "content": text(content, f"messages[{i}].content")}
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return tuple(out)
+
+
+def _tool_calls(calls, i) -> list:
+    """An assistant turn's tool calls, arguments as objects (chat templates
+    render them with tojson)."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be an array", param=where)
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"{where}[{j}] needs function.name", param=f"{where}[{j}]")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args or "{}")
+            except ValueError:
+                raise ApiError(400, f"{where}[{j}].function.arguments is not JSON", param=f"{where}[{j}].function.arguments")
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def response_grammar(body) -> Grammar | None:
+    """OpenAI `response_format` (json_object, json_schema, and a `regex` type),
+    or vLLM's `structured_outputs` ({json | regex | choice | grammar}) for
+    clients written against vLLM."""
+    fmt = _field(body, "response_format", (dict,), default=None)
+    vllm = _field(body, "structured_outputs", (dict,), default=None)
+    if fmt is not None and vllm is not None:
+        raise ApiError(400, "give 'response_format' or 'structured_outputs', not both", param="response_format")
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return grammar.json_schema(None)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ApiError(400, "'response_format.json_schema' must be {name, schema, strict}", param="response_format.json_schema")
+            return grammar.json_schema(spec.get("schema", {}))
+        if kind == "regex" and isinstance(fmt.get("regex"), str):
+            return grammar.regex(text(fmt["regex"], "response_format.regex"))
+        raise ApiError(400, "'response_format.type' must be text, json_object, json_schema or regex (with 'regex')", param="response_format.type")
+    if vllm is not None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if vllm.get(k) is not None]
+        if len(given) != 1:
+            raise ApiError(400, "'structured_outputs' takes one of json, regex, choice, grammar", param="structured_outputs")
+        value = vllm[given[0]]
+        if given[0] == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ApiError(400, f"'structured_outputs.json' is not a JSON schema: {exc}", param="structured_outputs.json")
+        if given[0] == "json" and isinstance(value, dict):
+            return grammar.json_schema(value)
+        if given[0] == "regex" and isinstance(value, str):
+            return grammar.regex(text(value, "structured_outputs.regex"))
+        if given[0] == "choice" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return grammar.choice([text(v, "structured_outputs.choice") for v in value])
+        if given[0] == "grammar" and isinstance(value, str):
+            return grammar.lark(text(value, "structured_outputs.grammar"))
+        raise ApiError(400, f"'structured_outputs.{given[0]}' has the wrong type", param=f"structured_outputs.{given[0]}")
+    return None
 
 
 def _prompt(body):
@@ -161,22 +227,30 @@ def parse_request(kind: str, body, defaults) -> GenerationRequest:
         top = _field(body, "top_logprobs", (int,), default=0, check=lambda v: 0 <= v <= 20, why="0 to 20")
         if top and not logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        return GenerationRequest(kind, model, _messages(body), None, max_tokens, sampling, _stop(body), stream, include_usage, logprobs, top)
+        tool_list = tools.openai_tools(body)
+        return GenerationRequest(kind, model, _messages(body), None, max_tokens, sampling, _stop(body), stream, include_usage, logprobs, top,
+                                 tool_list, tools.openai_tool_choice(body, tool_list), response_grammar(body))
     top = _field(body, "logprobs", (int,), default=None, check=lambda v: 0 <= v <= 5, why="0 to 5")
-    return GenerationRequest(kind, model, None, _prompt(body), max_tokens, sampling, _stop(body), stream, include_usage, top is not None, top or 0)
+    return GenerationRequest(kind, model, None, _prompt(body), max_tokens, sampling, _stop(body), stream, include_usage, top is not None, top or 0,
+                             grammar=response_grammar(body))
 
 
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, draft=None) -> dict:
+    """draft: (accepted, proposed) draft-model tokens of a speculative request,
+    reported in OpenAI's prediction fields."""
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if draft is not None:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": draft[0], "rejected_prediction_tokens": draft[1] - draft[0]}
+    return out
 
 
 def chat_logprobs(entries) -> dict:
@@ -200,14 +274,21 @@ def completion_logprobs(entries, offset0: int) -> dict:
     }
 
 
-def response(req: GenerationRequest, rid: str, text: str, finish: str, logprob_entries, use: dict) -> dict:
+def finish_reason(finish: str, calls) -> str:
+    return "tool_calls" if calls and finish == "stop" else finish
+
+
+def response(req: GenerationRequest, rid: str, text: str, finish: str, logprob_entries, use: dict, calls=()) -> dict:
     created = int(time.time())
     if req.kind == "chat":
+        message = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            message["tool_calls"] = tools.openai_tool_calls(calls)
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": chat_logprobs(logprob_entries) if req.logprobs else None,
-            "finish_reason": finish,
+            "finish_reason": finish_reason(finish, calls),
         }
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": [choice], "usage": use}
     choice = {"index": 0, "text": text, "logprobs": completion_logprobs(logprob_entries, 0) if req.logprobs else None, "finish_reason": finish}
@@ -224,6 +305,14 @@ def chunk(req: GenerationRequest, rid: str, text: str | None, finish: str | None
         lp = completion_logprobs(logprob_entries, offset) if req.logprobs and logprob_entries else None
         choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
         body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice]}
+    if req.include_usage:
+        body["usage"] = None
+    return body
+
+
+def tool_calls_chunk(req: GenerationRequest, rid: str, calls) -> dict:
+    choice = {"index": 0, "delta": {"tool_calls": tools.openai_tool_calls(calls, streaming=True)}, "logprobs": None, "finish_reason": None}
+    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": req.model, "choices": [choice]}
     if req.include_usage:
         body["usage"] = None
     return body

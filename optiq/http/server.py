@@ -1,6 +1,7 @@
 """The HTTP edge: asyncio streams from the standard library, HTTP/1.1 parsed by
-h11 (sans-IO), routes for OpenAI's API. Generation happens in the engine
-thread; this loop only parses, validates, tokenizes and writes.
+h11 (sans-IO), routes for OpenAI's API and Anthropic's Messages API.
+Generation happens in the engine thread; this loop only parses, validates,
+tokenizes, splits tool calls out of replies and writes.
 """
 
 import asyncio
@@ -12,8 +13,10 @@ import time
 import attrs
 import h11
 
+from . import anthropic, grammar, tools
 from .engine import Ticket
-from .openai import ApiError, chunk, decode_body, new_id, parse_request, response, usage, usage_chunk
+from .errors import ApiError
+from .openai import chunk, decode_body, finish_reason, new_id, parse_request, response, tool_calls_chunk, usage, usage_chunk
 
 log = logging.getLogger("optiq.http")
 
@@ -22,7 +25,12 @@ ROUTES = {
     "/v1/models": ("GET",),
     "/v1/chat/completions": ("POST",),
     "/v1/completions": ("POST",),
+    "/v1/messages": ("POST",),
+    "/v1/messages/count_tokens": ("POST",),
 }
+
+
+SSE_HEADERS = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
 
 
 @attrs.frozen
@@ -60,8 +68,9 @@ class App:
 
     def prompt_tokens(self, req) -> list:
         if req.kind == "chat":
+            offered = req.tools if req.tools and req.tool_choice is not None and req.tool_choice.mode != "none" else None
             try:
-                return chat_tokens(self.tokenizer, list(req.messages))
+                return chat_tokens(self.tokenizer, list(req.messages), offered)
             except Exception as exc:  # jinja's TemplateError, a template's raise_exception: the messages, not a bug
                 raise ApiError(400, f"the model's chat template refuses these messages: {type(exc).__name__}: {exc}", param="messages")
         if isinstance(req.prompt, tuple):
@@ -70,12 +79,29 @@ class App:
             return list(req.prompt)
         return self.tokenizer.encode(req.prompt)
 
+    def constraint(self, req):
+        """The grammar this reply must follow (a required tool call, or the
+        response format), compiled against the vocabulary now: a schema or
+        regex llguidance refuses is a 400 before anything is queued."""
+        call = tools.call_grammar(self.tokenizer, req.tools, req.tool_choice) if req.tool_choice is not None else None
+        if call is not None and req.grammar is not None:
+            raise ApiError(400, "a required tool call and a response format cannot both constrain one reply", param="tool_choice")
+        chosen = call or req.grammar
+        if chosen is not None:
+            try:
+                grammar.check(chosen, grammar.lltokenizer(self.tokenizer, self.vocab_size))
+            except grammar.GrammarError as exc:
+                where = "tools" if call is not None else "output_config.format" if req.api == "anthropic" else "response_format"
+                raise ApiError(400, f"the requested output format does not compile: {exc}", param=where, code="invalid_grammar")
+        return chosen
 
-def chat_tokens(tokenizer, messages) -> list:
-    """The tokenizer's own chat template (jinja, via transformers); a plain
-    transcript when the tokenizer has none."""
+
+def chat_tokens(tokenizer, messages, tools=None) -> list:
+    """The tokenizer's own chat template (jinja, via transformers), with the
+    tools offered; a plain transcript when the tokenizer has none."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        extra = {"tools": list(tools)} if tools else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         return tokenizer.encode(text, add_special_tokens=False)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer.encode(text)
@@ -86,8 +112,12 @@ def _json(status: int, body: dict, headers=()):
     return status, [("content-type", "application/json"), ("content-length", str(len(data))), *headers], data
 
 
-def _error(exc: ApiError):
-    return _json(exc.status, exc.body(), exc.headers)
+def _error(exc: ApiError, api: str = "openai"):
+    return _json(exc.status, exc.anthropic_body() if api == "anthropic" else exc.body(), exc.headers)
+
+
+def api_of(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
 class Connection:
@@ -192,14 +222,14 @@ class Connection:
             if self.conn.our_state is not h11.SEND_RESPONSE:  # a stream already under way
                 self.closed = True
                 return
-            result = _error(exc)
+            result = _error(exc, api_of(path))
             if exc.status == 413:
                 self.closed = True  # the rest of the body is unread
         except h11.RemoteProtocolError as exc:  # a malformed body (a bad chunk size): say so, then close
             self.closed = True
             if self.conn.our_state is not h11.SEND_RESPONSE:
                 return
-            result = _error(ApiError(400, f"malformed request body: {exc}", code="invalid_body"))
+            result = _error(ApiError(400, f"malformed request body: {exc}", code="invalid_body"), api_of(path))
         except asyncio.TimeoutError:  # a body slower than --timeout: the client is dropped
             self.closed = True
             return
@@ -210,7 +240,7 @@ class Connection:
             if self.conn.our_state is not h11.SEND_RESPONSE:
                 self.closed = True
                 return
-            result = _json(500, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
+            result = _error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"), api_of(path))
         if result is not None:
             status, headers, data = result
             if self.closed:
@@ -218,12 +248,15 @@ class Connection:
             await self.respond(status, headers, data)
 
     def _authorize(self, headers):
+        """Authorization: Bearer KEY (OpenAI's clients) or x-api-key: KEY (Anthropic's)."""
         if self.app.api_key is None:
             return
         scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
-        # RFC 7235: the scheme is case-insensitive; compare the key in constant time
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode("utf-8", "replace"), self.app.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
+        # RFC 7235: the scheme is case-insensitive
+        if scheme.lower() != "bearer":
+            key = headers.get(b"x-api-key", b"").decode("latin-1")
+        if not hmac.compare_digest(key.strip().encode("utf-8", "replace"), self.app.api_key.encode()):  # constant time
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY, or x-api-key: KEY)", code="invalid_api_key",
                            headers=[("www-authenticate", 'Bearer realm="optiq"')])
 
     async def route(self, method, path, headers, body):
@@ -239,6 +272,13 @@ class Connection:
             data = [{"id": n, "object": "model", "created": self.app.created, "owned_by": "optiq"} for n in names]
             return _json(200, {"object": "list", "data": data})
         parsed = decode_body(body)
+        if path == "/v1/messages/count_tokens":  # Anthropic's: the prompt's size, nothing generated
+            if isinstance(parsed, dict):
+                parsed = {**parsed, "max_tokens": parsed.get("max_tokens", 1)}
+            req = anthropic.parse_messages(parsed, self.app.defaults)
+            return _json(200, {"input_tokens": len(self.app.prompt_tokens(req))})
+        if path == "/v1/messages":
+            return await self.generate(anthropic.parse_messages(parsed, self.app.defaults))
         kind = "chat" if path.endswith("chat/completions") else "completion"
         return await self.generate(parse_request(kind, parsed, self.app.defaults))
 
@@ -249,7 +289,7 @@ class Connection:
         if len(tokens) >= app.max_context:
             raise ApiError(400, f"the prompt has {len(tokens)} tokens; the context holds {app.max_context}",
                            param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
-        req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)))
+        req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)), grammar=app.constraint(req))
         if req.sampling.top_k >= app.vocab_size:  # every token is in the top k: the same as no top-k
             req = attrs.evolve(req, sampling=attrs.evolve(req.sampling, top_k=0))
         ticket = Ticket(req, tokens, adapter, asyncio.get_running_loop(), asyncio.Queue())
@@ -257,7 +297,7 @@ class Connection:
         watcher = asyncio.ensure_future(self._watch())  # one per request, not per event
         try:
             if req.stream:
-                await self.stream(req, ticket, watcher)
+                await (self.stream_messages if req.api == "anthropic" else self.stream)(req, ticket, watcher, len(tokens))
                 return None
             return await self.complete(req, ticket, watcher)
         finally:
@@ -301,36 +341,91 @@ class Connection:
         return event
 
     async def complete(self, req, ticket, watcher):
-        rid, text, entries = new_id(req.kind), "", []
+        text, entries = "", []
         while True:
             event = await self._event(ticket, watcher)
             text += event["text"]
             entries += event["entries"]
             if "finish" in event:
-                use = usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"])
-                return _json(200, response(req, rid, text, event["finish"], entries, use))
+                break
+        split = tools.ToolStream(self.app.tokenizer, req.tools, "toolu_" if req.api == "anthropic" else "call_")
+        sent = split.feed(text)
+        rest, calls = split.finish()
+        if req.api == "anthropic":
+            use = anthropic.usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"])
+            return _json(200, anthropic.message(req, anthropic.new_id(), sent + rest, calls, event["finish"], event.get("stop_sequence"), use))
+        use = usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"], event.get("draft"))
+        return _json(200, response(req, new_id(req.kind), sent + rest, event["finish"], entries, use, calls))
 
-    async def stream(self, req, ticket, watcher):
+    async def stream(self, req, ticket, watcher, prompt_tokens):
         rid = new_id(req.kind)
-        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
         first = True
         offset = 0
+        split = tools.ToolStream(self.app.tokenizer, req.tools)
         while True:
             event = await self._event(ticket, watcher)  # errors before the first byte are plain 4xx/5xx
             if first:
-                await self.send(h11.Response(status_code=200, headers=headers))
+                await self.send(h11.Response(status_code=200, headers=SSE_HEADERS))
                 if req.kind == "chat":
                     await self._sse(chunk(req, rid, "", None, first=True))
                 first = False
-            if event["text"] or event["entries"]:
-                await self._sse(chunk(req, rid, event["text"], None, event["entries"], offset=offset))
-                offset += len(event["text"])
+            text = split.feed(event["text"])
+            calls = ()
             if "finish" in event:
-                await self._sse(chunk(req, rid, None if req.kind == "chat" else "", event["finish"]))
+                rest, calls = split.finish()
+                text += rest
+            if text or event["entries"]:
+                await self._sse(chunk(req, rid, text, None, event["entries"], offset=offset))
+                offset += len(text)
+            if "finish" in event:
+                if calls:
+                    await self._sse(tool_calls_chunk(req, rid, calls))
+                await self._sse(chunk(req, rid, None if req.kind == "chat" else "", finish_reason(event["finish"], calls)))
                 if req.include_usage:
-                    await self._sse(usage_chunk(req, rid, usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"])))
+                    use = usage(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"], event.get("draft"))
+                    await self._sse(usage_chunk(req, rid, use))
                 await self.send(h11.Data(data=b"data: [DONE]\n\n"), h11.EndOfMessage())
                 return
+
+    async def stream_messages(self, req, ticket, watcher, prompt_tokens):
+        """Anthropic's event sequence: message_start, ping, then per content
+        block start/delta.../stop (text first, then each tool_use with its
+        input as one input_json_delta), message_delta (stop reason, output
+        tokens), message_stop."""
+        mid, split, block = anthropic.new_id(), tools.ToolStream(self.app.tokenizer, req.tools, "toolu_"), None
+        first = True
+        while True:
+            event = await self._event(ticket, watcher)
+            if first:
+                await self.send(h11.Response(status_code=200, headers=SSE_HEADERS))
+                await self._raw(anthropic.message_start(req, mid, prompt_tokens - event.get("cached_tokens", 0)))
+                await self._raw(anthropic.event("ping"))
+                first = False
+            text, calls = split.feed(event["text"]), ()
+            if "finish" in event:
+                rest, calls = split.finish()
+                text += rest
+            if text:
+                if block is None:
+                    block = 0
+                    await self._raw(anthropic.event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+                await self._raw(anthropic.event("content_block_delta", index=0, delta={"type": "text_delta", "text": text}))
+            if "finish" in event:
+                break
+        if block is not None:
+            await self._raw(anthropic.event("content_block_stop", index=0))
+        for i, call in enumerate(calls, start=0 if block is None else 1):
+            await self._raw(anthropic.event("content_block_start", index=i, content_block={**anthropic.tool_block(call), "input": {}}))
+            await self._raw(anthropic.event("content_block_delta", index=i, delta={"type": "input_json_delta", "partial_json": json.dumps(call.arguments)}))
+            await self._raw(anthropic.event("content_block_stop", index=i))
+        reason = anthropic.stop_reason(event["finish"], event.get("stop_sequence"), calls)
+        await self._raw(anthropic.event("message_delta", delta={"stop_reason": reason, "stop_sequence": event.get("stop_sequence")},
+                                        usage={"output_tokens": event["completion_tokens"]}))
+        await self._raw(anthropic.event("message_stop"))
+        await self.send(h11.EndOfMessage())
+
+    async def _raw(self, data: bytes):
+        await self.send(h11.Data(data=data))
 
     async def _sse(self, body: dict):
         await self.send(h11.Data(data=b"data: " + json.dumps(body).encode() + b"\n\n"))
