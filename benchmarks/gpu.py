@@ -23,6 +23,12 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   whole model is 61 GB in bf16, more than the machine's disk holds next to
   its output): the default `optiq convert` against `mlx_lm.convert -q`,
   time, peak memory, tokens per expert.
+- speculative: Llama-3-8B-shaped bf16 model, streamed greedy chats at
+  concurrency 1 and 4, plain and with a draft model (the same random weights
+  at 4 bits, group 64: self-speculation, the draft a random model can agree
+  with), optiq serve against mlx_lm.server --draft-model: tok/s, draft
+  acceptance; and optiq serve with every request under a JSON-schema
+  grammar (structured output's cost).
 """
 
 import argparse
@@ -310,10 +316,10 @@ def wait_ready(proc, port, log_path, limit=600):
     raise RuntimeError("server did not start")
 
 
-def chat(port, prompt, max_tokens):
+def chat(port, prompt, max_tokens, extra=None):
     """One streamed greedy chat: (seconds to the first content, content chunks, seconds)."""
     body = json.dumps({"model": "default_model", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                       "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}})
+                       "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})})
     t0 = time.perf_counter()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     c.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
@@ -335,8 +341,8 @@ def chat(port, prompt, max_tokens):
     return first or time.perf_counter() - t0, n, time.perf_counter() - t0
 
 
-def drive(port, prompts, concurrency, max_tokens) -> dict:
-    return drive_requests(lambda prompt: chat(port, prompt, max_tokens), prompts, concurrency)
+def drive(port, prompts, concurrency, max_tokens, extra=None) -> dict:
+    return drive_requests(lambda prompt: chat(port, prompt, max_tokens, extra), prompts, concurrency)
 
 
 def health(port) -> dict:
@@ -356,13 +362,21 @@ def serve_section(args, work: Path) -> dict:
     }
     env_of = {"optiq serve": {"OPTIQ_PROFILE": str(Path(args.out) / "gpu-serve-profile.txt")},
               "optiq serve, GIL switch 1 ms": {"OPTIQ_SWITCH_INTERVAL": "0.001"}}
-    prompts = [f"Question {i}: continue the history of the city by the river in a few sentences." for i in range(max(args.concurrency) * 2)]
+    return dict(model="llama-3.2-1b shape, bf16 (random)", max_tokens=args.max_tokens,
+                rows=run_servers(servers, args.servers or list(servers), args.concurrency, args.max_tokens, work, env_of))
+
+
+def run_servers(servers, names, levels, max_tokens, work, env_of=None, extra_of=None) -> list:
+    """Each server in turn on a free port: a warm-up at every level, then the
+    timed levels; optiq's rows carry the engine's counters over the level."""
+    prompts = [f"Question {i}: continue the history of the city by the river in a few sentences." for i in range(max(levels) * 2)]
     rows = []
-    for name in args.servers or list(servers):
+    for name in names:
+        extra = (extra_of or {}).get(name)
         port = free_port()
         log_path = work / f"serve-{name.split()[0]}-{len(rows)}.log"
         with open(log_path, "w") as out:
-            proc = subprocess.Popen(servers[name](port), stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **env_of.get(name, {})))
+            proc = subprocess.Popen(servers[name](port), stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **(env_of or {}).get(name, {})))
         try:
             try:
                 wait_ready(proc, port, log_path)
@@ -370,23 +384,58 @@ def serve_section(args, work: Path) -> dict:
                 rows.append(dict(server=name, error=str(exc)[-500:]))
                 log(f"  {name}: {rows[-1]['error']}")
                 continue
-            for c in args.concurrency:  # warm-up at every level: each batch size compiles its kernels once
-                drive(port, prompts[:c], c, 8)
-            for c in args.concurrency:
+            for c in levels:  # warm-up at every level: each batch size compiles its kernels once
+                drive(port, prompts[:c], c, 8, extra)
+            for c in levels:
                 before = health(port) if name.startswith("optiq") else None
-                row = dict(server=name, **drive(port, prompts[: max(2 * c, 16)], c, args.max_tokens))
+                row = dict(server=name, **drive(port, prompts[: max(2 * c, 16)], c, max_tokens, extra))
                 if before is not None:
                     after = health(port)
-                    row["engine"] = {k: after[k] - before[k] for k in ("steps", "step_seconds", "token_seconds", "generated_tokens")}
+                    row["engine"] = {k: after[k] - before[k] for k in ("steps", "step_seconds", "token_seconds", "generated_tokens",
+                                                                       "draft_tokens_accepted", "draft_tokens_proposed") if k in after}
                 rows.append(row)
-                log(f"  {name:34s} c={c:<3} {row['tok_per_s']:8.1f} tok/s  TTFT p50 {row['ttft_median_s']:.3f}s  errors {row['errors']}"
-                    + (f"  engine: {row['engine']['steps']} steps, {row['engine']['step_seconds']:.2f}s in steps, {row['engine']['token_seconds']:.2f}s per-token" if "engine" in row else ""))
+                engine = row.get("engine", {})
+                log(f"  {name:34s} c={c:<3} {row['tok_per_s']:8.1f} tok/s  TTFT p50 {row['ttft_median_s']:.3f}s  errors {row['errors']} {row['error_messages'][:1]}"
+                    + (f"  engine: {engine['steps']} steps, {engine['step_seconds']:.2f}s in steps, {engine['token_seconds']:.2f}s per-token" if engine else "")
+                    + (f"  draft accepted {engine['draft_tokens_accepted']}/{engine['draft_tokens_proposed']}" if "draft_tokens_proposed" in engine else ""))
         finally:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
             proc.kill()
-    return dict(model="llama-3.2-1b shape, bf16 (random)", max_tokens=args.max_tokens, rows=rows)
+    return rows
+
+
+def speculative_section(args, work: Path) -> dict:
+    target = build("llama-3-8b", work / "llama-3-8b-bf16")
+    draft = build("llama-3-8b", work / "llama-3-8b-4bit", bits=4)  # the same seed: the target's own weights at 4 bits
+    py = sys.executable
+    n = str(args.num_draft_tokens)
+    servers = {
+        "mlx_lm.server": lambda port: [py, "-m", "mlx_lm", "server", "--model", str(target), "--port", str(port), "--log-level", "WARNING"],
+        "mlx_lm.server --draft-model": lambda port: [py, "-m", "mlx_lm", "server", "--model", str(target), "--port", str(port), "--log-level",
+                                                     "WARNING", "--draft-model", str(draft), "--num-draft-tokens", n],
+        "optiq serve": lambda port: [py, "-m", "optiq.http", "--model", str(target), "--port", str(port)],
+        "optiq serve --draft-model": lambda port: [py, "-m", "optiq.http", "--model", str(target), "--port", str(port),
+                                                   "--draft-model", str(draft), "--num-draft-tokens", n],
+        "optiq serve, JSON-schema output": lambda port: [py, "-m", "optiq.http", "--model", str(target), "--port", str(port)],
+    }
+    schema = {"type": "object", "properties": {"story": {"type": "string"}, "year": {"type": "integer"}}, "required": ["story", "year"]}
+    extra_of = {"optiq serve, JSON-schema output": {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}}
+    names = args.servers if args.servers and all(name in servers for name in args.servers) else list(servers)
+    levels = [c for c in args.concurrency if c <= 8] or [1]
+    return dict(model="llama-3-8b shape, bf16 (random); draft: the same weights at 4 bits", max_tokens=args.max_tokens,
+                num_draft_tokens=args.num_draft_tokens, rows=run_servers(servers, names, levels, args.max_tokens, work, extra_of=extra_of))
+
+
+def speculative_table(result) -> str:
+    def accept(r):
+        e = r.get("engine", {})
+        return f"{e['draft_tokens_accepted'] / max(e['draft_tokens_proposed'], 1):.2f}" if "draft_tokens_proposed" in e else "-"
+
+    return markdown_table(["server", "concurrency", "tok/s", "TTFT p50 (s)", "draft acceptance", "errors"],
+                          [[r["server"], r["concurrency"], f"{r['tok_per_s']:.1f}", f"{r['ttft_median_s']:.3f}", accept(r), r["errors"]]
+                           if "error" not in r else [r["server"], "-", "fails to start", "-", "-", "-"] for r in result["rows"]])
 
 
 def serve_table(result) -> str:
@@ -503,7 +552,8 @@ def gptq_table(result) -> str:
                             f"{r['gptq_8@64_s']:.2f}", f"{r['codes_equal_to_reference']:.4f}"] for r in result["rows"]])
 
 
-SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table)}
+SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table),
+            "speculative": (speculative_section, speculative_table)}
 
 
 def main():
@@ -517,6 +567,7 @@ def main():
     p.add_argument("--servers", default="mlx_lm.server;optiq serve;optiq serve, 8-bit KV (batched)",
                    help="';'-separated serving rows (also: 'optiq serve, GIL switch 1 ms')")
     p.add_argument("--converts", default="optiq convert (default: GPTQ, 4.5 bpw);mlx_lm.convert -q", help="';'-separated rows (also: optiq convert --quantizer rtn)")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="speculative section: tokens the draft proposes per step")
     p.add_argument("--moe-layers", type=int, default=8, help="blocks of the Qwen3-30B-A3B shape (of 48) in the moe section")
     p.add_argument("--work", default=os.environ.get("OPTIQ_GPU_WORK", "/tmp/optiq-gpu"), help="where the built models go")
     p.add_argument("--out", default=str(RESULTS))

@@ -4,6 +4,7 @@ first token at several concurrency levels, and errors.
 
     python benchmarks/server.py                  # SmolLM2-135M-Instruct
     python benchmarks/server.py --model PATH --concurrency 1,4,8 --requests 16
+    python benchmarks/server.py --draft-model DRAFT --servers "optiq serve,optiq serve --draft-model"
 
 Each server runs as its own process (started here, stopped at the end) and
 is driven over HTTP by the `openai` client with streaming, greedy sampling
@@ -12,7 +13,10 @@ and the same prompts. The head-to-head rows serve the same fp32 model folder
 with an fp16 or 4-bit model computes in fp16, where one 4-bit layer's
 single-row matmul alone takes ~29 ms (optiq/cpu.py), which makes a run take
 hours. A last row serves the uniform 4-bit model (mlx_lm.convert -q) with
-optiq serve, whose CPU path runs it in fp32 with packed weights.
+optiq serve, whose CPU path runs it in fp32 with packed weights. With
+--draft-model, rows for speculative decoding join (both servers with the
+draft; optiq's rows report the draft acceptance from /health). GPU numbers
+for speculative decoding come from benchmarks/gpu.py --sections speculative.
 Writes JSON to benchmarks/results/.
 """
 
@@ -166,12 +170,26 @@ def forward_ceiling(model, work, concurrency, max_tokens):
                 ttft_median_s=float("nan"), ttft_p95_s=float("nan"))
 
 
-def servers(model, quantized):
+def health(port) -> dict:
+    import urllib.request
+
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+    except (ValueError, OSError):  # mlx_lm.server's /health may not be JSON
+        return {}
+
+
+def servers(model, quantized, draft=None, num_draft=3):
     py = sys.executable
     rows = {
         "mlx_lm.server": lambda port: [py, "-m", "mlx_lm", "server", "--model", model, "--port", str(port), "--log-level", "WARNING"],
         "optiq serve": lambda port: [py, "-m", "optiq.http", "--model", model, "--port", str(port)],
     }
+    if draft:
+        rows["mlx_lm.server --draft-model"] = lambda port: [py, "-m", "mlx_lm", "server", "--model", model, "--port", str(port), "--log-level",
+                                                            "WARNING", "--draft-model", draft, "--num-draft-tokens", str(num_draft)]
+        rows["optiq serve --draft-model"] = lambda port: [py, "-m", "optiq.http", "--model", model, "--port", str(port),
+                                                          "--draft-model", draft, "--num-draft-tokens", str(num_draft)]
     if quantized:
         rows["optiq serve, 4-bit model"] = lambda port: [py, "-m", "optiq.http", "--model", quantized, "--port", str(port)]
     return rows
@@ -185,6 +203,8 @@ def main():
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--servers", default=None, help="comma-separated subset of the rows")
+    p.add_argument("--draft-model", default=None, help="adds speculative rows with this draft ('4bit': SmolLM2 4-bit)")
+    p.add_argument("--num-draft-tokens", type=int, default=3)
     p.add_argument("--out", default=str(RESULTS / "server.json"))
     args = p.parse_args()
 
@@ -195,7 +215,8 @@ def main():
     quantized = None if args.quantized_model == "none" else (args.quantized_model or (prepared("4bit") if not args.model else None))
     levels = [int(c) for c in args.concurrency.split(",")]
     work = prompts(args.requests)
-    table = servers(model, quantized)
+    draft = prepared("4bit") if args.draft_model == "4bit" else args.draft_model
+    table = servers(model, quantized, draft, args.num_draft_tokens)
     names = args.servers.split(",") if args.servers else list(table)
     rows = []
     for name in names:
@@ -206,7 +227,12 @@ def main():
             served = "default_model"  # mlx_lm.server's name for --model; optiq accepts it too
             drive(f"http://127.0.0.1:{port}", served, work[:2], 1, 8)  # warm up
             for c in levels:
+                before = health(port)
                 row = dict(server=name, **drive(f"http://127.0.0.1:{port}", served, work, c, args.max_tokens))
+                after = health(port)
+                if "draft_tokens_proposed" in after:
+                    row["draft_acceptance"] = (after["draft_tokens_accepted"] - before["draft_tokens_accepted"]) / max(
+                        after["draft_tokens_proposed"] - before["draft_tokens_proposed"], 1)
                 rows.append(row)
                 print(f"{name:28s} c={c}: {row['req_per_s']:.2f} req/s {row['tok_per_s']:.1f} tok/s "
                       f"TTFT p50 {row['ttft_median_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s errors {row['errors']}", flush=True)
@@ -221,10 +247,11 @@ def main():
             print(f"{rows[-1]['server']} c={c}: {rows[-1]['tok_per_s']:.1f} tok/s", flush=True)
 
     print(f"\nmodel: {model} (last row: {quantized}); {args.requests} chat requests per level, max_tokens {args.max_tokens}, greedy, streaming\n")
-    print("| server | concurrency | req/s | tok/s | TTFT p50 (s) | TTFT p95 (s) | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | concurrency | req/s | tok/s | TTFT p50 (s) | TTFT p95 (s) | draft acceptance | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['concurrency']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['errors']} |")
+        accept = f"{r['draft_acceptance']:.2f}" if "draft_acceptance" in r else "-"
+        print(f"| {r['server']} | {r['concurrency']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p95_s']:.2f} | {accept} | {r['errors']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(model=model, quantized_model=quantized, args=vars(args), rows=rows), indent=2))
     print(f"\nwrote {args.out}")

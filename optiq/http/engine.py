@@ -195,8 +195,8 @@ class SpeculativeGenerator:
 
     Response = InterleavedGenerator.Response
 
-    def __init__(self, model, draft_model, num_draft_tokens, stop_tokens, make_cache, prefill_step_size=512):
-        self.model, self.draft, self.n = model, draft_model, num_draft_tokens
+    def __init__(self, model, draft_model, num_draft_tokens, stop_tokens, make_cache, prefill_step_size=512, stream=None):
+        self.model, self.draft, self.n, self.stream = model, draft_model, num_draft_tokens, stream
         self.stop = {t for seq in stop_tokens for t in seq}
         self.make_cache, self.prefill_step_size = make_cache, prefill_step_size
         self.seqs, self.counts, self._uid = {}, {}, 0
@@ -205,7 +205,7 @@ class SpeculativeGenerator:
         uids = []
         for p, m, s in zip(prompts, max_tokens, samplers):
             cache = self.make_cache() + make_prompt_cache(self.draft)
-            steps = speculative_generate_step(mx.array(list(p)), self.model, self.draft, num_draft_tokens=self.n, max_tokens=m,
+            steps = speculative_generate_step(mx.array(list(p)), self.model, self.draft, self.stream, num_draft_tokens=self.n, max_tokens=m,
                                               sampler=s, prompt_cache=cache, prefill_step_size=self.prefill_step_size)
             self.seqs[self._uid] = dict(steps=steps, max=m, n=0, accepted=0, proposed=0, new_round=True)
             uids.append(self._uid)
@@ -294,7 +294,8 @@ class Engine:
         if lane not in self.generators:
             if lane[1]:
                 self.generators[lane] = SpeculativeGenerator(self.model, self.draft_model, self.num_draft_tokens, self.stop_tokens,
-                                                             self.make_cache or (lambda: make_prompt_cache(self.model)), self.prefill_step_size)
+                                                             self.make_cache or (lambda: make_prompt_cache(self.model)), self.prefill_step_size,
+                                                             self.stream)
             elif self.batched:
                 self.generators[lane] = BatchGenerator(
                     self.model, stop_tokens=self.stop_tokens, completion_batch_size=self.batch_size,
