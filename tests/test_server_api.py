@@ -375,3 +375,20 @@ def test_random_bodies_on_the_new_fields_get_2xx_or_4xx_in_their_apis_shape(serv
             assert reply["type"] == "error" and set(reply["error"]) == {"type", "message"}, reply
         else:
             assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
+
+
+def test_packed_mask_unpacks_to_the_allowed_tokens():
+    import mlx.core as mx
+    import numpy as np
+
+    from optiq.http.grammar import apply_bitmask
+
+    rng = np.random.default_rng(0)
+    allowed = rng.random(100) < 0.3
+    words = np.packbits(np.pad(allowed, (0, 28)), bitorder="little").view(np.uint32)
+    logits = mx.array(rng.normal(size=(1, 100)).astype(np.float32))
+    out = np.array(apply_bitmask(logits, mx.array(words)))
+    assert np.array_equal(np.isfinite(out[0]), allowed)
+    assert np.array_equal(out[0][allowed], np.array(logits)[0][allowed])
+    wide = np.array(apply_bitmask(mx.zeros((1, 140)), mx.array(words)))  # logits past the mask's words: refused
+    assert not np.isfinite(wide[0, 128:]).any()

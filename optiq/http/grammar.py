@@ -95,7 +95,12 @@ class GrammarProcessor:
     mlx-lm calls it once per decode step with the tokens so far; from the
     second call on, the last of them is the token sampled under the previous
     mask, which the matcher consumes before the next mask. Once the grammar is
-    complete only end-of-sequence is allowed, so the request ends there."""
+    complete only end-of-sequence is allowed, so the request ends there.
+
+    The step's forward pass is started before the mask is computed, so the
+    matcher's work on the host overlaps the model's on the device (the mask
+    needs the previous token, the forward pass does not need the mask). The
+    mask travels packed, 32 tokens a word, and is unpacked on the device."""
 
     def __init__(self, grammar: Grammar, lltok, n_vocab: int):
         self.matcher = llguidance.LLMatcher(lltok, grammar.spec)
@@ -105,11 +110,18 @@ class GrammarProcessor:
         self.n_vocab, self.started = n_vocab, False
 
     def __call__(self, tokens, logits):
+        mx.async_eval(logits)
         if self.started:
             self.matcher.consume_token(int(tokens[-1].item()))
         self.started = True
         fill_next_token_bitmask(self.matcher, self.mask, 0)
-        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
-        if allowed.shape[0] < logits.shape[-1]:
-            allowed = np.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
-        return mx.where(mx.array(allowed.astype(bool)), logits, mx.array(-float("inf"), logits.dtype))
+        return apply_bitmask(logits, mx.array(self.mask.view(np.uint32)))
+
+
+def apply_bitmask(logits: mx.array, words: mx.array) -> mx.array:
+    """logits where the packed mask's bit is set (bit j of word i: token 32 i + j), else -inf."""
+    bits = (words.reshape(-1, 1) >> mx.arange(32, dtype=mx.uint32)) & 1
+    allowed = bits.reshape(-1)[: logits.shape[-1]].astype(mx.bool_)
+    if allowed.shape[0] < logits.shape[-1]:  # a mask narrower than the logits allows none of the rest
+        allowed = mx.concatenate([allowed, mx.zeros((logits.shape[-1] - allowed.shape[0],), dtype=mx.bool_)])
+    return mx.where(allowed, logits, mx.array(-float("inf"), logits.dtype))
