@@ -36,7 +36,7 @@ def plan_predicate(plan: BitPlan):
         c = chosen.get(path)
         if c is None or c.bits >= 16:
             return False
-        return {"group_size": c.group_size, "bits": c.bits, "mode": "affine"}
+        return {"group_size": c.group_size, "bits": c.bits, "mode": c.mode}
 
     return predicate
 

@@ -22,6 +22,8 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 FLOAT_BITS = 16  # an unquantized weight, stored as fp16/bf16
+# MLX's microscaling weight formats: mode -> (code bits, group size), fixed by the format.
+FP_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 
 
 class Record:
@@ -55,9 +57,11 @@ def _optional_float(v):
 @attrs.frozen(order=True)
 class Candidate(Record):
     """One way to store a layer: affine `bits` with `group_size` (bits=16: unquantized),
-    or, for KV caches, mode "turbo": TurboQuant codes with one fp16 norm per
-    vector of `group_size` (the head dimension) elements. A KV candidate may
-    give values their own width (`v_bits`; 0: the same as the keys' `bits`)."""
+    one of MLX's microscaling formats (mode "mxfp4", "nvfp4", "mxfp8": float
+    codes sharing an 8-bit scale per group, no bias), or, for KV caches, mode
+    "turbo": TurboQuant codes with one fp16 norm per vector of `group_size`
+    (the head dimension) elements. A KV candidate may give values their own
+    width (`v_bits`; 0: the same as the keys' `bits`)."""
 
     bits: int = attrs.field(converter=int)
     group_size: int = attrs.field(default=64, converter=int)
@@ -75,12 +79,16 @@ class Candidate(Record):
             return float(FLOAT_BITS)
         if self.mode == "turbo":
             return self.code_bits + 16.0 / self.group_size
+        if self.mode in FP_MODES:  # one 8-bit scale per group (E8M0 for mx, E4M3 for nv)
+            return self.code_bits + 8.0 / self.group_size
         # One fp16 scale and one fp16 bias per group, as MLX's affine mode stores them.
         return self.code_bits + 32.0 / self.group_size
 
     @property
     def key(self) -> str:
         v = f"/{self.v_bits}" if self.v_bits else ""
+        if self.mode in FP_MODES:
+            return f"{self.mode}@{self.group_size}"
         return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}{v}@{self.group_size}"
 
 

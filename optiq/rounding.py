@@ -1,4 +1,4 @@
-"""How a layer's weights are rounded onto MLX's affine grid, real and simulated.
+"""How a layer's weights are rounded onto MLX's grids, real and simulated.
 
 Two quantizers share one grid (a scale and a bias per `group_size` inputs,
 rounded to the dtype the written model stores them in: fp16, or bf16 for a
@@ -15,6 +15,10 @@ writes with: which quantizer, the dtype scales are stored in, and the Grams
 GPTQ needs. The stored dtype is always an argument, never ambient state, so
 what a probe measures is what the written model computes. `pack` writes
 integer codes in MLX's own bit order, so the output loads in stock mlx-lm.
+
+MLX's microscaling formats (mxfp4, nvfp4, mxfp8: float codes and an 8-bit
+scale per group, no bias) are rounded to nearest by `mx.quantize` in every
+quantizer; GPTQ here works on the affine grid only.
 """
 
 from typing import Mapping, Optional
@@ -54,15 +58,21 @@ def quantize_rows(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> t
     weight = weight.reshape(-1, shape[-1])
     parts = []
     for rows in row_slabs(weight.shape):
-        q, scales, biases = mx.quantize(weight[rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
-        parts.append((q, scales.astype(dtype).astype(mx.float32), biases.astype(dtype).astype(mx.float32)))
+        if candidate.mode != "affine":  # microscaling: 8-bit scales as MLX stores them, no bias
+            q, scales = mx.quantize(weight[rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits, mode=candidate.mode)
+            parts.append((q, scales))
+        else:
+            q, scales, biases = mx.quantize(weight[rows].astype(mx.float32), group_size=candidate.group_size, bits=candidate.bits)
+            parts.append((q, scales.astype(dtype).astype(mx.float32), biases.astype(dtype).astype(mx.float32)))
         mx.eval(parts[-1])
     whole = (mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
-    return tuple(p.reshape(*shape[:-1], p.shape[-1]) for p in whole)
+    out = tuple(p.reshape(*shape[:-1], p.shape[-1]) for p in whole)
+    return out if len(out) == 3 else (*out, None)
 
 
 def dequantize_rows(parts: tuple, candidate: Candidate) -> mx.array:
-    return mx.dequantize(*parts, group_size=candidate.group_size, bits=candidate.bits)
+    """parts: (codes, scales, biases), biases None for a microscaling format."""
+    return mx.dequantize(*parts, group_size=candidate.group_size, bits=candidate.bits, mode=candidate.mode)
 
 
 def fake_quantize(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> mx.array:
@@ -192,7 +202,7 @@ class Rounding:
 
     def uses_gptq(self, path: str, module, candidate: Candidate) -> bool:
         """GPTQ where this rounding uses it and an input Gram matrix exists; else MLX's rounding."""
-        return self.quantizer == "gptq" and candidate.bits < FLOAT_BITS and self.gram_for(path, module) is not None
+        return self.quantizer == "gptq" and candidate.bits < FLOAT_BITS and candidate.mode == "affine" and self.gram_for(path, module) is not None
 
     def rounded(self, path: str, module, weight: mx.array, candidate: Candidate, rows: slice | None = None):
         """(fp32 weight after rounding, (codes, scales, biases) to write or None

@@ -164,13 +164,13 @@ class SlabbedCodes:
 
     def __call__(self, x):
         if isinstance(self._inner, nn.Embedding):
-            return dequantize_rows(tuple(p[x] for p in self._codes), self._candidate)
+            return dequantize_rows(tuple(None if p is None else p[x] for p in self._codes), self._candidate)
         y = self.as_linear(x)
         return y + self._inner.bias if "bias" in self._inner else y
 
     def as_linear(self, x):
         outs = []
         for rows in row_slabs((self._codes[0].shape[0], x.shape[-1])):
-            w = dequantize_rows(tuple(p[rows] for p in self._codes), self._candidate)
+            w = dequantize_rows(tuple(None if p is None else p[rows] for p in self._codes), self._candidate)
             outs.append(x @ w.T)
         return mx.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]

@@ -20,6 +20,7 @@ class ConvertOptions:
     candidate_bits: Optional[str] = field(default=None, metadata=dict(help="bit-widths to choose from, e.g. 2,3,4,5,6,8 (16 = keep float); default: from the target, the widest width whose cheapest candidate fits it and every width above (4,5,6,8 at 4.5 bpw)"))
     group_size: Optional[int] = field(default=None, metadata=dict(help="one group size for every candidate"))
     group_sizes: Optional[str] = field(default=None, metadata=dict(help="e.g. 32,64,128: each (bits, group) pair is a candidate (default: 64,128)"))
+    modes: str = field(default="affine", metadata=dict(help="storage formats to choose from per layer: affine (scale and bias per group) and MLX's microscaling mxfp4 (4-bit, group 32), nvfp4 (4-bit, group 16), mxfp8 (8-bit, group 32); e.g. affine,mxfp4,nvfp4"))
     calibration: Optional[str] = field(default=None, metadata=dict(help=".txt/.jsonl file or dataset id (default: self-sampled text)"))
     n_calibration: int = field(default=8, metadata=dict(help="calibration sequences"))
     seq_len: int = field(default=128, metadata=dict(help="tokens per calibration sequence"))
@@ -52,6 +53,7 @@ def config_from(opts: ConvertOptions) -> ConvertConfig:
     return ConvertConfig(
         model=opts.model, output=opts.output, target_bpw=opts.target_bpw,
         bits=int_list(opts.candidate_bits) if opts.candidate_bits is not None else None, group_sizes=groups,
+        modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
         calibration=opts.calibration, n_calibration=opts.n_calibration, seq_len=opts.seq_len, gram_samples=opts.gram_samples,
         kl_stride=opts.kl_stride, measure=opts.measure, anchor_bits=int_list(opts.anchor_bits), method=opts.method,
         quantizer=opts.quantizer, refine_rounds=opts.refine_rounds, protect=tuple(p for p in opts.protect.split(",") if p.strip()),

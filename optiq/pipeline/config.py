@@ -13,12 +13,13 @@ import attrs
 from ..errors import OptiqError
 from ..model_tree import candidates_for
 from ..plan import layer_cost_bits, protected_paths
-from ..records import FLOAT_BITS, Candidate
+from ..records import FLOAT_BITS, FP_MODES, Candidate
 from ..rounding import QUANTIZERS
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 8, 16)
 VALID_GROUPS = (32, 64, 128)
 DEFAULT_GROUPS = (64, 128)
+MODES = ("affine", *FP_MODES)
 MEASURES = ("anchors", "all", "proxy")
 MODEL_TYPES = ("auto", "text", "whisper", "vlm", "yolo")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -42,6 +43,7 @@ class ConvertConfig:
     target_bpw: float = 4.5
     bits: Optional[tuple] = attrs.field(default=None, converter=_optional_ints)
     group_sizes: tuple = attrs.field(default=DEFAULT_GROUPS, converter=_ints)
+    modes: tuple = attrs.field(default=("affine",), converter=tuple)  # affine and/or MLX's mxfp4, nvfp4, mxfp8
     calibration: Optional[str] = None  # .txt/.jsonl file, dataset id, folder (Whisper, VLM); None: self-sampled
     n_calibration: int = 8
     seq_len: int = 128
@@ -97,7 +99,9 @@ def default_bits(target: float, groups) -> tuple:
 
 
 def candidates(config: ConvertConfig) -> tuple:
-    """Every (bits, group) pair the plan may choose from (16 bits: keep float)."""
+    """Every way the plan may store a layer: each (bits, group) pair in MLX's
+    affine mode, and each microscaling format in --modes whose width is among
+    the bits (mxfp4 and nvfp4 with 4, mxfp8 with 8); 16 bits: keep float."""
     groups = config.group_sizes
     bits = config.bits if config.explicit_bits else default_bits(config.target_bpw, groups or (64,))
     bad = [b for b in bits if b not in VALID_BITS]
@@ -106,7 +110,21 @@ def candidates(config: ConvertConfig) -> tuple:
     badg = [g for g in groups if g not in VALID_GROUPS]
     if badg or not groups:
         raise OptiqError(f"group size {badg or list(groups)}: MLX supports {VALID_GROUPS}")
-    return tuple(sorted({Candidate(b, 64 if b >= FLOAT_BITS else g) for b in bits for g in groups}, key=lambda c: (c.bits, c.group_size)))
+    badm = [m for m in config.modes if m not in MODES]
+    if badm or not config.modes:
+        raise OptiqError(f"--modes {','.join(config.modes)!r}: choose from {', '.join(MODES)}")
+    cands = {Candidate(b, 64 if b >= FLOAT_BITS else g) for b in bits for g in groups if "affine" in config.modes or b >= FLOAT_BITS}
+    for mode in config.modes:
+        if mode in FP_MODES:
+            width, group = FP_MODES[mode]
+            if width not in bits:
+                raise OptiqError(f"--modes {mode} stores {width}-bit codes: add {width} to --candidate-bits")
+            cands.add(Candidate(width, group, mode))
+    return sort_candidates(cands)
+
+
+def sort_candidates(cands) -> tuple:
+    return tuple(sorted(cands, key=lambda c: (c.bits, c.group_size, c.mode)))
 
 
 def validate(config: ConvertConfig) -> tuple:
@@ -167,10 +185,10 @@ def widen_defaults(config: ConvertConfig, cands, layers) -> tuple:
     explicit bits are left as given (plan_bits then names the floor)."""
     if config.explicit_bits:
         return cands
-    groups = sorted({c.group_size for c in cands if c.bits < FLOAT_BITS})
+    groups = sorted({c.group_size for c in cands if c.bits < FLOAT_BITS and c.mode == "affine"}) or [64]
     while smallest_plan_bpw(layers, cands, config.protect, config.protect_bits) > config.target_bpw:
         lower = [b for b in VALID_BITS[:-1] if b < min(c.bits for c in cands)]
         if not lower:
             break
-        cands = tuple(sorted(set(cands) | {Candidate(lower[-1], g) for g in groups}, key=lambda c: (c.bits, c.group_size)))
+        cands = sort_candidates(set(cands) | {Candidate(lower[-1], g) for g in groups})
     return cands

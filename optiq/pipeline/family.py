@@ -95,6 +95,8 @@ class ProbedFamily:
     def refuse_text_only_options(self, config: ConvertConfig):
         if config.refine_rounds or config.max_memory or config.sensitivity:
             raise OptiqError(f"{self.title} take neither --refine-rounds, --max-memory nor --sensitivity")
+        if set(config.modes) != {"affine"}:  # their loaders (mlx-whisper, mlx-vlm) are not known to read a per-layer mode
+            raise OptiqError(f"{self.title} are written in MLX's affine mode only; --modes {','.join(config.modes)} is for text models")
 
     def codes(self, config, loaded, calibration, plan):
         return plan_codes(calibration.rounding, loaded.model, plan)
@@ -106,7 +108,7 @@ class ProbedFamily:
 def baseline_candidate(cands, target: float) -> Candidate:
     """The uniform candidate to compare against: the largest that fits the target."""
     fitting = [c for c in cands if c.effective_bits <= target + 1e-9 and c.bits < 16]
-    return max(fitting or cands, key=lambda c: (c.effective_bits, -c.group_size))
+    return max(fitting or cands, key=lambda c: (c.effective_bits, c.mode == "affine", -c.group_size))
 
 
 def uniform_row(model, table, cands, target: float, measure_quality, rounding=None, assignments=None) -> tuple:
@@ -119,7 +121,8 @@ def uniform_row(model, table, cands, target: float, measure_quality, rounding=No
 
 def plan_summary(plan) -> str:
     counts = Counter(c.key for _, c in plan.assignments)
-    mix = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: Candidate(*map(int, kv[0].split("@"))).effective_bits))
+    by_key = {c.key: c for _, c in plan.assignments}
+    mix = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: by_key[kv[0]].effective_bits))
     return (
         f"plan ({plan.method}): {len(plan.assignments)} layers at {plan.effective_bpw:.4f} effective bpw "
         f"(target {plan.target_bpw:g}); predicted KL {plan.predicted_kl:.4f}; bits@group: {mix}"
