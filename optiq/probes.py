@@ -142,7 +142,7 @@ def measure_weights(model, tokens, candidates, anchors=None, model_id: str = "",
     reuse (else one is run); rounding: the quantizer and stored dtype
     (default: round-to-nearest, fp16, with the pass's Grams). gather:
     merges the probes several processes measured, {key: KL} for every key."""
-    candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
+    candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size, c.mode)))
     reference = reference or reference_pass(model, tokens, batch_size, kl_stride, streamed=streamed)
     rounding = rounding or rounding_for(reference)
     plan = probe_plan(reference.layers, candidates, anchors)

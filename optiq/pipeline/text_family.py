@@ -135,7 +135,7 @@ class TextFamily:
                + ("" if loaded.dtype == "float16" else f"-{loaded.dtype}") + ("-gpu" if on_gpu() else ""))
         cache = ProbeCache(cache_dir() / "sensitivity" / f"{key}.jsonl" if distributed.is_writer() else None)  # one writer under mlx.launch
         reference = self.reference(loaded, calibration, config)
-        cands = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size)))
+        cands = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size, c.mode)))
         total = sum(len(todo) for *_, todo in probe_plan(reference.layers, cands, config.anchors))
         on_probe, bar = report.probes(total, inner=shared_by_ranks(cached(cache)))
 

