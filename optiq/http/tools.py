@@ -40,8 +40,8 @@ def _name(value, where):
     return value
 
 
-def openai_tools(body) -> tuple:
-    """OpenAI `tools`: [{"type": "function", "function": {name, description, parameters}}]."""
+def _tools(body, read) -> tuple:
+    """`tools` in the template's (OpenAI function) shape; read(i, tool) -> (name, description, schema)."""
     tools = body.get("tools")
     if tools is None:
         return ()
@@ -49,33 +49,33 @@ def openai_tools(body) -> tuple:
         raise ApiError(400, "'tools' must be an array", param="tools")
     out = []
     for i, t in enumerate(tools):
+        name, description, schema = read(i, t)
+        entry = {"name": name, "parameters": schema}
+        if isinstance(description, str):
+            entry["description"] = description
+        out.append({"type": "function", "function": entry})
+    return tuple(out)
+
+
+def openai_tools(body) -> tuple:
+    """OpenAI `tools`: [{"type": "function", "function": {name, description, parameters}}]."""
+    def read(i, t):
         fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(fn, dict):
             raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param=f"tools[{i}]")
-        entry = {"name": _name(fn.get("name"), f"tools[{i}].function.name"),
-                 "parameters": _schema(fn.get("parameters"), f"tools[{i}].function.parameters")}
-        if isinstance(fn.get("description"), str):
-            entry["description"] = fn["description"]
-        out.append({"type": "function", "function": entry})
-    return tuple(out)
+        return _name(fn.get("name"), f"tools[{i}].function.name"), fn.get("description"), _schema(fn.get("parameters"), f"tools[{i}].function.parameters")
+
+    return _tools(body, read)
 
 
 def anthropic_tools(body) -> tuple:
-    """Anthropic `tools`: [{name, description, input_schema}], in the template's (OpenAI) shape."""
-    tools = body.get("tools")
-    if tools is None:
-        return ()
-    if not isinstance(tools, list):
-        raise ApiError(400, "'tools' must be an array", param="tools")
-    out = []
-    for i, t in enumerate(tools):
+    """Anthropic `tools`: [{name, description, input_schema}]."""
+    def read(i, t):
         if not isinstance(t, dict) or t.get("type", "custom") not in ("custom", None):
             raise ApiError(400, f"tools.{i}: only client tools (name, description, input_schema) are served", param=f"tools.{i}")
-        entry = {"name": _name(t.get("name"), f"tools.{i}.name"), "parameters": _schema(t.get("input_schema"), f"tools.{i}.input_schema")}
-        if isinstance(t.get("description"), str):
-            entry["description"] = t["description"]
-        out.append({"type": "function", "function": entry})
-    return tuple(out)
+        return _name(t.get("name"), f"tools.{i}.name"), t.get("description"), _schema(t.get("input_schema"), f"tools.{i}.input_schema")
+
+    return _tools(body, read)
 
 
 def _known(tools, name, where):
