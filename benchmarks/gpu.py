@@ -35,6 +35,10 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   blocks with its embedding and head agrees on every token. That measures
   what the implementations deliver when the draft agrees, a ceiling; a real
   pair's acceptance (0.6-0.8 is typical) sits between the two runs.
+- formats: Llama-3-8B-shaped model with every Linear in one storage format
+  (affine 4-bit g64 and g128, mxfp4, nvfp4, mxfp8, affine 8-bit) and a
+  4k-token bf16 KV cache: decode ms per token, weight bytes; what a plan
+  that mixes formats costs in speed on this GPU.
 """
 
 import argparse
@@ -459,6 +463,33 @@ def speculative_section(args, work: Path) -> dict:
                 num_draft_tokens=args.num_draft_tokens, rows=run_servers(servers, names, levels, args.max_tokens, work, extra_of=extra_of))
 
 
+def formats_section(args, work: Path) -> dict:
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+
+    source = build("llama-3-8b", work / "llama-3-8b-bf16")
+    rows = []
+    for mode, bits, group in (("affine", 4, 64), ("affine", 4, 128), ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32), ("affine", 8, 64)):
+        model, _ = load(str(source))
+        nn.quantize(model, group_size=group, bits=bits, mode=mode, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+        mx.eval(model.parameters())
+        caches = make_prompt_cache(model)
+        mx.eval(model(mx.zeros((1, 4096), dtype=mx.int32), cache=caches))
+        step_times(model, caches, 8)  # compile this format's kernels
+        times = step_times(model, caches, args.steps * 3)
+        weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        rows.append(dict(format=f"{mode} {bits}-bit g{group}", weight_gib=weight_bytes / 2**30, **times))
+        log(f"  {rows[-1]['format']:22s} {times['pipelined_ms_per_token']:.2f} ms/token  {rows[-1]['weight_gib']:.2f} GiB")
+        del model, caches
+        mx.clear_cache()
+    return dict(model="llama-3-8b shape (random), every Linear in one format, 4k-token bf16 KV", rows=rows)
+
+
+def formats_table(result) -> str:
+    return markdown_table(["format", "decode ms/token", "weights (GiB)"],
+                          [[r["format"], f"{r['pipelined_ms_per_token']:.2f}", f"{r['weight_gib']:.2f}"] for r in result["rows"]])
+
+
 def speculative_table(result) -> str:
     def accept(r):
         e = r.get("engine", {})
@@ -584,7 +615,7 @@ def gptq_table(result) -> str:
 
 
 SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table),
-            "speculative": (speculative_section, speculative_table)}
+            "speculative": (speculative_section, speculative_table), "formats": (formats_section, formats_table)}
 
 
 def main():
