@@ -24,12 +24,13 @@ from optiq.blas import ensure_fast_blas  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: SmolLM2; 'gemma3' for Gemma-3-270M; or a path/repo id")
-    p.add_argument("--targets", default="4.25,4.5,5.0")
+    p.add_argument("--targets", default="4.25,4.5,5.0", help="a target a candidate set cannot reach is reported as such")
     p.add_argument("--n-calibration", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--kl-stride", type=int, default=4)
+    p.add_argument("--sensitivity", help="a table this script wrote before (skips the probes)")
     args = p.parse_args()
     ensure_fast_blas()
     from optiq.calibration import tokens_from_texts, wikitext_split
@@ -37,7 +38,9 @@ def main():
     from optiq.plan import plan_bits, uniform_plan
     from optiq.probes import measure_weights, rounding_for
     from optiq.quantize import output_dtype
-    from optiq.records import FP_MODES, Candidate
+    from optiq.errors import OptiqError
+    from optiq.io import write_json
+    from optiq.records import FP_MODES, Candidate, SensitivityTable, load_record
     from optiq.reference import reference_pass
     from optiq.rounding import DTYPES, Rounding
     from optiq.source import load_reference, resolve_model
@@ -59,8 +62,14 @@ def main():
     affine = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (64, 128)]
     micro = [Candidate(*FP_MODES[m], m) for m in FP_MODES]
     t0 = time.time()
-    ref = reference_pass(loaded.model, cal, 8, args.kl_stride)
-    table = measure_weights(loaded.model, cal, affine + micro, anchors={4}, kl_stride=args.kl_stride, reference=ref, rounding=rounding_for(ref, "rtn", dtype))
+    saved = RESULTS / f"formats-{Path(name).name}-sensitivity.json"
+    if args.sensitivity:
+        table = load_record(SensitivityTable, args.sensitivity)
+    else:
+        ref = reference_pass(loaded.model, cal, 8, args.kl_stride)
+        table = measure_weights(loaded.model, cal, affine + micro, anchors={4}, kl_stride=args.kl_stride, reference=ref,
+                                rounding=rounding_for(ref, "rtn", dtype))
+        write_json(saved, table.to_dict())  # the probes are the hour's work: kept before anything can fail
     t_sens = time.time() - t0
     rows = []
     for cand in (Candidate(4, 64), Candidate(4, 128), *micro):
@@ -68,7 +77,11 @@ def main():
         rows.append(dict(method=f"uniform {cand.key}", effective_bpw=plan.effective_bpw, **measure(plan)))
     for target in (float(t) for t in args.targets.split(",")):
         for label, cands in (("affine", affine), ("affine + microscaling", affine + micro)):
-            plan = plan_bits(restrict(table, cands), target)
+            try:
+                plan = plan_bits(restrict(table, cands), target)
+            except OptiqError as exc:  # e.g. 4.25 bpw with affine only: a 576-wide layer takes no group of 128
+                rows.append(dict(method=f"optiq exact @ {target} ({label})", effective_bpw=target, unreachable=str(exc)))
+                continue
             modes = sorted({c.mode for _, c in plan.assignments})
             rows.append(dict(method=f"optiq exact @ {target} ({label})", effective_bpw=plan.effective_bpw, modes_used=modes,
                              predicted_kl=plan.predicted_kl, **measure(plan)))
@@ -77,7 +90,8 @@ def main():
           f"sensitivity {t_sens:.0f}s)\n")
     print(markdown_table(["method", "eff. bpw", "mean KL", "top-1", "ppl", "formats in the plan"],
                          [[r["method"], f"{r['effective_bpw']:.3f}", f"{r['kl_mean']:.4f}", f"{r['top1']:.3f}", f"{r['perplexity']:.2f}",
-                           ", ".join(r.get("modes_used", [])) or "-"] for r in rows]))
+                           ", ".join(r.get("modes_used", [])) or "-"] if "unreachable" not in r else
+                          [r["method"], "-", "not reachable", "-", "-", r["unreachable"][:60]] for r in rows]))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"formats-{Path(name).name}.json"
     out.write_text(json.dumps(dict(model=name, sensitivity_seconds=t_sens, rows=rows), indent=2))
