@@ -31,6 +31,7 @@ def main():
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--kl-stride", type=int, default=4)
     p.add_argument("--sensitivity", help="a table this script wrote before (skips the probes)")
+    p.add_argument("--anchor-bits", default="4", help="widths probed (every 4-bit format: 4 probes a layer); 'none': the proxy estimator, no probes")
     args = p.parse_args()
     ensure_fast_blas()
     from optiq.calibration import tokens_from_texts, wikitext_split
@@ -67,13 +68,18 @@ def main():
         table = load_record(SensitivityTable, args.sensitivity)
     else:
         ref = reference_pass(loaded.model, cal, 8, args.kl_stride)
-        table = measure_weights(loaded.model, cal, affine + micro, anchors={4}, kl_stride=args.kl_stride, reference=ref,
+        anchors = set() if args.anchor_bits == "none" else {int(b) for b in args.anchor_bits.split(",")}
+        table = measure_weights(loaded.model, cal, affine + micro, anchors=anchors, kl_stride=args.kl_stride, reference=ref,
                                 rounding=rounding_for(ref, "rtn", dtype))
         write_json(saved, table.to_dict())  # the probes are the hour's work: kept before anything can fail
     t_sens = time.time() - t0
     rows = []
     for cand in (Candidate(4, 64), Candidate(4, 128), *micro):
         plan = uniform_plan(table, cand)
+        if len(plan.assignments) < len(table.layers):  # uniform_plan leaves the layers a group does not divide float
+            rows.append(dict(method=f"uniform {cand.key}", effective_bpw=cand.effective_bits,
+                             unreachable=f"{len(table.layers) - len(plan.assignments)} layers' widths take no group of {cand.group_size}"))
+            continue
         rows.append(dict(method=f"uniform {cand.key}", effective_bpw=plan.effective_bpw, **measure(plan)))
     for target in (float(t) for t in args.targets.split(",")):
         for label, cands in (("affine", affine), ("affine + microscaling", affine + micro)):
@@ -87,14 +93,14 @@ def main():
                              predicted_kl=plan.predicted_kl, **measure(plan)))
     rows.sort(key=lambda r: (round(r["effective_bpw"], 3), r["method"]))
     print(f"\n## {name}: storage formats (RTN, fp32 activations, held-out WikiText-2 {ev.shape[0]}x{ev.shape[1]} tokens; "
-          f"sensitivity {t_sens:.0f}s)\n")
+          f"sensitivity {t_sens:.0f}s, {table.method})\n")
     print(markdown_table(["method", "eff. bpw", "mean KL", "top-1", "ppl", "formats in the plan"],
                          [[r["method"], f"{r['effective_bpw']:.3f}", f"{r['kl_mean']:.4f}", f"{r['top1']:.3f}", f"{r['perplexity']:.2f}",
                            ", ".join(r.get("modes_used", [])) or "-"] if "unreachable" not in r else
                           [r["method"], "-", "not reachable", "-", "-", r["unreachable"][:60]] for r in rows]))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"formats-{Path(name).name}.json"
-    out.write_text(json.dumps(dict(model=name, sensitivity_seconds=t_sens, rows=rows), indent=2))
+    out.write_text(json.dumps(dict(model=name, sensitivity_seconds=t_sens, sensitivity_method=table.method, args=vars(args), rows=rows), indent=2))
     print(f"\nwrote {out}")
 
 
