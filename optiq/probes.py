@@ -23,7 +23,7 @@ from .estimate import output_error, predict_kl, proxy_table, whole_layer_error
 from .grams import record_grams
 from .model_tree import candidates_for, in_block, is_tied, start_block
 from .probe_hooks import run_it
-from .records import Candidate, LayerSensitivity, SensitivityTable
+from .records import Candidate, LayerSensitivity, SensitivityTable, sort_candidates
 from .reference import ReferencePass, reference_pass
 from .rounding import Rounding, quantize_rows
 from .standins import SlabbedCodes, module_swapped, weights_swapped
@@ -142,7 +142,7 @@ def measure_weights(model, tokens, candidates, anchors=None, model_id: str = "",
     reuse (else one is run); rounding: the quantizer and stored dtype
     (default: round-to-nearest, fp16, with the pass's Grams). gather:
     merges the probes several processes measured, {key: KL} for every key."""
-    candidates = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size, c.mode)))
+    candidates = sort_candidates(candidates)
     reference = reference or reference_pass(model, tokens, batch_size, kl_stride, streamed=streamed)
     rounding = rounding or rounding_for(reference)
     plan = probe_plan(reference.layers, candidates, anchors)

@@ -92,6 +92,11 @@ class Candidate(Record):
         return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}{v}@{self.group_size}"
 
 
+def sort_candidates(cands) -> tuple:
+    """Candidates in one fixed order (width, group, mode): mxfp4@32 and 4@32 share width and group."""
+    return tuple(sorted(set(cands), key=lambda c: (c.bits, c.group_size, c.mode)))
+
+
 def _candidates(value) -> tuple:
     return tuple(c if isinstance(c, Candidate) else Candidate.from_dict(c) for c in value)
 

@@ -92,9 +92,10 @@ def build_app(opts: ServeOptions):
         model, tokenizer = sharded_model(folder, group, opts.pipeline, sources)
     else:
         model, tokenizer = mlx_lm.load(str(folder))
-    if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
+    fp32 = opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu)
+    if fp32:
         adapt_for_cpu(model)  # fp32 activations, row-adaptive quantized matmuls (optiq/cpu.py)
-    draft = load_draft(draft_folder, tokenizer, opts.dtype) if draft_folder else None
+    draft = load_draft(draft_folder, tokenizer, fp32) if draft_folder else None
     mx.eval(model.parameters())  # materialise here: the engine thread has its own stream
     layers = None
     if opts.kv_config:
@@ -128,14 +129,15 @@ def build_app(opts: ServeOptions):
     return App(engine, tokenizer, defaults, tuple(sources), int(context), opts.api_key, opts.max_body_bytes, opts.timeout, vocab)
 
 
-def load_draft(folder, tokenizer, dtype: str):
-    """The draft model for speculative decoding: it must speak the same vocabulary."""
+def load_draft(folder, tokenizer, fp32: bool):
+    """The draft model for speculative decoding (on the model's CPU path when
+    fp32): it must speak the same vocabulary."""
     draft, draft_tokenizer = mlx_lm.load(str(folder))
     ours, theirs = tokenizer.get_vocab(), draft_tokenizer.get_vocab()
     if ours != theirs:  # the same ids must mean the same tokens, added tokens included
         differ = sum(ours.get(k) != v for k, v in theirs.items()) + len(ours.keys() - theirs.keys())
         raise OptiqError(f"--draft-model {folder}: its vocabulary ({len(theirs)} tokens) is not the model's ({len(ours)}; {differ} differ)")
-    if dtype == "float32" or (dtype == "auto" and mx.default_device() == mx.cpu):
+    if fp32:
         adapt_for_cpu(draft)
     mx.eval(draft.parameters())
     return draft

@@ -73,6 +73,7 @@ class Ticket:
     detokenizer: object = None
     done: bool = False
     lane: tuple = None  # (adapter, speculative): the generator this request decodes in
+    processor: object = None  # the grammar's logits processor, made by the handler (a follower rank makes its own)
 
     outbox: list = None  # set by the engine while a step runs: events leave in one wake-up
     sync_id: int = 0  # the same request on every rank (distributed)
@@ -322,7 +323,7 @@ class Engine:
             rest = t.prompt[-1:]
         if cache is None:
             cache = self.make_cache() if self.make_cache else make_prompt_cache(self.model)
-        processors = [self.make_processor(grammar)] if grammar is not None else []
+        processors = [t.processor or self.make_processor(grammar)] if grammar is not None else []
         self._insert(t, rest, cache, processors)
 
     def _insert(self, t: Ticket, rest, cache, processors):
@@ -346,10 +347,15 @@ class Engine:
         event = dict(text=tail, entries=t.entries, finish=reason, prompt_tokens=len(t.prompt),
                      completion_tokens=t.n_tokens, cached_tokens=t.cached_tokens, stop_sequence=stop_sequence)
         if isinstance(t.generator, SpeculativeGenerator):
-            event["draft"] = t.generator.draft_counts(t.uid)
-            self.stats["draft_tokens_accepted"] += event["draft"][0]
-            self.stats["draft_tokens_proposed"] += event["draft"][1]
+            event["draft"] = self._count_draft(t)
         t.post(event)
+
+    def _count_draft(self, t: Ticket) -> tuple:
+        """(accepted, proposed) draft tokens of a speculative request leaving its generator, added to /health's totals."""
+        accepted, proposed = t.generator.draft_counts(t.uid)
+        self.stats["draft_tokens_accepted"] += accepted
+        self.stats["draft_tokens_proposed"] += proposed
+        return accepted, proposed
 
     def _stop_at(self, t: Ticket):
         """(cut index of the first stop string or None, how much text is safe to send, the stop string)."""
@@ -434,9 +440,7 @@ class Engine:
             self.tickets.pop((t.lane, t.uid), None)
             t.generator.remove([t.uid])
             if isinstance(t.generator, SpeculativeGenerator):
-                accepted, proposed = t.generator.draft_counts(t.uid)
-                self.stats["draft_tokens_accepted"] += accepted
-                self.stats["draft_tokens_proposed"] += proposed
+                self._count_draft(t)
 
     def _waiting_commands(self) -> list:
         """Every command waiting now (blocking while nothing is in flight)."""

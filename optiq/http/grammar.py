@@ -82,13 +82,6 @@ def lltokenizer(tokenizer, n_vocab: int):
     return _lltokenizer(tokenizer._tokenizer, int(n_vocab), tuple(sorted(tokenizer.eos_token_ids)))
 
 
-def check(grammar: Grammar, lltok) -> None:
-    """Raise GrammarError now (a 400) rather than fail mid-generation."""
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar.spec, lltok)
-    if is_error:
-        raise GrammarError(" ".join(" ".join(messages).split())[:400] or "invalid grammar")
-
-
 class GrammarProcessor:
     """An mlx-lm logits processor: tokens the grammar refuses get -inf.
 
@@ -96,21 +89,20 @@ class GrammarProcessor:
     second call on, the last of them is the token sampled under the previous
     mask, which the matcher consumes before the next mask. Once the grammar is
     complete only end-of-sequence is allowed, so the request ends there.
+    The mask travels packed, 32 tokens a word, and is unpacked on the device.
 
-    The step's forward pass is started before the mask is computed, so the
-    matcher's work on the host overlaps the model's on the device (the mask
-    needs the previous token, the forward pass does not need the mask). The
-    mask travels packed, 32 tokens a word, and is unpacked on the device."""
+    Made in the request handler: compiling the grammar here is its only
+    check, so a grammar llguidance refuses is a GrammarError (a 400) before
+    the request is queued."""
 
     def __init__(self, grammar: Grammar, lltok, n_vocab: int):
         self.matcher = llguidance.LLMatcher(lltok, grammar.spec)
         if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+            raise GrammarError(" ".join(self.matcher.get_error().split())[:400] or "invalid grammar")
         self.mask = allocate_token_bitmask(1, n_vocab)
         self.n_vocab, self.started = n_vocab, False
 
     def __call__(self, tokens, logits):
-        mx.async_eval(logits)
         if self.started:
             self.matcher.consume_token(int(tokens[-1].item()))
         self.started = True

@@ -80,20 +80,21 @@ class App:
         return self.tokenizer.encode(req.prompt)
 
     def constraint(self, req):
-        """The grammar this reply must follow (a required tool call, or the
-        response format), compiled against the vocabulary now: a schema or
-        regex llguidance refuses is a 400 before anything is queued."""
+        """(the grammar this reply must follow: a required tool call or the
+        response format, its logits processor), compiled against the
+        vocabulary now: a schema or regex llguidance refuses is a 400 before
+        anything is queued. (None, None) for a free reply."""
         call = tools.call_grammar(self.tokenizer, req.tools, req.tool_choice) if req.tool_choice is not None else None
         if call is not None and req.grammar is not None:
             raise ApiError(400, "a required tool call and a response format cannot both constrain one reply", param="tool_choice")
         chosen = call or req.grammar
-        if chosen is not None:
-            try:
-                grammar.check(chosen, grammar.lltokenizer(self.tokenizer, self.vocab_size))
-            except grammar.GrammarError as exc:
-                where = "tools" if call is not None else "output_config.format" if req.api == "anthropic" else "response_format"
-                raise ApiError(400, f"the requested output format does not compile: {exc}", param=where, code="invalid_grammar")
-        return chosen
+        if chosen is None:
+            return None, None
+        try:
+            return chosen, self.engine.make_processor(chosen)
+        except grammar.GrammarError as exc:
+            where = "tools" if call is not None else "output_config.format" if req.api == "anthropic" else "response_format"
+            raise ApiError(400, f"the requested output format does not compile: {exc}", param=where, code="invalid_grammar")
 
 
 def chat_tokens(tokenizer, messages, tools=None) -> list:
@@ -289,10 +290,11 @@ class Connection:
         if len(tokens) >= app.max_context:
             raise ApiError(400, f"the prompt has {len(tokens)} tokens; the context holds {app.max_context}",
                            param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
-        req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)), grammar=app.constraint(req))
+        chosen, processor = app.constraint(req)
+        req = attrs.evolve(req, max_tokens=min(req.max_tokens, app.max_context - len(tokens)), grammar=chosen)
         if req.sampling.top_k >= app.vocab_size:  # every token is in the top k: the same as no top-k
             req = attrs.evolve(req, sampling=attrs.evolve(req.sampling, top_k=0))
-        ticket = Ticket(req, tokens, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        ticket = Ticket(req, tokens, adapter, asyncio.get_running_loop(), asyncio.Queue(), processor=processor)
         app.engine.submit(ticket)
         watcher = asyncio.ensure_future(self._watch())  # one per request, not per event
         try:

@@ -13,7 +13,7 @@ import attrs
 from ..errors import OptiqError
 from ..model_tree import candidates_for
 from ..plan import layer_cost_bits, protected_paths
-from ..records import FLOAT_BITS, FP_MODES, Candidate
+from ..records import FLOAT_BITS, FP_MODES, Candidate, sort_candidates
 from ..rounding import QUANTIZERS
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 8, 16)
@@ -121,10 +121,6 @@ def candidates(config: ConvertConfig) -> tuple:
                 raise OptiqError(f"--modes {mode} stores {width}-bit codes: add {width} to --candidate-bits")
             cands.add(Candidate(width, group, mode))
     return sort_candidates(cands)
-
-
-def sort_candidates(cands) -> tuple:
-    return tuple(sorted(cands, key=lambda c: (c.bits, c.group_size, c.mode)))
 
 
 def validate(config: ConvertConfig) -> tuple:

@@ -22,7 +22,7 @@ from ..plan import plan_bits
 from ..probe_hooks import ProbeCache, cached, shared_by_ranks
 from ..probes import measure_weights, probe_plan, rounding_for
 from ..quantize import model_bytes, output_dtype, quantize, save_model_folder
-from ..records import SensitivityTable, load_record
+from ..records import SensitivityTable, load_record, sort_candidates
 from ..reference import reference_pass
 from ..refine import marginal_probes, refine
 from ..rounding import DTYPES, Rounding, plan_codes
@@ -135,7 +135,7 @@ class TextFamily:
                + ("" if loaded.dtype == "float16" else f"-{loaded.dtype}") + ("-gpu" if on_gpu() else ""))
         cache = ProbeCache(cache_dir() / "sensitivity" / f"{key}.jsonl" if distributed.is_writer() else None)  # one writer under mlx.launch
         reference = self.reference(loaded, calibration, config)
-        cands = tuple(sorted(set(candidates), key=lambda c: (c.bits, c.group_size, c.mode)))
+        cands = sort_candidates(candidates)
         total = sum(len(todo) for *_, todo in probe_plan(reference.layers, cands, config.anchors))
         on_probe, bar = report.probes(total, inner=shared_by_ranks(cached(cache)))
 
