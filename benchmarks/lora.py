@@ -1,25 +1,39 @@
-"""LoRA benchmark: rank rules at an equal trainable-parameter budget, and
-training speed against mlx_lm.lora, measured in one run.
+"""LoRA benchmark: rank rules and adapter starts at equal trainable
+parameters, over several seeds, on the quantized model users train; the float
+model's own fine-tune as the gap to close; and training speed against
+mlx_lm.lora on the same model and data, measured in the same run.
 
-    python benchmarks/lora.py                      # SmolLM2 optiq model (made with `optiq convert` defaults)
-    python benchmarks/lora.py --model PATH --iters 60 --n-test 40
+    python benchmarks/lora.py                               # SmolLM2 4.5-bpw optiq model, 200 steps x 3 seeds
+    python benchmarks/lora.py --iters 300 --seeds 0,1,2 --n-test 128
+    python benchmarks/lora.py --plot results/lora.json      # redraw the loss-curve PNG from a JSON
 
-Task: GSM8K (../shared/data/gsm8k) as chat data, question -> worked answer;
-train on the first --n-train train problems, validate on the next 64, test
-on the first --n-test test problems (greedy, exact match of the final
-number, no few-shot examples: the adapter learns the format). Rows: constant
-rank, by_bits and by_kl, each given the constant row's parameter count as
---param-budget; validation loss after the same steps; accuracy; training
-tokens/s. A last row runs mlx_lm.lora (its CLI, one rank everywhere) on the
-same data for a few steps and reports its tokens/s, against optiq's trainer on
-the same model (SmolLM2 in fp32: mlx_lm.lora on a quantized model computes
-fp16 quantized matmuls, which on this CPU take hours per step).
-Writes benchmarks/results/lora.json.
+Task: GSM8K (../shared/data/gsm8k, or --gsm8k DIR with train.jsonl and
+test.jsonl) as chat data, question -> worked answer; train on the first
+--n-train train problems, validate on the next --n-valid, test on the first
+--n-test test problems (greedy, batched, exact match of the final number, no
+few-shot examples: the adapter learns the format).
+
+Rows (--rows): a rank rule and a start, each given constant rank's
+trainable-parameter count: constant, by_bits, by_kl (b = 0, mlx-lm's start),
+constant+residual and by_error+residual (adapters fitted to W_ref -
+dequant(Q(W)) before training, LoftQ's start), by_error (its ranks, b = 0),
+and float (constant rank on the unquantized reference: the loss the
+quantized rows try to reach). Each row runs once per seed (the seed sets the
+adapters' random start and the batch order, the same for every row).
+Speed: mlx_lm.lora's own command on the same quantized model, modules, rank,
+batch and data against optiq's trainer, both over --speed-iters steps, the
+first report (compilation) left out. On a CPU mlx_lm.lora on a quantized
+model computes fp16 quantized matmuls (hours a step): there the pair runs on
+--speed-model (default the fp32 reference).
+
+Writes benchmarks/results/lora.json and lora.png (validation loss against
+step, mean and spread over seeds; matplotlib).
 """
 
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +41,17 @@ import time
 from pathlib import Path
 
 from common import RESULTS  # also puts the repo on sys.path
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+ROWS = {  # label: (model, rank rule, start)
+    "constant": ("quantized", "constant", "zero"),
+    "by_bits": ("quantized", "by_bits", "zero"),
+    "by_kl": ("quantized", "by_kl", "zero"),
+    "by_error": ("quantized", "by_error", "zero"),
+    "constant+residual": ("quantized", "constant", "residual"),
+    "by_error+residual": ("quantized", "by_error", "residual"),
+    "float": ("float", "constant", "zero"),
+}
 
 
 def default_model() -> str:
@@ -41,140 +65,231 @@ def default_model() -> str:
     return str(out)
 
 
-def fp32_model() -> str:
-    from optiq.source import cache_dir, resolve_model
-
-    out = cache_dir() / "bench" / "SmolLM2-135M-Instruct-fp32"
-    if not (out / "config.json").exists():
-        from mlx_lm import convert
-
-        convert(str(resolve_model(None)), mlx_path=str(out), dtype="float32")
-    return str(out)
-
-
-def write_data(folder: Path, n_train: int) -> Path:
+def write_data(folder: Path, gsm8k: Path, n_train: int, n_valid: int) -> Path:
     from optiq.tasks import read_gsm8k
 
-    rows = read_gsm8k(GSM8K / "train.jsonl")
+    rows = read_gsm8k(gsm8k / "train.jsonl")
     chat = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]} for r in rows]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in chat[:n_train]) + "\n")
-    (folder / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in chat[n_train : n_train + 64]) + "\n")
+    (folder / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in chat[n_train : n_train + n_valid]) + "\n")
     return folder
 
 
-def run_rule(model_path, data, scaling, rank, budget, args, iters=None, n_test=None):
+def load(path):
     import mlx.core as mx
     import mlx_lm
 
     from optiq.cpu import adapt_for_cpu
-    from optiq.lora.plan import plan_lora, weight_signals
-    from optiq.lora.train import apply_plan, load_datasets, target_dims, train
-    from optiq.tasks import gsm8k, read_gsm8k
 
+    model, tok = mlx_lm.load(str(path))
+    if mx.default_device() == mx.cpu:
+        adapt_for_cpu(model)
+    return model, tok
+
+
+def run_one(label, paths, data, seed, args, test):
+    import mlx.core as mx
     import numpy as np
 
-    mx.random.seed(0)
-    np.random.seed(0)  # mlx-lm draws batches with numpy's global RNG: the same batches for every rule
-    model, tok = mlx_lm.load(model_path)
-    adapt_for_cpu(model)
-    meta = Path(model_path) / "optiq_metadata.json"
-    weight_plan, table = weight_signals(json.loads(meta.read_text())) if meta.exists() else (None, None)
-    plan = plan_lora(target_dims(model), rank, scaling, weight_plan, table, budget)
+    from optiq.lora.plan import plan_lora, weight_signals
+    from optiq.lora.residual import plan_from_residual, start_from_residual
+    from optiq.lora.train import apply_plan, load_datasets, reference_linears, target_dims, train
+    from optiq.tasks import gsm8k
+
+    which, scaling, init = ROWS[label]
+    mx.random.seed(seed)
+    np.random.seed(seed)  # mlx-lm draws batches with numpy's global RNG: the same batches for every row of a seed
+    model, tok = load(paths[which])
+    dims = target_dims(model)
+    budget = plan_lora(dims, args.rank).trainable_params  # every row spends constant rank's parameters
+    meta = Path(paths["quantized"]) / "optiq_metadata.json"
+    weight_plan, table = weight_signals(json.loads(meta.read_text()))
+    reference = reference_linears(paths["float"], dims) if (scaling == "by_error" or init == "residual") else None
+    plan, factors = plan_from_residual(model, dims, reference, init, args.rank, scaling, plan=weight_plan, table=table, param_budget=budget)
     apply_plan(model, plan)
+    held = 1 - start_from_residual(model, plan, factors) if init == "residual" else 0.0
     tr, va = load_datasets(data, tok, True)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        iters = iters or args.iters
-        reports, _ = train(model, plan, tr, va, Path(work), iters, args.lr, args.batch_size, args.max_seq_length,
-                           iters, 10**9, val_batches=args.val_batches, resume=False)
+        reports, _ = train(model, plan, tr, va, Path(work), args.iters, args.lr, args.batch_size, args.max_seq_length,
+                           args.steps_per_eval, 10**9, val_batches=args.val_batches, resume=False)
         wall = time.perf_counter() - t0
     model.eval()
-    n_test = args.n_test if n_test is None else n_test
-    test = read_gsm8k(GSM8K / "test.jsonl")[:n_test]
-    acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens) if n_test else {"accuracy": float("nan")}
-    tps = [r["tokens_per_second"] for r in reports.train]
-    return dict(rule=scaling if iters == args.iters else f"optiq lora ({scaling}, {iters} steps, speed model)", params=plan.trainable_params, ranks=sorted({m.rank for m in plan.modules}),
-                val_loss_start=reports.val[0]["val_loss"], val_loss=reports.val[-1]["val_loss"],
-                accuracy=acc["accuracy"], tokens_per_s=sum(tps) / len(tps) if tps else float("nan"), train_s=wall)
+    acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens, batch_size=args.test_batch)["accuracy"] if test else float("nan")
+    rates = [r["tokens_per_second"] for r in reports.train[1:]] or [r["tokens_per_second"] for r in reports.train]
+    return dict(row=label, seed=seed, params=plan.trainable_params, ranks=[min(m.rank for m in plan.modules), max(m.rank for m in plan.modules)],
+                residual_held=held, val=[(r["iteration"], r["val_loss"]) for r in reports.val],
+                train=[(r["iteration"], r["train_loss"]) for r in reports.train], accuracy=acc,
+                tokens_per_s=statistics.mean(rates), train_s=wall)
 
 
 def mlx_lm_rates(output: str) -> list:
-    """tok/s from mlx-lm's training table (rows: iteration, loss, arrow, tok/s, tokens)."""
+    """tok/s per report from mlx-lm's training log ("Tokens/sec N" or its table)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", output)
-    rows = re.findall(r"^\s*\d+\s+[\d.]+\s+[▼▲=]?\s*([\d.]+)\s+[\d.]+k?\s*$", text, flags=re.M)
-    return [float(r) for r in rows] or [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", text)]
+    rates = [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", text)]
+    return rates or [float(r) for r in re.findall(r"^\s*\d+\s+[\d.]+\s+[▼▲=]?\s*([\d.]+)\s+[\d.]+k?\s*$", text, flags=re.M)]
 
 
-def run_mlx_lm(model_path, data, rank, args):
-    from optiq.lora.train import DEFAULT_TARGETS
+def speed_pair(model_path, data, args) -> list:
+    """optiq's trainer and mlx_lm.lora, the same model, modules, rank, batch and steps."""
+    import mlx.core as mx
+    import numpy as np
 
+    from optiq.lora.plan import plan_lora
+    from optiq.lora.train import DEFAULT_TARGETS, apply_plan, load_datasets, target_dims, train
+
+    mx.random.seed(0)
+    np.random.seed(0)
+    model, tok = load(model_path)
+    plan = plan_lora(target_dims(model), args.rank)
+    apply_plan(model, plan)
+    tr, va = load_datasets(data, tok, True)
+    with tempfile.TemporaryDirectory() as work:
+        reports, _ = train(model, plan, tr, va, Path(work), args.speed_iters, args.lr, args.batch_size, args.max_seq_length,
+                           10**9, 10**9, val_batches=1, resume=False)
+    ours = [r["tokens_per_second"] for r in reports.train][1:]
+    del model
     with tempfile.TemporaryDirectory() as out:
-        config = Path(out) / "lora.yaml"  # the same modules and scale as optiq's constant row
-        keys = [f"self_attn.{k}" if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else f"mlp.{k}" for k in DEFAULT_TARGETS]
-        config.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys}}))
+        config = Path(out) / "lora.yaml"  # the same modules and scale (alpha / r = 2) as optiq's constant rule
+        keys = [f"self_attn.{k}" if k in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{k}" for k in DEFAULT_TARGETS]
+        config.write_text(json.dumps({"lora_parameters": {"rank": args.rank, "scale": 2.0, "dropout": 0.0, "keys": keys}}))
         # --mask-prompt as optiq trains: tok/s counts only the tokens the loss sees
-        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", model_path, "--train", "--data", str(data), "-c", str(config), "--mask-prompt",
-               "--iters", str(args.mlx_lm_iters), "--batch-size", str(args.batch_size), "--num-layers", "-1",
+        cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", str(model_path), "--train", "--data", str(data), "-c", str(config),
+               "--mask-prompt", "--iters", str(args.speed_iters), "--batch-size", str(args.batch_size), "--num-layers", "-1",
                "--learning-rate", str(args.lr), "--max-seq-length", str(args.max_seq_length), "--adapter-path", out,
-               "--steps-per-report", "1", "--val-batches", "1", "--steps-per-eval", "100000"]
-        t0 = time.perf_counter()
+               "--steps-per-report", "10", "--val-batches", "1", "--steps-per-eval", "100000", "--seed", "0"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-    rates = mlx_lm_rates(proc.stdout + proc.stderr)
-    return dict(rule=f"mlx_lm.lora (rank {rank}, {args.mlx_lm_iters} steps)", params=None, ranks=[rank], val_loss_start=float("nan"),
-                val_loss=float("nan"), accuracy=float("nan"), tokens_per_s=sum(rates) / len(rates) if rates else float("nan"),
-                train_s=wall, returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-400:])
+    theirs = mlx_lm_rates(proc.stdout + proc.stderr)[1:]
+    mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
+    return [dict(trainer="optiq lora train", model=str(model_path), steps=args.speed_iters, tokens_per_s=mean(ours), reports=ours),
+            dict(trainer="mlx_lm.lora", model=str(model_path), steps=args.speed_iters, tokens_per_s=mean(theirs), reports=theirs,
+                 returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-600:])]
+
+
+def summarize(runs) -> list:
+    rows = []
+    for label in dict.fromkeys(r["row"] for r in runs):
+        mine = [r for r in runs if r["row"] == label]
+        final = [r["val"][-1][1] for r in mine]
+        rows.append(dict(row=label, seeds=len(mine), params=mine[0]["params"], ranks=mine[0]["ranks"], residual_held=mine[0]["residual_held"],
+                         val_start=statistics.mean(r["val"][0][1] for r in mine), val_final=statistics.mean(final),
+                         val_final_std=statistics.stdev(final) if len(final) > 1 else float("nan"),
+                         accuracy=statistics.mean(r["accuracy"] for r in mine), tokens_per_s=statistics.mean(r["tokens_per_s"] for r in mine)))
+    return rows
+
+
+def table(result) -> str:
+    a = result["args"]
+    lines = [f"model {result['model']} (float: {result['float']}); GSM8K chat, {a['n_train']} train, {a['iters']} steps x batch "
+             f"{a['batch_size']}, lr {a['lr']}, rank {a['rank']} budget, seeds {a['seeds']}; test {a['n_test']} problems, 0-shot greedy\n",
+             "| row | trainable params | ranks | residual held at start | val loss start | val loss end (mean ± sd) | GSM8K acc | train tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        lines.append(f"| {r['row']} | {r['params']:,} | {r['ranks'][0]}-{r['ranks'][1]} | {r['residual_held']:.1%} | {r['val_start']:.3f} | "
+                     f"{r['val_final']:.3f} ± {r['val_final_std']:.3f} | {r['accuracy']:.3f} | {r['tokens_per_s']:.0f} |")
+    if result.get("speed"):
+        lines += ["", "| trainer (same model, rank, batch, data) | steps | train tok/s |", "|---|---|---|"]
+        lines += [f"| {s['trainer']} | {s['steps']} | {s['tokens_per_s']:.0f} |" for s in result["speed"]]
+    return "\n".join(lines)
+
+
+def plot(result, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["row"] for r in result["runs"]):
+        curves = np.array([[v for _, v in r["val"]] for r in result["runs"] if r["row"] == label])
+        steps = [s for s, _ in next(r for r in result["runs"] if r["row"] == label)["val"]]
+        mean, sd = curves.mean(0), curves.std(0)
+        ax.plot(steps, mean, label=label, linestyle="--" if label == "float" else "-")
+        ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (GSM8K answers)")
+    ax.set_title(f"LoRA on {Path(result['model']).name}: mean ± sd over seeds {result['args']['seeds']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="the quantized optiq model (default: SmolLM2 at 4.5 bpw, made by optiq convert)")
+    p.add_argument("--reference", default=None, help="its float source (default: the one its optiq_metadata.json records)")
+    p.add_argument("--gsm8k", default=str(SHARED_GSM8K))
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--steps-per-eval", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-seq-length", type=int, default=384)
-    p.add_argument("--n-train", type=int, default=800)
-    p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--n-train", type=int, default=1600)
+    p.add_argument("--n-valid", type=int, default=64)
+    p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--n-test", type=int, default=128)
+    p.add_argument("--test-batch", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--mlx-lm-iters", type=int, default=3)
-    p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--speed-model", default=None, help="model for the speed pair against mlx_lm.lora (default: SmolLM2 in fp32; "
-                   "mlx_lm.lora on a quantized model runs fp16 quantized matmuls, hours per step on a CPU)")
+    p.add_argument("--speed-iters", type=int, default=60)
+    p.add_argument("--speed-model", default=None, help="model for the speed pair (default: the quantized model on a GPU, the float one on a CPU)")
     p.add_argument("--out", default=str(RESULTS / "lora.json"))
+    p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an earlier run")
     args = p.parse_args()
-    if not GSM8K.exists():
-        sys.exit(f"benchmarks/lora.py needs {GSM8K} (the shared GSM8K data)")
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        print(table(result))
+        return plot(result, Path(args.plot).with_suffix(".png"))
+    gsm8k_dir = Path(args.gsm8k)
+    if not (gsm8k_dir / "train.jsonl").exists():
+        sys.exit(f"benchmarks/lora.py needs GSM8K's train.jsonl and test.jsonl in {gsm8k_dir} (--gsm8k)")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if unknown := [r for r in rows if r not in ROWS]:
+        sys.exit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    import mlx.core as mx
 
     from optiq.blas import ensure_fast_blas
+    from optiq.source import DEFAULT_MODEL_NAME, resolve_model
+    from optiq.tasks import read_gsm8k
 
     ensure_fast_blas()
     model_path = args.model or default_model()
-    rows = []
+    source = json.loads((Path(model_path) / "optiq_metadata.json").read_text())["source"]
+    float_path = str(resolve_model(args.reference or (None if source == DEFAULT_MODEL_NAME else source)))
+    paths = {"quantized": model_path, "float": float_path}
+    test = read_gsm8k(gsm8k_dir / "test.jsonl")[: args.n_test]
+    result = dict(model=model_path, float=float_path, device=str(mx.default_device()), args=vars(args) | {"seeds": seeds}, runs=[])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_data(Path(tmp) / "data", args.n_train)
-        first = run_rule(model_path, data, "constant", args.rank, None, args)
-        rows.append(first)
-        print(first, flush=True)
-        for rule in ("by_bits", "by_kl"):
-            rows.append(run_rule(model_path, data, rule, args.rank, first["params"], args))
-            print(rows[-1], flush=True)
-        speed_model = args.speed_model or fp32_model()
-        rows.append(run_rule(speed_model, data, "constant", args.rank, None, args, iters=args.mlx_lm_iters, n_test=0))
-        print(rows[-1], flush=True)
-        rows.append(run_mlx_lm(speed_model, data, args.rank, args))
-        print(rows[-1], flush=True)
-    print(f"\nmodel {model_path} (speed pair: {speed_model}); GSM8K chat, {args.n_train} train, {args.iters} steps x batch {args.batch_size}, "
-          f"lr {args.lr}; test {args.n_test} problems, 0-shot greedy\n")
-    print("| rank rule | trainable params | ranks | val loss (start -> end) | GSM8K acc | train tok/s |\n|---|---|---|---|---|---|")
-    for r in rows:
-        params = f"{r['params']:,}" if r["params"] else "-"
-        print(f"| {r['rule']} | {params} | {r['ranks'][0]}-{r['ranks'][-1]} | {r['val_loss_start']:.3f} -> {r['val_loss']:.3f} | "
-              f"{r['accuracy']:.3f} | {r['tokens_per_s']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(model=model_path, args=vars(args), rows=rows), indent=2))
-    print(f"\nwrote {args.out}")
+        data = write_data(Path(tmp) / "data", gsm8k_dir, args.n_train, args.n_valid)
+        for seed in seeds:
+            for label in rows:
+                run = run_one(label, paths, data, seed, args, test)
+                result["runs"].append(run)
+                print(f"{label} seed {seed}: val {run['val'][0][1]:.3f} -> {run['val'][-1][1]:.3f}, acc {run['accuracy']:.3f}, "
+                      f"{run['tokens_per_s']:.0f} tok/s, {run['train_s']:.0f} s", flush=True)
+                result["summary"] = summarize(result["runs"])
+                out.write_text(json.dumps(result, indent=1))  # every run kept as it lands
+        if args.speed_iters:
+            speed_model = args.speed_model or (float_path if mx.default_device() == mx.cpu else model_path)
+            result["speed"] = speed_pair(speed_model, data, args)
+            out.write_text(json.dumps(result, indent=1))
+    print()
+    print(table(result))
+    print(f"\nwrote {out}")
+    try:
+        plot(result, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no PNG (python benchmarks/lora.py --plot JSON draws it later)")
 
 
 if __name__ == "__main__":
