@@ -128,7 +128,8 @@ def mlx_lm_rates(output: str) -> list:
     """tok/s per report from mlx-lm's training log ("Tokens/sec N" or its table)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", output)
     rates = [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", text)]
-    return rates or [float(r) for r in re.findall(r"^\s*\d+\s+[\d.]+\s+[▼▲=]?\s*([\d.]+)\s+[\d.]+k?\s*$", text, flags=re.M)]
+    table = re.findall(r"^\s*\d+\s+[\d.]+\s+[▼▲=]?\s*([\d,.]+)\s+[\d.]+k?\s*$", text, flags=re.M)  # 2,882 tok/s
+    return rates or [float(r.replace(",", "")) for r in table]
 
 
 def speed_pair(model_path, data, args) -> list:
@@ -201,18 +202,20 @@ def plot(result, path: Path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["row"] for r in result["runs"]):
-        curves = np.array([[v for _, v in r["val"]] for r in result["runs"] if r["row"] == label])
-        steps = [s for s, _ in next(r for r in result["runs"] if r["row"] == label)["val"]]
-        mean, sd = curves.mean(0), curves.std(0)
-        ax.plot(steps, mean, label=label, linestyle="--" if label == "float" else "-")
-        ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation loss (GSM8K answers)")
-    ax.set_title(f"LoRA on {Path(result['model']).name}: mean ± sd over seeds {result['args']['seeds']}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, first in zip(axes, (0, 1)):  # the whole run, and the end where the rows part
+        for label in dict.fromkeys(r["row"] for r in result["runs"]):
+            curves = np.array([[v for _, v in r["val"]] for r in result["runs"] if r["row"] == label])[:, first:]
+            steps = [s for s, _ in next(r for r in result["runs"] if r["row"] == label)["val"]][first:]
+            mean, sd = curves.mean(0), curves.std(0)
+            ax.plot(steps, mean, label=label, linestyle="--" if label == "float" else "-", marker="." if first else None)
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss (GSM8K answers)")
+    axes[1].set_title(f"from step {steps[0]}")
+    axes[0].set_title(f"LoRA on {Path(result['model']).name}, mean ± sd over seeds {result['args']['seeds']}", fontsize=9)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
