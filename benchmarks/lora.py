@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
+
 from common import RESULTS  # also puts the repo on sys.path
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -94,7 +96,8 @@ def run_one(label, paths, data, seed, args, test):
 
     from optiq.lora.plan import plan_lora, weight_signals
     from optiq.lora.residual import plan_from_residual, start_from_residual
-    from optiq.lora.train import apply_plan, load_datasets, reference_linears, target_dims, train
+    from optiq.lora.formats import write_peft
+    from optiq.lora.train import apply_plan, load_datasets, lora_weights, reference_linears, target_dims, train
     from optiq.tasks import gsm8k
 
     which, scaling, init = ROWS[label]
@@ -116,12 +119,20 @@ def run_one(label, paths, data, seed, args, test):
                            args.steps_per_eval, 10**9, val_batches=args.val_batches, resume=False)
         wall = time.perf_counter() - t0
     model.eval()
+    if args.save_adapters:  # PEFT files, to score GSM8K on another machine when this one cannot
+        write_peft(mkdir(Path(args.save_adapters) / f"{label}-seed{seed}"), attrs.evolve(plan, base_model=str(paths[which])),
+                   lora_weights(model, plan), len(model.layers))
     acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens, batch_size=args.test_batch)["accuracy"] if test else float("nan")
     rates = [r["tokens_per_second"] for r in reports.train[1:]] or [r["tokens_per_second"] for r in reports.train]
     return dict(row=label, seed=seed, params=plan.trainable_params, ranks=[min(m.rank for m in plan.modules), max(m.rank for m in plan.modules)],
                 residual_held=held, val=[(r["iteration"], r["val_loss"]) for r in reports.val],
                 train=[(r["iteration"], r["train_loss"]) for r in reports.train], accuracy=acc,
                 tokens_per_s=statistics.mean(rates), train_s=wall)
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def mlx_lm_rates(output: str) -> list:
@@ -203,7 +214,8 @@ def plot(result, path: Path):
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, first in zip(axes, (0, 1)):  # the whole run, and the end where the rows part
+    zoom = 1 if min(len(r["val"]) for r in result["runs"]) > 2 else 0
+    for ax, first in zip(axes, (0, zoom)):  # the whole run, and the end where the rows part
         for label in dict.fromkeys(r["row"] for r in result["runs"]):
             curves = np.array([[v for _, v in r["val"]] for r in result["runs"] if r["row"] == label])[:, first:]
             steps = [s for s, _ in next(r for r in result["runs"] if r["row"] == label)["val"]][first:]
@@ -242,6 +254,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--speed-iters", type=int, default=60)
     p.add_argument("--speed-model", default=None, help="model for the speed pair (default: the quantized model on a GPU, the float one on a CPU)")
+    p.add_argument("--save-adapters", default=None, metavar="DIR", help="write each run's adapter (PEFT) under DIR")
     p.add_argument("--out", default=str(RESULTS / "lora.json"))
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an earlier run")
     args = p.parse_args()
