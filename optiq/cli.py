@@ -12,6 +12,7 @@ COMMANDS = {
     "convert": "optiq.commands.convert",
     "import-gguf": "optiq.commands.import_gguf",
     "strip": "optiq.commands.strip",
+    "tune": "optiq.commands.tune",
     "eval": "optiq.commands.eval",
     "benchmark": "optiq.commands.benchmark",
     "kv-cache": "optiq.commands.kv_cache",

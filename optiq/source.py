@@ -127,6 +127,18 @@ def resolve_model(spec: str | None) -> Path:
     raise OptiqError(f"model {spec!r} not found (a folder, a .gguf file or a Hub repo id)")
 
 
+def recorded_source(given: str | None, metadata: dict, what: str) -> Path:
+    """The float model a quantized one came from: `given`, else the source its
+    optiq_metadata.json records (the embedded default included)."""
+    spec = given or metadata.get("source")
+    if spec is None:
+        raise OptiqError(f"{what} needs --reference (the float model; the model's optiq_metadata.json records none)")
+    try:
+        return resolve_model(None if spec == DEFAULT_MODEL_NAME else spec)
+    except OptiqError as exc:
+        raise OptiqError(f"reference model: {exc}" + ("" if given else " (recorded in optiq_metadata.json; pass --reference)"))
+
+
 def check_checkpoint(folder: Path) -> Path:
     """`folder`, once its config.json is a JSON object and every safetensors
     file's header reads and fits the file: a corrupt checkpoint is refused in

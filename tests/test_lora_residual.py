@@ -134,7 +134,7 @@ def test_by_error_without_a_reference_is_refused_first(model_factory, tmp_path, 
 
     src = str(model_factory("llama"))
     data = write_data(tmp_path / "d")
-    for args, message in ((["--rank-scaling", "by_error"], "need --reference"), (["--init", "residual", "--reference", str(tmp_path / "nope")], "reference model")):
+    for args, message in ((["--rank-scaling", "by_error"], "needs --reference"), (["--init", "residual", "--reference", str(tmp_path / "nope")], "reference model")):
         with pytest.raises(SystemExit) as exit:
             main(["train", src, "--data", str(data), "-o", str(tmp_path / "a"), *args])
         assert exit.value.code == 2 and message in capsys.readouterr().err, args

@@ -22,7 +22,7 @@ from ..lora.formats import PLAN_FILE, read_plan, write_mlx_lm, write_peft
 from ..lora.plan import SCALINGS, weight_signals
 from ..lora.residual import INITS, plan_from_residual, start_from_residual
 from ..lora.train import apply_plan, check_data, load_datasets, lora_weights, reference_linears, target_dims, train, trainable_count
-from ..source import DEFAULT_MODEL_NAME, resolve_model
+from ..source import recorded_source, resolve_model
 
 
 @dataclass
@@ -52,17 +52,11 @@ class TrainOptions:
     no_resume: bool = field(default=False, metadata=dict(help="ignore checkpoints in OUTPUT.partial"))
 
 
-def resolve_reference(opts: TrainOptions, metadata: dict, meta_path: Path):
+def resolve_reference(opts: TrainOptions, metadata: dict):
     """The float model's folder, when the rule or the init needs it (else None)."""
     if opts.rank_scaling != "by_error" and opts.init != "residual":
         return None
-    spec = opts.reference or metadata.get("source")
-    if spec is None:
-        raise OptiqError(f"--rank-scaling by_error and --init residual need --reference (the float model; {meta_path} records none)")
-    try:
-        return resolve_model(None if spec == DEFAULT_MODEL_NAME else spec)
-    except OptiqError as exc:
-        raise OptiqError(f"reference model: {exc}" + ("" if opts.reference else " (recorded in optiq_metadata.json; pass --reference)"))
+    return recorded_source(opts.reference, metadata, "--rank-scaling by_error and --init residual")
 
 
 def run_train(opts: TrainOptions):
@@ -77,7 +71,7 @@ def run_train(opts: TrainOptions):
     folder = resolve_model(opts.model)
     meta_path = folder / "optiq_metadata.json"
     metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    reference = resolve_reference(opts, metadata, meta_path)
+    reference = resolve_reference(opts, metadata)
     announce_device()
     mx.random.seed(opts.seed)
     model, tokenizer = mlx_lm.load(str(folder))

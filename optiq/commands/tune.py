@@ -1,0 +1,122 @@
+"""optiq tune: learned rounding for a quantized model: its scales and biases tuned to the reference's outputs (DWQ's loss), codes kept.
+
+The input is an optiq output (or any mlx-lm quantized model); the output is
+the same format with new scales and biases, which stock mlx_lm.load opens.
+Held-out KL against the reference is measured before and after. A stopped
+run resumes from OUTPUT.partial/ (parameters, Adam's moments and the step)."""
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx_lm
+from tqdm import tqdm
+
+from . import announce_device, run_command, script_entry
+from ..calibration import check_source, load_calibration
+from ..cpu import adapt_for_cpu
+from ..errors import OptiqError
+from ..evaluate import quality, reference_batches
+from ..io import check_output
+from ..quantize import DTYPES, cast_floats, output_dtype, save_model_folder
+from ..source import load_reference, read_config, recorded_source, resolve_model
+from ..tune import TuneConfig, restore, start, state_arrays, tune_steps
+
+STATE = "tune_state.safetensors"
+
+
+@dataclass
+class TuneOptions:
+    model: str = field(metadata=dict(args=["model"], help="a quantized model folder (an optiq convert output or any mlx-lm one)"))
+    output: str = field(metadata=dict(args=["-o", "--output"]))
+    reference: Optional[str] = field(default=None, metadata=dict(help="the float model (default: the source optiq_metadata.json records)"))
+    calibration: Optional[str] = field(default=None, metadata=dict(help="text file or dataset id (default: text sampled from the reference)"))
+    eval_data: Optional[str] = field(default=None, metadata=dict(help="held-out text for the before/after KL (default: sampled with seed + 1)"))
+    n_calibration: int = 64
+    n_eval: int = 8
+    seq_len: int = 256
+    steps: int = 200
+    lr: float = 1e-5
+    batch_size: int = 4
+    top_k: int = field(default=1024, metadata=dict(help="reference logits kept per position"))
+    steps_per_save: int = 25
+    seed: int = 0
+    force: bool = False
+    no_resume: bool = field(default=False, metadata=dict(help="ignore a checkpoint in OUTPUT.partial"))
+
+
+def checked(opts: TuneOptions) -> tuple:
+    """(model folder, its config, its optiq metadata): what can be refused before anything loads."""
+    if min(opts.steps, opts.batch_size, opts.n_calibration, opts.n_eval, opts.top_k, opts.steps_per_save) < 1 or opts.seq_len < 2:
+        raise OptiqError("--steps, --batch-size, --n-calibration, --n-eval, --top-k and --steps-per-save must be at least 1, --seq-len at least 2")
+    if not opts.lr > 0:
+        raise OptiqError(f"--lr must be positive, got {opts.lr}")
+    check_output(Path(opts.output), opts.force)
+    check_source(opts.calibration, "--calibration")
+    check_source(opts.eval_data, "--eval-data")
+    folder = resolve_model(opts.model)
+    config = read_config(folder)
+    if "quantization" not in config:
+        raise OptiqError(f"{opts.model} is not quantized (its config.json has no quantization): tune tunes a quantized model's scales")
+    meta_path = folder / "optiq_metadata.json"
+    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return folder, config, metadata
+
+
+def run(opts: TuneOptions):
+    folder, config, metadata = checked(opts)
+    ref_path = recorded_source(opts.reference, metadata, "optiq tune")
+    announce_device()
+    reference = load_reference(ref_path)
+    model, tokenizer = mlx_lm.load(str(folder))
+    if mx.default_device() == mx.cpu:
+        adapt_for_cpu(model)  # fp32 activations; dequantize-then-matmul keeps the scales' gradients and is fast here
+    held = load_calibration(opts.eval_data, reference.tokenizer, reference.model, opts.n_eval, opts.seq_len, seed=opts.seed + 1)
+    tokens = load_calibration(opts.calibration, reference.tokenizer, reference.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+    refs = reference_batches(reference.model, held, batch_size=4)
+    before = quality(model, held, refs, batch_size=4)
+    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, 2.0, opts.top_k, opts.seed)
+    params, opt = start(model, tune)
+    work = Path(opts.output).with_name(Path(opts.output).name + ".partial")
+    done = 0
+    if (work / STATE).exists() and not opts.no_resume:
+        params, opt, done = restore(mx.load(str(work / STATE)), opt)
+        print(f"resuming from step {done} ({work / STATE})", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=opts.steps, initial=done, desc="tune", unit="step")
+
+    def on_step(step, params, opt, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % opts.steps_per_save == 0 or step == opts.steps:
+            tmp = work / f".partial-{STATE}"  # mx.save_safetensors keeps a name ending in .safetensors
+            mx.save_safetensors(str(tmp), state_arrays(params, opt, step))
+            tmp.replace(work / STATE)  # a checkpoint is whole or absent
+
+    t0 = time.time()
+    params, opt, losses = tune_steps(model, reference.model, tokens, params, opt, done, opts.steps, tune, on_step)
+    bar.close()
+    after = quality(model, held, refs, batch_size=4)
+    seconds = time.time() - t0
+    dtype = DTYPES[output_dtype(config)]
+    cast_floats(model, dtype)
+    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
+                                          n_calibration=opts.n_calibration, calibration=opts.calibration or "self-sampled", resumed_from=done,
+                                          seconds=seconds, losses=losses, held_out_before=before, held_out_after=after, reference=str(ref_path)))
+    save_model_folder(opts.output, model, tokenizer, config, folder, metadata, force=opts.force)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"held-out KL {before['kl_mean']:.4f} -> {after['kl_mean']:.4f} (top-1 {before['top1']:.3f} -> {after['top1']:.3f}) "
+          f"after {opts.steps} steps in {seconds:.0f}s; wrote {opts.output}")
+    return after
+
+
+def main(argv=None, prog="optiq tune") -> int:
+    return run_command(TuneOptions, run, argv, prog, __doc__)
+
+
+if __name__ == "__main__":
+    script_entry(main)

@@ -1,0 +1,120 @@
+"""Learned rounding over a written plan: each quantized layer's scales and
+biases (the integer codes stay as they are) are tuned so the model's
+next-token distributions match the reference's, as mlx-lm's DWQ does, and
+the result is still MLX's format, so stock mlx-lm loads it.
+
+The loss is DWQ's: KL between the reference's and the model's softmax at
+temperature 2, over the reference's top-k logits per position. State is
+explicit: `tune_steps` takes the trainable parameters and the optimizer
+state and returns them, so a caller can checkpoint and resume at any step.
+Batches are a pure function of (seed, step), so a resumed run sees exactly
+the batches an uninterrupted one would.
+
+Why not mlx-lm's `dwq_quantize` as it is: it keeps its loop's state to
+itself (no checkpoint, no resume), draws batches from one shuffled pass, and
+returns nothing to measure; the loss and the layers it trains are the same.
+"""
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.losses import kl_div_loss
+
+
+@attrs.frozen
+class TuneConfig:
+    steps: int = 200
+    lr: float = 1e-5
+    batch_size: int = 4
+    temperature: float = 2.0
+    top_k: int = 1024
+    seed: int = 0
+
+
+def unfreeze_scales(model: nn.Module) -> int:
+    """Freeze everything but the scales and biases of affine layers under 8
+    bits (DWQ's choice: 8-bit layers gain little); returns how many values train."""
+    model.freeze()
+
+    def unfreeze(_, m):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.mode == "affine" and m.bits < 8:
+            m.unfreeze(keys=["scales", "biases"], recurse=False)
+
+    model.apply_to_modules(unfreeze)
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def batch_rows(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Row indices of step `step`'s batch: one fresh permutation per epoch."""
+    per_epoch = max(1, n_rows // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def reference_targets(reference: nn.Module, batch: mx.array, top_k: int) -> tuple:
+    """(top-k logits, their token ids) of the reference at every position."""
+    logits = mx.stop_gradient(reference(batch)).astype(mx.float32)
+    k = min(top_k, logits.shape[-1])
+    ids = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+    return mx.take_along_axis(logits, ids, axis=-1), ids
+
+
+def distill_loss(model: nn.Module, batch: mx.array, targets: tuple, temperature: float) -> mx.array:
+    values, ids = targets
+    logits = mx.take_along_axis(model(batch).astype(mx.float32), ids, axis=-1)
+    return kl_div_loss(logits / temperature, values / temperature).mean()
+
+
+def start(model: nn.Module, config: TuneConfig) -> tuple:
+    """(trainable parameters in fp32, a fresh optimizer) for `model`."""
+    unfreeze_scales(model)
+    params = tree_map(lambda x: x.astype(mx.float32), model.trainable_parameters())
+    opt = optim.Adam(learning_rate=config.lr)
+    opt.init(params)
+    return params, opt
+
+
+def tune_steps(model: nn.Module, reference: nn.Module, tokens: np.ndarray, params, opt, first: int, last: int,
+               config: TuneConfig, on_step=None) -> tuple:
+    """Steps first..last-1 from (params, opt); returns (params, opt, losses).
+    The model is updated in place to the tuned values (in its own dtypes)."""
+    dtypes = tree_map(lambda x: x.dtype, model.trainable_parameters())
+
+    def loss_fn(p, batch, targets):
+        model.update(tree_map(lambda x, d: x.astype(d), p, dtypes))
+        return distill_loss(model, batch, targets, config.temperature)
+
+    grad = mx.value_and_grad(loss_fn)
+    tokens = np.asarray(tokens, dtype=np.int32)
+    losses = []
+    for step in range(first, last):
+        batch = mx.array(tokens[batch_rows(len(tokens), config.batch_size, config.seed, step)])
+        targets = reference_targets(reference, batch, config.top_k)
+        mx.eval(targets)
+        loss, g = grad(params, batch, targets)
+        params = opt.apply_gradients(g, params)
+        mx.eval(loss, params, opt.state)
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(step + 1, params, opt, losses[-1])
+    model.update(tree_map(lambda x, d: x.astype(d), params, dtypes))
+    return params, opt, losses
+
+
+def state_arrays(params, opt, step: int) -> dict:
+    """One flat {name: array} for safetensors: parameters, Adam's moments, the step."""
+    flat = {f"param.{k}": v for k, v in tree_flatten(params)}
+    flat.update({f"opt.{k}": v for k, v in tree_flatten(opt.state)})
+    flat["step"] = mx.array(step)
+    return flat
+
+
+def restore(arrays: dict, opt) -> tuple:
+    """(params, opt, step) from `state_arrays`' output, into a fresh optimizer."""
+    params = tree_unflatten([(k[6:], v) for k, v in arrays.items() if k.startswith("param.")])
+    opt.state = tree_unflatten([(k[4:], v) for k, v in arrays.items() if k.startswith("opt.")])
+    return params, opt, int(arrays["step"].item())

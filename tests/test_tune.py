@@ -1,0 +1,98 @@
+"""optiq tune: learned scales and biases over a written plan, on a tiny model."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from optiq.tune import batch_rows
+from test_lora import FAST
+
+TUNE = ["--n-calibration", "8", "--n-eval", "4", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--top-k", "64"]
+
+
+@pytest.fixture(scope="module")
+def quantized(model_factory, tmp_path_factory):
+    from optiq.cli import main as cli
+
+    out = tmp_path_factory.mktemp("tune") / "q"
+    assert cli(["convert", str(model_factory("llama")), "-o", str(out), "--target-bpw", "3.0", "--group-size", "32",
+                "--candidate-bits", "2,4", *FAST]) == 0
+    return out
+
+
+def weights(folder) -> dict:
+    model, _ = mlx_lm.load(str(folder))  # stock mlx-lm, no optiq import needed to open it
+    return {k: np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_tuning_lowers_held_out_kl_and_keeps_the_codes(quantized, tmp_path, capsys):
+    from optiq.cli import main as cli
+
+    out = tmp_path / "tuned"
+    assert cli(["tune", str(quantized), "-o", str(out), "--steps", "24", *TUNE]) == 0
+    tuning = json.loads((out / "optiq_metadata.json").read_text())["tuning"]
+    assert tuning["held_out_after"]["kl_mean"] < 0.9 * tuning["held_out_before"]["kl_mean"], tuning
+    assert len(tuning["losses"]) == 24 and not (tmp_path / "tuned.partial").exists()
+    assert json.loads((out / "config.json").read_text())["quantization"] == json.loads((quantized / "config.json").read_text())["quantization"]
+    before, after = weights(quantized), weights(out)
+    assert before.keys() == after.keys()
+    moved = [k for k in before if k.endswith((".scales", ".biases")) and not np.array_equal(before[k], after[k])]
+    assert moved and all(np.array_equal(before[k], after[k]) for k in before if k.endswith(".weight"))  # codes as written
+    assert "held-out KL" in capsys.readouterr().out
+
+
+def test_a_stopped_run_resumes_to_the_same_result(quantized, tmp_path, monkeypatch):
+    import optiq.commands.tune as tune_cmd
+    from optiq.cli import main as cli
+
+    whole = tmp_path / "whole"
+    assert cli(["tune", str(quantized), "-o", str(whole), "--steps", "4", *TUNE]) == 0
+    real = tune_cmd.tune_steps
+
+    def stops_after_two(*args, **kw):
+        on_step = args[-1]
+
+        def stopping(step, *rest):
+            on_step(step, *rest)
+            if step == 2:
+                raise KeyboardInterrupt
+        return real(*args[:-1], stopping, **kw)
+
+    monkeypatch.setattr(tune_cmd, "tune_steps", stops_after_two)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        cli(["tune", str(quantized), "-o", str(resumed), "--steps", "4", "--steps-per-save", "1", *TUNE])
+    assert (tmp_path / "resumed.partial" / "tune_state.safetensors").exists() and not resumed.exists()
+    monkeypatch.setattr(tune_cmd, "tune_steps", real)
+    assert cli(["tune", str(quantized), "-o", str(resumed), "--steps", "4", *TUNE]) == 0
+    assert json.loads((resumed / "optiq_metadata.json").read_text())["tuning"]["resumed_from"] == 2
+    a, b = weights(whole), weights(resumed)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    rows = [batch_rows(10, 3, 7, s).tolist() for s in range(6)]
+    assert rows == [batch_rows(10, 3, 7, s).tolist() for s in range(6)]
+    assert sorted(sum(rows[:3], [])) == sorted(set(sum(rows[:3], [])))  # one epoch: no row twice
+
+
+def test_bad_tune_input_is_refused_before_loading(model_factory, quantized, tmp_path, capsys):
+    from optiq.commands.tune import main
+
+    float_model = str(model_factory("llama"))
+    cases = [
+        ([float_model, "-o", str(tmp_path / "a")], "is not quantized"),
+        ([str(quantized), "-o", str(tmp_path / "a"), "--steps", "0"], "at least 1"),
+        ([str(quantized), "-o", str(tmp_path / "a"), "--lr", "-1"], "--lr must be positive"),
+        ([str(quantized), "-o", str(tmp_path / "a"), "--calibration", str(tmp_path / "none.txt")], "--calibration"),
+        ([str(quantized), "-o", str(tmp_path / "a"), "--reference", str(tmp_path / "nope")], "reference model"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            main(args)
+        assert exit.value.code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path / "a").exists()
