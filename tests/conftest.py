@@ -311,6 +311,18 @@ def tiny_llama(model_factory):
     return model_factory("llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_3bpw(model_factory, tmp_path_factory):
+    """`optiq convert` of the tiny llama at 3 bpw over 2 and 4 bits: a large
+    quantization residual, for the tests of what starts from it (LoRA, tune)."""
+    from optiq.cli import main as cli
+
+    out = tmp_path_factory.mktemp("q3") / "optiq-model"
+    assert cli(["convert", str(model_factory("llama")), "-o", str(out), "--target-bpw", "3.0", "--group-size", "32", "--candidate-bits", "2,4",
+                "--n-calibration", "2", "--seq-len", "32", "--kl-stride", "2", "--quiet"]) == 0
+    return out
+
+
 def smollm2_gguf():
     from optiq.source import default_gguf
     from optiq.errors import OptiqError

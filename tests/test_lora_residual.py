@@ -14,7 +14,7 @@ from optiq.lora.plan import plan_lora, spend_on_residual
 from optiq.lora.residual import dequantized_weight, layer_residuals, plan_from_residual, start_from_residual
 from optiq.records import LoRAModule, LoRAPlan
 from optiq.lora.train import apply_plan, reference_linears, target_dims
-from test_lora import FAST, write_data
+from test_lora import write_data
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
@@ -90,13 +90,12 @@ def test_spend_on_residual_matches_the_optimum_when_costs_are_equal():
     assert ranks == expect
 
 
-def test_train_by_error_from_the_residual_then_serve_it(model_factory, tmp_path, capsys):
+def test_train_by_error_from_the_residual_then_serve_it(model_factory, tiny_llama_3bpw, tmp_path, capsys):
     from optiq.cli import main as cli
     from optiq.lora import AdapterSelector, mount, read_adapter
 
     src = model_factory("llama")
-    model_dir = tmp_path / "optiq-model"
-    assert cli(["convert", str(src), "-o", str(model_dir), "--target-bpw", "3.0", "--group-size", "32", "--candidate-bits", "2,4", *FAST]) == 0
+    model_dir = tiny_llama_3bpw
     data = write_data(tmp_path / "data", "chat")
     outs = {}
     for init in ("zero", "residual"):

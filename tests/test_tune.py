@@ -9,19 +9,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from optiq.tune import batch_rows
-from test_lora import FAST
 
 TUNE = ["--n-calibration", "8", "--n-eval", "4", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--top-k", "64"]
 
 
-@pytest.fixture(scope="module")
-def quantized(model_factory, tmp_path_factory):
-    from optiq.cli import main as cli
-
-    out = tmp_path_factory.mktemp("tune") / "q"
-    assert cli(["convert", str(model_factory("llama")), "-o", str(out), "--target-bpw", "3.0", "--group-size", "32",
-                "--candidate-bits", "2,4", *FAST]) == 0
-    return out
+@pytest.fixture
+def quantized(tiny_llama_3bpw):
+    return tiny_llama_3bpw
 
 
 def weights(folder) -> dict:
