@@ -195,3 +195,42 @@ def markdown_table(header, rows) -> str:
     """A Markdown table of `header` (column names) over `rows` (lists of cells, already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def method_family(method: str) -> str:
+    """The series a row belongs to on a size-quality curve: its method without
+    the sizes ("uniform 4-bit g64, GPTQ" -> "uniform, GPTQ", "mlx-lm mixed_4_6" ->
+    "mlx-lm mixed", "optiq exact @ mixed_3_6 bpw" -> "optiq exact")."""
+    import re
+
+    name = method.split(" @ ")[0]
+    for pattern, repl in ((r" \d+-bit g\d+", ""), (r" \d/\d\b", ""), (r"mixed_\d_\d", "mixed"), (r" \(\d+ steps\)", ""), (r"\s+", " ")):
+        name = re.sub(pattern, repl, name)
+    return name.strip()
+
+
+def plot_size_quality(rows, path: Path, title: str):
+    """Mean KL against effective bits per weight, every row of one run, log scale (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = {}
+    for r in rows:
+        if r.get("kl_mean") is not None and r.get("effective_bpw"):
+            series.setdefault(method_family(r["method"]), []).append((r["effective_bpw"], r["kl_mean"], r["method"]))
+    for i, (family, points) in enumerate(sorted(series.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="osD^v<>px*h"[i % 11],
+                linestyle="-" if family.startswith("optiq") else "--", label=family)
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (scales and biases counted)")
+    ax.set_ylabel("mean KL to the reference (held-out, log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

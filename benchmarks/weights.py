@@ -41,6 +41,7 @@ def parse():
     p.add_argument("--gptq-refine", action="store_true", help="also refine the GPTQ plan (another probe pass)")
     p.add_argument("--main-target", type=float, default=4.5, help="the target that gets refinement, GPTQ and proxy rows")
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the size-quality PNG of an earlier run")
     return p.parse_args()
 
 
@@ -105,9 +106,22 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def draw(json_path: Path):
+    """The size-quality curve of one run's rows, beside its JSON."""
+    from common import plot_size_quality
+
+    result = json.loads(Path(json_path).read_text())
+    try:
+        print("wrote", plot_size_quality(result["rows"], Path(json_path).with_suffix(".png"), f"{Path(result['model']).name}: every row of one run"))
+    except ImportError:
+        print("matplotlib is not installed: no PNG (python benchmarks/weights.py --plot JSON draws it later)")
+
+
 def main():
     ensure_fast_blas()
     args = parse()
+    if args.plot:
+        return draw(Path(args.plot))
     import numpy as np
     from mlx_lm.convert import mixed_quant_predicate_builder
 
@@ -232,6 +246,7 @@ def main():
                                "argv": sys.argv[1:]}, indent=2))
     (out.with_suffix(".md")).write_text(text + "\n")
     print(f"\nwrote {out}")
+    draw(out)
     del np
 
 
