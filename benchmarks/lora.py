@@ -45,6 +45,7 @@ import attrs
 from common import RESULTS  # also puts the repo on sys.path
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+RESIDUALS = {}  # (model, reference, rank) -> {path: ResidualFactors}, shared by the runs of one process
 ROWS = {  # label: (model, rank rule, start)
     "constant": ("quantized", "constant", "zero"),
     "by_bits": ("quantized", "by_bits", "zero"),
@@ -94,8 +95,8 @@ def run_one(label, paths, data, seed, args, test):
     import mlx.core as mx
     import numpy as np
 
-    from optiq.lora.plan import plan_lora, weight_signals
-    from optiq.lora.residual import plan_from_residual, start_from_residual
+    from optiq.lora.plan import KL_CLIP, plan_lora, weight_signals
+    from optiq.lora.residual import layer_residuals, plan_from_residual, start_from_residual
     from optiq.lora.formats import write_peft
     from optiq.lora.train import apply_plan, load_datasets, lora_weights, reference_linears, target_dims, train
     from optiq.tasks import gsm8k
@@ -108,8 +109,15 @@ def run_one(label, paths, data, seed, args, test):
     budget = plan_lora(dims, args.rank).trainable_params  # every row spends constant rank's parameters
     meta = Path(paths["quantized"]) / "optiq_metadata.json"
     weight_plan, table = weight_signals(json.loads(meta.read_text()))
-    reference = reference_linears(paths["float"], dims) if (scaling == "by_error" or init == "residual") else None
-    plan, factors = plan_from_residual(model, dims, reference, init, args.rank, scaling, plan=weight_plan, table=table, param_budget=budget)
+    factors = None
+    if scaling == "by_error" or init == "residual":  # the residuals are the model's, not the run's: taken once
+        key = (paths["quantized"], paths["float"], args.rank)
+        if key not in RESIDUALS:
+            taken = layer_residuals(model, reference_linears(paths["float"], dims), dims, int(KL_CLIP * args.rank))
+            RESIDUALS[key] = {f.path: f for f in taken}
+        factors = RESIDUALS[key]
+    plan, factors = plan_from_residual(model, dims, None, init, args.rank, scaling, factors=factors, plan=weight_plan, table=table,
+                                       param_budget=budget)
     apply_plan(model, plan)
     held = 1 - start_from_residual(model, plan, factors) if init == "residual" else 0.0
     tr, va = load_datasets(data, tok, True)

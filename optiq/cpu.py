@@ -20,11 +20,20 @@ def _rows(x) -> int:
     return x.size // x.shape[-1]
 
 
+def dense_weight(module: nn.Module) -> mx.array:
+    """The (out, in) weight a linear or embedding computes with: dequantized
+    when it is quantized, in its scales' dtype."""
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
+                             bits=module.bits, mode=module.mode)
+    return module.weight
+
+
 class RowAdaptiveQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x):
         if _rows(x) <= 1:
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits, mode=self.mode)
+        w = dense_weight(self)
         y = x @ w.astype(x.dtype).T
         return y + self["bias"] if "bias" in self else y
 
@@ -33,7 +42,7 @@ class RowAdaptiveQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x):
         if _rows(x) <= 1:
             return super().as_linear(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits, mode=self.mode)
+        w = dense_weight(self)
         return x @ w.astype(x.dtype).T
 
 

@@ -99,13 +99,14 @@ def spend_on_residual(paths, dims, spectra, budget: int, max_rank: int) -> dict:
     if budget < floor:
         raise ValueError(f"a budget of {budget} parameters is below rank 1 everywhere ({floor})")
     ranks = {p: 1 for p in paths}
+    order = {p: i for i, p in enumerate(paths)}  # ties go to the earlier module
     left = budget - floor
 
     def offer(p):
         s = spectra[p]
         r = ranks[p]
         if r < min(max_rank, len(s)):
-            heapq.heappush(heap, (-float(s[r]) ** 2 / sum(dims[p]), paths.index(p), p))
+            heapq.heappush(heap, (-float(s[r]) ** 2 / sum(dims[p]), order[p], p))
 
     heap = []
     for p in paths:

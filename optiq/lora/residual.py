@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import scipy.linalg
 
+from ..cpu import dense_weight
 from ..errors import OptiqError
 from .plan import KL_CLIP, plan_lora
 
@@ -43,12 +44,7 @@ class ResidualFactors:
 
 def dequantized_weight(module: nn.Module) -> mx.array:
     """The (out, in) weight a linear computes with, in fp32."""
-    if isinstance(module, nn.QuantizedLinear):
-        w = mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
-                          bits=module.bits, mode=module.mode)
-    else:
-        w = module.weight
-    return w.astype(mx.float32)
+    return dense_weight(module).astype(mx.float32)
 
 
 def residual_factors(path: str, residual: np.ndarray, keep: int) -> ResidualFactors:
@@ -99,13 +95,19 @@ def start_from_residual(model: nn.Module, plan, factors: dict) -> float:
     return left / total if total > 0 else 0.0
 
 
-def plan_from_residual(model: nn.Module, dims: dict, reference: dict | None, init: str, rank: int, scaling: str, **plan_args) -> tuple:
+def plan_from_residual(model: nn.Module, dims: dict, reference: dict | None, init: str, rank: int, scaling: str, factors: dict | None = None,
+                       **plan_args) -> tuple:
     """(LoRAPlan, {path: ResidualFactors} or None). by_error plans from the
     spectra (directions kept up to its rank cap); any other rule plans first
-    and keeps as many directions as its largest rank, for `init="residual"`."""
+    and keeps as many directions as its largest rank, for `init="residual"`.
+    `factors`: residuals already taken (KL_CLIP x rank directions kept), so
+    several plans over one model take them once."""
     if init not in INITS:
         raise ValueError(f"unknown adapter init {init!r}; choose from {', '.join(INITS)}")
     needs = scaling == "by_error" or init == "residual"
+    if needs and factors is not None:
+        plan = plan_lora(dims, rank, scaling, spectra={p: f.singular_values for p, f in factors.items()}, **plan_args)
+        return attrs.evolve(plan, init=init), factors
     if needs and reference is None:
         raise ValueError(f"{'by_error' if scaling == 'by_error' else 'init residual'} needs the float weights the model was quantized from (a reference model)")
     if scaling == "by_error":
