@@ -6,6 +6,7 @@ mlx_lm.lora on the same model and data, measured in the same run.
     python benchmarks/lora.py                               # SmolLM2 4.5-bpw optiq model, 200 steps x 3 seeds
     python benchmarks/lora.py --iters 300 --seeds 0,1,2 --n-test 128
     python benchmarks/lora.py --plot results/lora.json      # redraw the loss-curve PNG from a JSON
+    python benchmarks/lora.py --merge a.json b.json --out results/lora.json   # join runs made in several calls
 
 Task: GSM8K (../shared/data/gsm8k, or --gsm8k DIR with train.jsonl and
 test.jsonl) as chat data, question -> worked answer; train on the first
@@ -99,8 +100,6 @@ def run_one(label, paths, data, seed, args, test):
     from optiq.lora.residual import layer_residuals, plan_from_residual, start_from_residual
     from optiq.lora.formats import write_peft
     from optiq.lora.train import apply_plan, load_datasets, lora_weights, reference_linears, target_dims, train
-    from optiq.tasks import gsm8k
-
     which, scaling, init = ROWS[label]
     mx.random.seed(seed)
     np.random.seed(seed)  # mlx-lm draws batches with numpy's global RNG: the same batches for every row of a seed
@@ -130,12 +129,36 @@ def run_one(label, paths, data, seed, args, test):
     if args.save_adapters:  # PEFT files, to score GSM8K on another machine when this one cannot
         write_peft(mkdir(Path(args.save_adapters) / f"{label}-seed{seed}"), attrs.evolve(plan, base_model=str(paths[which])),
                    lora_weights(model, plan), len(model.layers))
-    acc = gsm8k(model, tok, test, [], max_tokens=args.max_tokens, batch_size=args.test_batch)["accuracy"] if test else float("nan")
+    acc = test_accuracy(model, tok, test, args) if test else float("nan")
     rates = [r["tokens_per_second"] for r in reports.train[1:]] or [r["tokens_per_second"] for r in reports.train]
     return dict(row=label, seed=seed, params=plan.trainable_params, ranks=[min(m.rank for m in plan.modules), max(m.rank for m in plan.modules)],
                 residual_held=held, val=[(r["iteration"], r["val_loss"]) for r in reports.val],
                 train=[(r["iteration"], r["train_loss"]) for r in reports.train], accuracy=acc,
                 tokens_per_s=statistics.mean(rates), train_s=wall)
+
+
+def test_accuracy(model, tok, test, args) -> float:
+    """GSM8K accuracy, one batch at a time with its time printed: on a GPU the
+    first batches compile kernels, and a silent stall reads like a hang."""
+    from optiq.tasks import gsm8k
+
+    correct = 0
+    for i in range(0, len(test), args.test_batch):
+        t0 = time.perf_counter()
+        chunk = test[i : i + args.test_batch]
+        correct += round(gsm8k(model, tok, chunk, [], max_tokens=args.max_tokens, batch_size=args.test_batch)["accuracy"] * len(chunk))
+        print(f"  GSM8K {i + len(chunk)}/{len(test)}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return correct / len(test)
+
+
+def merged(paths) -> dict:
+    """One result from runs made in several calls (one seed a call on a lent GPU)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    result = parts[0] | {"runs": [r for part in parts for r in part["runs"]]}
+    result["args"] = result["args"] | {"seeds": sorted({r["seed"] for r in result["runs"]})}
+    result["speed"] = next((part["speed"] for part in reversed(parts) if part.get("speed")), None)
+    result["summary"] = summarize(result["runs"])
+    return result
 
 
 def mkdir(path: Path) -> Path:
@@ -195,7 +218,8 @@ def summarize(runs) -> list:
         rows.append(dict(row=label, seeds=len(mine), params=mine[0]["params"], ranks=mine[0]["ranks"], residual_held=mine[0]["residual_held"],
                          val_start=statistics.mean(r["val"][0][1] for r in mine), val_final=statistics.mean(final),
                          val_final_std=statistics.stdev(final) if len(final) > 1 else float("nan"),
-                         accuracy=statistics.mean(r["accuracy"] for r in mine), tokens_per_s=statistics.mean(r["tokens_per_s"] for r in mine)))
+                         accuracy=statistics.mean(r["accuracy"] for r in mine),
+                         accuracy_std=statistics.stdev(r["accuracy"] for r in mine) if len(mine) > 1 else float("nan"), tokens_per_s=statistics.mean(r["tokens_per_s"] for r in mine)))
     return rows
 
 
@@ -203,11 +227,12 @@ def table(result) -> str:
     a = result["args"]
     lines = [f"model {result['model']} (float: {result['float']}); GSM8K chat, {a['n_train']} train, {a['iters']} steps x batch "
              f"{a['batch_size']}, lr {a['lr']}, rank {a['rank']} budget, seeds {a['seeds']}; test {a['n_test']} problems, 0-shot greedy\n",
-             "| row | trainable params | ranks | residual held at start | val loss start | val loss end (mean ± sd) | GSM8K acc | train tok/s |",
+             "| row | trainable params | ranks | residual held at start | val loss start | val loss end (mean ± sd) | GSM8K acc (mean ± sd) | train tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         lines.append(f"| {r['row']} | {r['params']:,} | {r['ranks'][0]}-{r['ranks'][1]} | {r['residual_held']:.1%} | {r['val_start']:.3f} | "
-                     f"{r['val_final']:.3f} ± {r['val_final_std']:.3f} | {r['accuracy']:.3f} | {r['tokens_per_s']:.0f} |")
+                     f"{r['val_final']:.3f} ± {r['val_final_std']:.3f} | {r['accuracy']:.3f} ± {r.get('accuracy_std', float('nan')):.3f} | "
+                     f"{r['tokens_per_s']:.0f} |")
     if result.get("speed"):
         lines += ["", "| trainer (same model, rank, batch, data) | steps | train tok/s |", "|---|---|---|"]
         lines += [f"| {s['trainer']} | {s['steps']} | {s['tokens_per_s']:.0f} |" for s in result["speed"]]
@@ -265,7 +290,12 @@ def main():
     p.add_argument("--save-adapters", default=None, metavar="DIR", help="write each run's adapter (PEFT) under DIR")
     p.add_argument("--out", default=str(RESULTS / "lora.json"))
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an earlier run")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only join earlier runs' JSONs into --out, with its table and PNG")
     args = p.parse_args()
+    if args.merge:
+        result = merged(args.merge)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        args.plot = args.out
     if args.plot:
         result = json.loads(Path(args.plot).read_text())
         print(table(result))
