@@ -138,17 +138,17 @@ def run_one(label, paths, data, seed, args, test):
 
 
 def test_accuracy(model, tok, test, args) -> float:
-    """GSM8K accuracy, one batch at a time with its time printed: on a GPU the
-    first batches compile kernels, and a silent stall reads like a hang."""
+    """GSM8K accuracy with each batch's time printed: on a GPU the first
+    batches compile kernels, and a silent stall reads like a hang."""
     from optiq.tasks import gsm8k
 
-    correct = 0
-    for i in range(0, len(test), args.test_batch):
-        t0 = time.perf_counter()
-        chunk = test[i : i + args.test_batch]
-        correct += round(gsm8k(model, tok, chunk, [], max_tokens=args.max_tokens, batch_size=args.test_batch)["accuracy"] * len(chunk))
-        print(f"  GSM8K {i + len(chunk)}/{len(test)}: {time.perf_counter() - t0:.1f} s", flush=True)
-    return correct / len(test)
+    clock = [time.perf_counter()]
+
+    def progress(done, total):
+        print(f"  GSM8K {done}/{total}: {time.perf_counter() - clock[0]:.1f} s", flush=True)
+        clock[0] = time.perf_counter()
+
+    return gsm8k(model, tok, test, [], max_tokens=args.max_tokens, batch_size=args.test_batch, progress=progress)["accuracy"]
 
 
 def merged(paths) -> dict:

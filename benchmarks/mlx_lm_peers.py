@@ -14,6 +14,15 @@ def fresh(ref_path):
     return to_fp32(model), config
 
 
+def rtn_model(ref_path, tokens, bits: int = 4, group_size: int = 64):
+    """mlx-lm's plain round-to-nearest (nn.quantize), the row the calibrated ones improve on."""
+    import mlx.nn as nn
+
+    model, _ = fresh(ref_path)
+    nn.quantize(model, group_size, bits)
+    return model
+
+
 def awq_model(ref_path, tokens, bits: int = 4, group_size: int = 64):
     from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize
 

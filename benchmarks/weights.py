@@ -38,6 +38,8 @@ def parse():
     p.add_argument("--no-dynamic-quant", action="store_true")
     p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ-rounding rows")
     p.add_argument("--no-mlx-lm-peers", action="store_true", help="skip mlx-lm's AWQ and GPTQ rows")
+    p.add_argument("--only-mlx-lm-peers", action="store_true",
+                   help="measure only mlx-lm's AWQ and GPTQ rows and add them to --out's earlier run (same tokens)")
     p.add_argument("--refine-rounds", type=int, default=1, help="refinement rounds for the 'refined' row (0: none)")
     p.add_argument("--gptq-refine", action="store_true", help="also refine the GPTQ plan (another probe pass)")
     p.add_argument("--main-target", type=float, default=4.5, help="the target that gets refinement, GPTQ and proxy rows")
@@ -96,6 +98,60 @@ def dynamic_quant_plan(loaded, tokens, table, target, group_size):
     return BitPlan(assignments=assignments, target_bpw=target, effective_bpw=effective_bpw(assignments, n), predicted_kl=kl, method=f"dynamic_quant {low}/{high}"), (low, high)
 
 
+def mlx_lm_peer_rows(ref_path, cal, ev, refs, labels=("AWQ", "GPTQ")) -> list:
+    """mlx-lm's AWQ and GPTQ (or its RTN), 4-bit g64 everywhere (embedding too: 4.5 effective bpw)."""
+    import mlx_lm_peers
+    from optiq.cpu import adapt_for_cpu
+    from optiq.evaluate import quality
+
+    rows = []
+    makers = {"RTN": mlx_lm_peers.rtn_model, "AWQ": mlx_lm_peers.awq_model, "GPTQ": mlx_lm_peers.gptq_model}
+    for label, make in ((label, makers[label]) for label in labels):
+        t0 = time.time()
+        try:
+            peer = make(ref_path, cal, 4, 64)
+        except NotImplementedError as exc:
+            print(f"mlx-lm {label}: {exc}")
+            continue
+        rows.append(row(f"mlx-lm {label} 4-bit g64", 4.5, quality(adapt_for_cpu(peer), ev, refs, batch_size=4), time.time() - t0))
+        print(rows[-1], flush=True)
+        del peer
+    return rows
+
+
+def earlier_run(out: Path, argv: list) -> dict:
+    """The run that later rows join, checked first: its arguments must give the same tokens."""
+    if not out.exists():
+        raise SystemExit(f"--only-mlx-lm-peers adds rows to an earlier run, and {out} does not exist")
+    result = json.loads(out.read_text())
+    token_args = [a for a in argv if a != "--only-mlx-lm-peers"]
+    if token_args != result["argv"]:
+        raise SystemExit(f"{out} was measured with {result['argv']}, not {token_args}: its tokens differ")
+    return result
+
+
+def check_tokens(result: dict, rtn: dict):
+    """mlx-lm's own round-to-nearest must land on the earlier run's uniform row, or the tokens differ."""
+    before = next(r for r in result["rows"] if r["method"] == "uniform 4-bit g64")
+    print(f"token check: mlx-lm RTN 4-bit g64 {rtn['kl_mean']:.4f} against the earlier uniform 4-bit g64 {before['kl_mean']:.4f}")
+    if abs(rtn["kl_mean"] - before["kl_mean"]) > 0.02 * before["kl_mean"]:
+        raise SystemExit("the earlier run's uniform row does not reproduce (its tokens or code differ): rerun the whole benchmark")
+
+
+def add_rows(out: Path, result: dict, new_rows: list):
+    """Put rows measured later on the same tokens into an earlier run's JSON and table."""
+    names = {r["method"] for r in new_rows}
+    rows = [r for r in result["rows"] if r["method"] not in names] + new_rows
+    rows.sort(key=lambda r: (round(r["effective_bpw"], 2), r["method"]))
+    result["rows"] = rows
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    out.with_suffix(".md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
+    draw(out)
+
+
 def markdown(rows) -> str:
     head = "| method | eff. bpw | mean KL | p99 KL | top-1 | ppl | time (s) |\n|---|---|---|---|---|---|---|"
     lines = [head]
@@ -136,13 +192,14 @@ def main():
     from optiq.reference import reference_pass
     from optiq.refine import plan_kl, refine
     from optiq.rounding import DTYPES, Rounding
-    from optiq.cpu import adapt_for_cpu
     from optiq.source import load_reference, resolve_model
 
     if not WIKITEXT.exists():
         raise SystemExit(f"needs {WIKITEXT} (../shared/data)")
     spec = gemma3_model() if args.model == "gemma3" else args.model
     name = args.model or "SmolLM2-135M-Instruct"
+    out = Path(args.out) if args.out else RESULTS / f"weights-{Path(name).name}.json"
+    earlier = earlier_run(out, sys.argv[1:]) if args.only_mlx_lm_peers else None
     loaded = load_reference(resolve_model(spec))
     from optiq.quantize import output_dtype
 
@@ -151,6 +208,9 @@ def main():
     cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
     ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
     refs = reference_batches(loaded.model, ev, batch_size=4)
+    if args.only_mlx_lm_peers:
+        check_tokens(earlier, mlx_lm_peer_rows(loaded.path, cal, ev, refs, ("RTN",))[0])
+        return add_rows(out, earlier, mlx_lm_peer_rows(loaded.path, cal, ev, refs))
 
     def measure(assignments, rounding=None):
         with simulated(loaded.model, assignments, rounding or Rounding("rtn", dtype)):
@@ -228,19 +288,8 @@ def main():
         rows.append(row(f"mlx-lm {recipe}", plan, measure(plan.assignments), 0.0))
         exact = plan_bits(table, plan.effective_bpw, method="exact")
         rows.append(row(f"optiq exact @ {recipe} bpw", exact, measure(exact.assignments), t_sens, {"predicted_kl": exact.predicted_kl}))
-    if not args.no_mlx_lm_peers:  # mlx-lm's AWQ and GPTQ, 4-bit g64 everywhere (embedding too: 4.5 effective bpw)
-        import mlx_lm_peers
-        from optiq.evaluate import quality
-
-        for label, make in (("AWQ", mlx_lm_peers.awq_model), ("GPTQ", mlx_lm_peers.gptq_model)):
-            t0 = time.time()
-            try:
-                peer = make(loaded.path, cal, 4, 64)
-            except NotImplementedError as exc:
-                print(f"mlx-lm {label}: {exc}")
-                continue
-            rows.append(row(f"mlx-lm {label} 4-bit g64", 4.5, quality(adapt_for_cpu(peer), ev, refs, batch_size=4), time.time() - t0))
-            del peer
+    if not args.no_mlx_lm_peers:
+        rows += mlx_lm_peer_rows(loaded.path, cal, ev, refs)
     rows.sort(key=lambda r: (round(r["effective_bpw"], 2), r["method"]))
     text = markdown(rows)
     naive = n_probes * t_forward
@@ -253,7 +302,6 @@ def main():
           f"measured on the calibration set {additivity['measured_calibration_kl']:.4f}\n")
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"weights-{Path(name).name}.json"
     out.write_text(json.dumps({"model": name, "sensitivity_seconds": t_sens, "sensitivity_method": table.method,
                                "n_probes": n_probes, "full_forward_seconds": t_forward, "naive_pass_seconds": naive,
                                "proxy_seconds": t_proxy, "proxy_spearman": rho, "additivity": additivity,

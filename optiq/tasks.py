@@ -109,8 +109,9 @@ def gsm8k_prompt(tokenizer, shots: list, question: str) -> list:
     return tokenizer.encode(text + f"Question: {question}\nAnswer:")
 
 
-def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, batch_size: int = 8) -> dict:
-    """Greedy few-shot accuracy: exact match of the final number."""
+def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, batch_size: int = 8, progress=None) -> dict:
+    """Greedy few-shot accuracy: exact match of the final number. `progress(done,
+    total)` is called after each batch (a GPU's first batches compile kernels)."""
     correct, outputs = 0, []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
@@ -122,6 +123,8 @@ def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, 
             got, want = final_number(text), final_number(p["answer"])
             correct += int(got is not None and got == want)
             outputs.append({"got": got, "want": want})
+        if progress is not None:
+            progress(len(outputs), len(problems))
     return {"accuracy": correct / len(problems), "n_problems": len(problems), "answers": outputs}
 
 

@@ -58,6 +58,18 @@ def test_gsm8k_runs_and_scores_exact_matches(model_factory, tmp_path):
     assert [a["want"] for a in r["answers"]] == ["6", "8", "10"]
 
 
+def test_gsm8k_reports_progress_per_batch(model_factory):
+    import mlx_lm
+
+    from optiq.tasks import gsm8k
+
+    model, tok = mlx_lm.load(str(model_factory("llama")))
+    problems = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(5)]
+    seen = []
+    result = gsm8k(model, tok, problems, [], max_tokens=4, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)] and result["n_problems"] == 5
+
+
 def test_final_number_extraction():
     assert final_number("so 3 + 4 = 7\n#### 7") == "7"
     assert final_number("The answer is 1,234.") == "1234"
