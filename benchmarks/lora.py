@@ -154,8 +154,10 @@ def test_accuracy(model, tok, test, args) -> float:
 def merged(paths) -> dict:
     """One result from runs made in several calls (one seed a call on a lent GPU)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    result = parts[0] | {"runs": [r for part in parts for r in part["runs"]]}
-    result["args"] = result["args"] | {"seeds": sorted({r["seed"] for r in result["runs"]})}
+    runs = {(r["row"], r["seed"]): r for part in parts for r in part["runs"]}  # a later part's run replaces an earlier one
+    result = parts[0] | {"runs": list(runs.values())}
+    result["args"] = result["args"] | {"seeds": sorted({r["seed"] for r in result["runs"]}),
+                                       "n_test": max(part["args"]["n_test"] for part in parts)}
     result["speed"] = next((part["speed"] for part in reversed(parts) if part.get("speed")), None)
     result["summary"] = summarize(result["runs"])
     return result
@@ -215,11 +217,12 @@ def summarize(runs) -> list:
     for label in dict.fromkeys(r["row"] for r in runs):
         mine = [r for r in runs if r["row"] == label]
         final = [r["val"][-1][1] for r in mine]
+        scored = [r["accuracy"] for r in mine if r["accuracy"] == r["accuracy"]]  # runs made with --n-test 0 have NaN
         rows.append(dict(row=label, seeds=len(mine), params=mine[0]["params"], ranks=mine[0]["ranks"], residual_held=mine[0]["residual_held"],
                          val_start=statistics.mean(r["val"][0][1] for r in mine), val_final=statistics.mean(final),
                          val_final_std=statistics.stdev(final) if len(final) > 1 else float("nan"),
-                         accuracy=statistics.mean(r["accuracy"] for r in mine),
-                         accuracy_std=statistics.stdev(r["accuracy"] for r in mine) if len(mine) > 1 else float("nan"), tokens_per_s=statistics.mean(r["tokens_per_s"] for r in mine)))
+                         accuracy=statistics.mean(scored) if scored else float("nan"), accuracy_seeds=len(scored),
+                         accuracy_std=statistics.stdev(scored) if len(scored) > 1 else float("nan"), tokens_per_s=statistics.mean(r["tokens_per_s"] for r in mine)))
     return rows
 
 
@@ -227,11 +230,12 @@ def table(result) -> str:
     a = result["args"]
     lines = [f"model {result['model']} (float: {result['float']}); GSM8K chat, {a['n_train']} train, {a['iters']} steps x batch "
              f"{a['batch_size']}, lr {a['lr']}, rank {a['rank']} budget, seeds {a['seeds']}; test {a['n_test']} problems, 0-shot greedy\n",
-             "| row | trainable params | ranks | residual held at start | val loss start | val loss end (mean ± sd) | GSM8K acc (mean ± sd) | train tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | trainable params | ranks | residual held at start | val loss start | val loss end (mean ± sd) | seeds | GSM8K acc (mean ± sd) | seeds scored | train tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         lines.append(f"| {r['row']} | {r['params']:,} | {r['ranks'][0]}-{r['ranks'][1]} | {r['residual_held']:.1%} | {r['val_start']:.3f} | "
-                     f"{r['val_final']:.3f} ± {r['val_final_std']:.3f} | {r['accuracy']:.3f} ± {r.get('accuracy_std', float('nan')):.3f} | "
+                     f"{r['val_final']:.3f} ± {r['val_final_std']:.3f} | {r['seeds']} | {r['accuracy']:.3f} ± {r.get('accuracy_std', float('nan')):.3f} | "
+                     f"{r.get('accuracy_seeds', r['seeds'])} | "
                      f"{r['tokens_per_s']:.0f} |")
     if result.get("speed"):
         lines += ["", "| trainer (same model, rank, batch, data) | steps | train tok/s |", "|---|---|---|"]
