@@ -38,6 +38,8 @@ def parse():
     p.add_argument("--no-dynamic-quant", action="store_true")
     p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ-rounding rows")
     p.add_argument("--no-mlx-lm-peers", action="store_true", help="skip mlx-lm's AWQ and GPTQ rows")
+    p.add_argument("--add-from", nargs="+", default=None, metavar="JSON",
+                   help="only add other benchmarks' rows on the same tokens (weights_levers.py, llama_cpp.py) to --out's run")
     p.add_argument("--only-mlx-lm-peers", action="store_true",
                    help="measure only mlx-lm's AWQ and GPTQ rows and add them to --out's earlier run (same tokens)")
     p.add_argument("--refine-rounds", type=int, default=1, help="refinement rounds for the 'refined' row (0: none)")
@@ -119,34 +121,54 @@ def mlx_lm_peer_rows(ref_path, cal, ev, refs, labels=("AWQ", "GPTQ")) -> list:
     return rows
 
 
-def earlier_run(out: Path, argv: list) -> dict:
-    """The run that later rows join, checked first: its arguments must give the same tokens."""
-    if not out.exists():
-        raise SystemExit(f"--only-mlx-lm-peers adds rows to an earlier run, and {out} does not exist")
-    result = json.loads(out.read_text())
-    token_args = [a for a in argv if a != "--only-mlx-lm-peers"]
-    if token_args != result["argv"]:
-        raise SystemExit(f"{out} was measured with {result['argv']}, not {token_args}: its tokens differ")
-    return result
-
-
 def check_tokens(result: dict, rtn: dict):
     """mlx-lm's own round-to-nearest must land on the earlier run's uniform row, or the tokens differ."""
-    before = next(r for r in result["rows"] if r["method"] == "uniform 4-bit g64")
+    before = uniform_rtn(result)
     print(f"token check: mlx-lm RTN 4-bit g64 {rtn['kl_mean']:.4f} against the earlier uniform 4-bit g64 {before['kl_mean']:.4f}")
     if abs(rtn["kl_mean"] - before["kl_mean"]) > 0.02 * before["kl_mean"]:
         raise SystemExit("the earlier run's uniform row does not reproduce (its tokens or code differ): rerun the whole benchmark")
 
 
+def same_method(name: str) -> str:
+    """Row names across benchmarks: case and an explicit ', rtn' (the default rounding) aside."""
+    name = name.lower()
+    return name[: -len(", rtn")] if name.endswith(", rtn") else name
+
+
+def uniform_rtn(result: dict) -> dict:
+    """Another benchmark's round-to-nearest 4-bit g64 row, the one every run on these tokens shares."""
+    if "rtn_check" in result:
+        return result["rtn_check"]
+    return next(r for r in result["rows"] if same_method(r["method"]) == "uniform 4-bit g64")
+
+
+def add_from(out: Path, sources: list):
+    """Rows of other benchmarks' runs on the same tokens, each checked by its uniform row, into one table."""
+    result = json.loads(out.read_text())
+    for source in map(Path, sources):
+        other = json.loads(source.read_text())
+        check_tokens(result, uniform_rtn(other))
+        names = {same_method(r["method"]): r["method"] for r in result["rows"]}  # this table's spelling of a shared row
+        add_rows(out, result, [r | {"method": names.get(same_method(r["method"]), r["method"].replace(", gptq", ", GPTQ")),
+                                    "source": source.name} for r in other["rows"]])
+        result = json.loads(out.read_text())
+
+
+def write_json(path: Path, result: dict):
+    """Whole or not at all: a stopped run leaves the earlier file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+
+
 def add_rows(out: Path, result: dict, new_rows: list):
-    """Put rows measured later on the same tokens into an earlier run's JSON and table."""
-    names = {r["method"] for r in new_rows}
-    rows = [r for r in result["rows"] if r["method"] not in names] + new_rows
+    """Put rows measured later on the same tokens into an earlier run's JSON and table; a
+    later row replaces one of the same method."""
+    names = {same_method(r["method"]) for r in new_rows}
+    rows = [r for r in result["rows"] if same_method(r["method"]) not in names] + new_rows
     rows.sort(key=lambda r: (round(r["effective_bpw"], 2), r["method"]))
     result["rows"] = rows
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result)
     out.with_suffix(".md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
     draw(out)
@@ -169,7 +191,7 @@ def draw(json_path: Path):
 
     result = json.loads(Path(json_path).read_text())
     try:
-        print("wrote", plot_size_quality(result["rows"], Path(json_path).with_suffix(".png"), f"{Path(result['model']).name}: every row of one run"))
+        print("wrote", plot_size_quality(result["rows"], Path(json_path).with_suffix(".png"), f"{Path(result['model']).name}: every row on the same held-out tokens"))
     except ImportError:
         print("matplotlib is not installed: no PNG (python benchmarks/weights.py --plot JSON draws it later)")
 
@@ -179,6 +201,8 @@ def main():
     args = parse()
     if args.plot:
         return draw(Path(args.plot))
+    if args.add_from:
+        return add_from(Path(args.out) if args.out else RESULTS / f"weights-{Path(args.model or 'SmolLM2-135M-Instruct').name}.json", args.add_from)
     import numpy as np
     from mlx_lm.convert import mixed_quant_predicate_builder
 
@@ -199,7 +223,8 @@ def main():
     spec = gemma3_model() if args.model == "gemma3" else args.model
     name = args.model or "SmolLM2-135M-Instruct"
     out = Path(args.out) if args.out else RESULTS / f"weights-{Path(name).name}.json"
-    earlier = earlier_run(out, sys.argv[1:]) if args.only_mlx_lm_peers else None
+    if args.only_mlx_lm_peers and not out.exists():
+        raise SystemExit(f"--only-mlx-lm-peers adds rows to an earlier run, and {out} does not exist")
     loaded = load_reference(resolve_model(spec))
     from optiq.quantize import output_dtype
 
@@ -208,9 +233,13 @@ def main():
     cal = tokens_from_texts([cal_text], loaded.tokenizer, args.n_calibration, args.seq_len)
     ev = tokens_from_texts([eval_text], loaded.tokenizer, args.n_eval, args.eval_seq_len)
     refs = reference_batches(loaded.model, ev, batch_size=4)
-    if args.only_mlx_lm_peers:
-        check_tokens(earlier, mlx_lm_peer_rows(loaded.path, cal, ev, refs, ("RTN",))[0])
-        return add_rows(out, earlier, mlx_lm_peer_rows(loaded.path, cal, ev, refs))
+    if args.only_mlx_lm_peers:  # its own JSON, joined like any other benchmark's rows on these tokens
+        rtn = mlx_lm_peer_rows(loaded.path, cal, ev, refs, ("RTN",))[0]
+        check_tokens(json.loads(out.read_text()), rtn)
+        peers = out.with_name(f"{out.stem}-mlx-lm-peers.json")
+        write_json(peers, {"model": name, "argv": sys.argv[1:], "calibration_tokens": int(cal.size), "eval_tokens": int(ev.size),
+                           "rtn_check": rtn, "rows": mlx_lm_peer_rows(loaded.path, cal, ev, refs)})
+        return add_from(out, [peers])
 
     def measure(assignments, rounding=None):
         with simulated(loaded.model, assignments, rounding or Rounding("rtn", dtype)):
