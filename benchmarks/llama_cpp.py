@@ -12,8 +12,9 @@ llama.cpp comes from PyPI's llama-cpp-python sdist (it vendors llama.cpp):
 downloaded once with pip, llama-quantize and llama-imatrix built with cmake
 into ~/.cache/optiq/llama.cpp (about 20 min on 2 cores), and its Python
 bindings loaded over that build (LLAMA_CPP_LIB_PATH), so one build serves
-both. The F32 GGUF comes from llama.cpp's convert_hf_to_gguf.py (needs
-torch), run on the reference folder every other row loads.
+both (they need `diskcache`). The F32 GGUF comes from llama.cpp's
+convert_hf_to_gguf.py (needs torch), run on the reference folder every
+other row loads.
 
 The JSON keeps mlx-lm's round-to-nearest 4-bit g64 on the same tokens
 (`rtn_check`): `weights.py --add-from` joins the rows to its table and PNG
@@ -22,6 +23,7 @@ only when that reproduces its own uniform row.
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import subprocess
 import sys
@@ -155,6 +157,9 @@ def main():
     args = parse()
     if not WIKITEXT.exists():
         raise SystemExit(f"needs {WIKITEXT} (../shared/data)")
+    # convert_hf_to_gguf.py imports torch; the llama_cpp bindings import diskcache
+    if missing := [m for m in ("torch", "diskcache") if importlib.util.find_spec(m) is None]:
+        raise SystemExit(f"benchmarks/llama_cpp.py needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     import mlx_lm_peers
     import weights
 
@@ -181,10 +186,10 @@ def main():
     t0 = time.time()
     f32 = f32_gguf(tree, Path(loaded.path), work / "f32.gguf")
     # the reference through llama.cpp: near zero unless conversion or runtime differ from MLX's
-    rows.append(weights.row("llama.cpp F32 (the reference)", gguf_bpw(f32),
-                            quality(llama_cpp_logits(tree, f32, args.eval_seq_len, args.threads), ev, refs, batch_size=4),
-                            time.time() - t0))
-    print(rows[-1], flush=True)
+    reference_check = weights.row("llama.cpp F32 (the reference)", gguf_bpw(f32),
+                                  quality(llama_cpp_logits(tree, f32, args.eval_seq_len, args.threads), ev, refs, batch_size=4),
+                                  time.time() - t0)
+    print(reference_check, flush=True)
     text = work / "calibration.txt"  # the calibration windows every other row uses, as text for llama.cpp to tokenize
     text.write_text("\n".join(loaded.tokenizer.decode(list(w)) for w in cal))
     t0 = time.time()
@@ -201,7 +206,7 @@ def main():
     print(weights.markdown(rows))
     out = Path(args.out) if args.out else RESULTS / f"llama-cpp-{Path(name).name}.json"
     result = {"model": name, "llama_cpp": SDIST, "calibration_tokens": int(cal.size), "eval_tokens": int(ev.size),
-              "rtn_check": rtn, "rows": rows, "argv": sys.argv[1:]}
+              "rtn_check": rtn, "reference_check": reference_check, "rows": rows, "argv": sys.argv[1:]}
     weights.write_json(out, result)
     print(f"wrote {out}")
 

@@ -40,6 +40,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: SmolLM2; 'gemma3' for Gemma-3-270M; or a path/repo id")
     p.add_argument("--target", type=float, default=4.5)
+    p.add_argument("--extra-targets", default="", help="more targets for the first candidate set, from the same table "
+                   "(e.g. the sizes llama.cpp's types land at, for rows at equal bpw)")
     p.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--n-calibration", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -91,6 +93,12 @@ def main():
     for label, keep in sets.items():
         plan = plan_bits(table.restricted(keep), args.target)
         rows.append(row(f"optiq exact, {args.quantizer}, {label}", plan, measure(plan.assignments, calibrated), seconds, {"predicted_kl": plan.predicted_kl}))
+        print(rows[-1], flush=True)
+    first = next(iter(sets))
+    for target in [float(t) for t in args.extra_targets.split(",") if t.strip()]:
+        plan = plan_bits(table.restricted(sets[first]), target)
+        rows.append(row(f"optiq exact, {args.quantizer}, {first} @ {target} bpw", plan, measure(plan.assignments, calibrated), seconds,
+                        {"predicted_kl": plan.predicted_kl}))
         print(rows[-1], flush=True)
     uniform = uniform_plan(table, Candidate(4, 64))
     rows.append(row(f"uniform 4-bit g64, {args.quantizer}", uniform, measure(uniform.assignments, calibrated), seconds))
