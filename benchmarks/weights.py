@@ -144,6 +144,8 @@ def uniform_rtn(result: dict) -> dict:
 
 def add_from(out: Path, sources: list):
     """Rows of other benchmarks' runs on the same tokens, each checked by its uniform row, into one table."""
+    if missing := [str(f) for f in [out, *map(Path, sources)] if not Path(f).exists()]:
+        raise SystemExit(f"--add-from: no such file: {', '.join(missing)}")
     result = json.loads(out.read_text())
     for source in map(Path, sources):
         other = json.loads(source.read_text())
@@ -331,11 +333,11 @@ def main():
           f"measured on the calibration set {additivity['measured_calibration_kl']:.4f}\n")
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"model": name, "sensitivity_seconds": t_sens, "sensitivity_method": table.method,
+    write_json(out, {"model": name, "sensitivity_seconds": t_sens, "sensitivity_method": table.method,
                                "n_probes": n_probes, "full_forward_seconds": t_forward, "naive_pass_seconds": naive,
                                "proxy_seconds": t_proxy, "proxy_spearman": rho, "additivity": additivity,
                                "calibration_tokens": int(cal.size), "eval_tokens": int(ev.size), "rows": rows,
-                               "argv": sys.argv[1:]}, indent=2))
+                               "argv": sys.argv[1:]})
     (out.with_suffix(".md")).write_text(text + "\n")
     print(f"\nwrote {out}")
     draw(out)
