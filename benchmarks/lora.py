@@ -152,13 +152,20 @@ def test_accuracy(model, tok, test, args) -> float:
 
 
 def merged(paths) -> dict:
-    """One result from runs made in several calls (one seed a call on a lent GPU)."""
+    """One result from runs made in several calls (one seed a call on a lent GPU).
+    A part trained with other settings (a speed-only call: a few steps, --n-test 0)
+    gives its speed pair and no runs; every speed pair is kept, longest first."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    runs = {(r["row"], r["seed"]): r for part in parts for r in part["runs"]}  # a later part's run replaces an earlier one
+    same = ("iters", "lr", "rank", "batch_size", "max_seq_length", "n_train", "n_valid")
+    comparable = [part for part in parts if all(part["args"][k] == parts[0]["args"][k] for k in same)]
+    runs = {(r["row"], r["seed"]): r for part in comparable for r in part["runs"]}  # a later part's run replaces an earlier one
     result = parts[0] | {"runs": list(runs.values())}
     result["args"] = result["args"] | {"seeds": sorted({r["seed"] for r in result["runs"]}),
-                                       "n_test": max(part["args"]["n_test"] for part in parts)}
-    result["speed"] = next((part["speed"] for part in reversed(parts) if part.get("speed")), None)
+                                       "n_test": max(part["args"]["n_test"] for part in comparable)}
+    pairs = [pair for part in parts for pair in [part.get("speed")] + part.get("speed_all", []) if pair]
+    pairs = list({json.dumps(pair, sort_keys=True): pair for pair in pairs}.values())  # a pair carried in two parts counts once
+    result["speed_all"] = sorted(pairs, key=lambda pair: -pair[0]["steps"])
+    result["speed"] = result["speed_all"][0] if pairs else None
     result["summary"] = summarize(result["runs"])
     return result
 
@@ -238,8 +245,10 @@ def table(result) -> str:
                      f"{r.get('accuracy_seeds', r['seeds'])} | "
                      f"{r['tokens_per_s']:.0f} |")
     if result.get("speed"):
-        lines += ["", "| trainer (same model, rank, batch, data) | steps | train tok/s |", "|---|---|---|"]
-        lines += [f"| {s['trainer']} | {s['steps']} | {s['tokens_per_s']:.0f} |" for s in result["speed"]]
+        lines += ["", "| trainer (same model, rank, batch, data) | steps | train tok/s | optiq / mlx_lm.lora |", "|---|---|---|---|"]
+        for pair in result.get("speed_all") or [result["speed"]]:
+            ratio = pair[0]["tokens_per_s"] / pair[1]["tokens_per_s"]
+            lines += [f"| {s['trainer']} | {s['steps']} | {s['tokens_per_s']:.0f} | {f'{ratio:.2f}x' if s is pair[0] else ''} |" for s in pair]
     return "\n".join(lines)
 
 
