@@ -191,6 +191,14 @@ def drive_requests(one, prompts, concurrency: int) -> dict:
                 ttft_median_s=statistics.median(ttfts) if ttfts else float("nan"), ttft_p95_s=p95)
 
 
+def draw_png(draw, *args, script: str):
+    """Run a matplotlib drawing; without matplotlib, say so and how to draw it later."""
+    try:
+        return draw(*args)
+    except ImportError:
+        print(f"matplotlib is not installed: no PNG (python benchmarks/{script} --plot JSON draws it later)")
+
+
 def markdown_table(header, rows) -> str:
     """A Markdown table of `header` (column names) over `rows` (lists of cells, already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

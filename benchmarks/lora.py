@@ -43,7 +43,7 @@ from pathlib import Path
 
 import attrs
 
-from common import RESULTS  # also puts the repo on sys.path
+from common import RESULTS, draw_png  # also puts the repo on sys.path
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 RESIDUALS = {}  # (model, reference, rank) -> {path: ResidualFactors}, shared by the runs of one process
@@ -353,10 +353,7 @@ def main():
     print()
     print(table(result))
     print(f"\nwrote {out}")
-    try:
-        plot(result, out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib is not installed: no PNG (python benchmarks/lora.py --plot JSON draws it later)")
+    draw_png(plot, result, out.with_suffix(".png"), script="lora.py")
 
 
 if __name__ == "__main__":

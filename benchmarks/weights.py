@@ -189,13 +189,12 @@ def markdown(rows) -> str:
 
 def draw(json_path: Path):
     """The size-quality curve of one run's rows, beside its JSON."""
-    from common import plot_size_quality
+    from common import draw_png, plot_size_quality
 
     result = json.loads(Path(json_path).read_text())
-    try:
-        print("wrote", plot_size_quality(result["rows"], Path(json_path).with_suffix(".png"), f"{Path(result['model']).name}: every row on the same held-out tokens"))
-    except ImportError:
-        print("matplotlib is not installed: no PNG (python benchmarks/weights.py --plot JSON draws it later)")
+    title = f"{Path(result['model']).name}: every row on the same held-out tokens"
+    if png := draw_png(plot_size_quality, result["rows"], Path(json_path).with_suffix(".png"), title, script="weights.py"):
+        print("wrote", png)
 
 
 def main():

@@ -27,7 +27,7 @@ from mlx_lm.tuner.losses import kl_div_loss
 @attrs.frozen
 class TuneConfig:
     steps: int = 200
-    lr: float = 1e-5
+    lr: float = 3e-6
     batch_size: int = 4
     temperature: float = 2.0
     top_k: int = 1024

@@ -30,6 +30,7 @@ def test_tuning_lowers_held_out_kl_and_keeps_the_codes(quantized, tmp_path, caps
     assert cli(["tune", str(quantized), "-o", str(out), "--steps", "24", *TUNE]) == 0
     tuning = json.loads((out / "optiq_metadata.json").read_text())["tuning"]
     assert tuning["held_out_after"]["kl_mean"] < 0.9 * tuning["held_out_before"]["kl_mean"], tuning
+    assert tuning["temperature"] == 2.0 and tuning["lr"] == 2e-3
     assert len(tuning["losses"]) == 24 and not (tmp_path / "tuned.partial").exists()
     assert json.loads((out / "config.json").read_text())["quantization"] == json.loads((quantized / "config.json").read_text())["quantization"]
     before, after = weights(quantized), weights(out)
@@ -81,7 +82,8 @@ def test_bad_tune_input_is_refused_before_loading(model_factory, quantized, tmp_
     cases = [
         ([float_model, "-o", str(tmp_path / "a")], "is not quantized"),
         ([str(quantized), "-o", str(tmp_path / "a"), "--steps", "0"], "at least 1"),
-        ([str(quantized), "-o", str(tmp_path / "a"), "--lr", "-1"], "--lr must be positive"),
+        ([str(quantized), "-o", str(tmp_path / "a"), "--lr", "-1"], "--lr and --temperature must be positive"),
+        ([str(quantized), "-o", str(tmp_path / "a"), "--temperature", "0"], "--lr and --temperature must be positive"),
         ([str(quantized), "-o", str(tmp_path / "a"), "--calibration", str(tmp_path / "none.txt")], "--calibration"),
         ([str(quantized), "-o", str(tmp_path / "a"), "--reference", str(tmp_path / "nope")], "reference model"),
     ]
@@ -90,3 +92,13 @@ def test_bad_tune_input_is_refused_before_loading(model_factory, quantized, tmp_
             main(args)
         assert exit.value.code == 2 and message in capsys.readouterr().err, args
     assert not (tmp_path / "a").exists()
+
+
+def test_temperature_reaches_the_loss(quantized, tmp_path):
+    from optiq.cli import main as cli
+
+    tuned = {}
+    for t in ("1", "4"):
+        assert cli(["tune", str(quantized), "-o", str(tmp_path / t), "--steps", "2", "--temperature", t, *TUNE]) == 0
+        tuned[t] = weights(tmp_path / t)
+    assert any(not np.array_equal(tuned["1"][k], tuned["4"][k]) for k in tuned["1"] if k.endswith(".scales"))

@@ -40,8 +40,9 @@ class TuneOptions:
     n_eval: int = 8
     seq_len: int = 256
     steps: int = 200
-    lr: float = 1e-5
+    lr: float = field(default=3e-6, metadata=dict(help="Adam's step (benchmarks/tune_sweep.py: 3e-6 beat 1e-6 and 1e-5 up to 256 steps)"))
     batch_size: int = 4
+    temperature: float = field(default=2.0, metadata=dict(help="softmax temperature of the distillation KL (DWQ's 2; 1 scored the same in the sweep)"))
     top_k: int = field(default=1024, metadata=dict(help="reference logits kept per position"))
     steps_per_save: int = 25
     seed: int = 0
@@ -53,8 +54,8 @@ def checked(opts: TuneOptions) -> tuple:
     """(model folder, its config, its optiq metadata): what can be refused before anything loads."""
     if min(opts.steps, opts.batch_size, opts.n_calibration, opts.n_eval, opts.top_k, opts.steps_per_save) < 1 or opts.seq_len < 2:
         raise OptiqError("--steps, --batch-size, --n-calibration, --n-eval, --top-k and --steps-per-save must be at least 1, --seq-len at least 2")
-    if not opts.lr > 0:
-        raise OptiqError(f"--lr must be positive, got {opts.lr}")
+    if not opts.lr > 0 or not opts.temperature > 0:
+        raise OptiqError(f"--lr and --temperature must be positive, got {opts.lr} and {opts.temperature}")
     check_output(Path(opts.output), opts.force)
     check_source(opts.calibration, "--calibration")
     check_source(opts.eval_data, "--eval-data")
@@ -79,7 +80,7 @@ def run(opts: TuneOptions):
     tokens = load_calibration(opts.calibration, reference.tokenizer, reference.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
     refs = reference_batches(reference.model, held, batch_size=4)
     before = quality(model, held, refs, batch_size=4)
-    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, 2.0, opts.top_k, opts.seed)
+    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed)
     params, opt = start(model, tune)
     work = Path(opts.output).with_name(Path(opts.output).name + ".partial")
     done = 0
@@ -104,7 +105,7 @@ def run(opts: TuneOptions):
     seconds = time.time() - t0
     dtype = DTYPES[output_dtype(config)]
     cast_floats(model, dtype)
-    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
+    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
                                           n_calibration=opts.n_calibration, calibration=opts.calibration or "self-sampled", resumed_from=done,
                                           seconds=seconds, losses=losses, held_out_before=before, held_out_after=after, reference=str(ref_path)))
     save_model_folder(opts.output, model, tokenizer, config, folder, metadata, force=opts.force)
