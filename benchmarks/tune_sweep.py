@@ -144,7 +144,8 @@ def apply_tuned(args) -> Path:
         sys.exit(f"{tuned_file} holds {len(missing)} values the model lacks (e.g. {missing[0]}): tuned from another model")
     model.update(tree_unflatten([(k, v.astype(dtypes[k])) for k, v in values.items()]))
     written = model_path.with_name(model_path.name + "-tuned")
-    tuning = sweep["chosen"] | {"device": sweep["device"], "sweep": sweep["args"], "values": str(tuned_file)}
+    run = next(r for r in sweep["runs"] if (r["lr"], r["temperature"]) == (sweep["chosen"]["lr"], sweep["chosen"]["temperature"]))
+    tuning = sweep["chosen"] | {"device": sweep["device"], "sweep": sweep["args"], "values": str(tuned_file), "seconds": run["seconds"]}
     save_model_folder(str(written), model, tok, config, model_path, meta | {"tuning": tuning}, force=True)
     return written
 
@@ -171,18 +172,17 @@ def measure_written(args, folders: list, out: Path):
     texts = {"WikiText": wikitext_split(Path(args.wikitext).read_text())[1]}
     if Path(args.gsm8k_text).exists():
         texts["GSM8K"] = gsm8k_text(Path(args.gsm8k_text))
-    makers = [("uniform 4-bit g64", 4.5, lambda: mlx_lm_peers.rtn_model(ref_path, None))]
+    makers = [("uniform 4-bit g64", 4.5, 0.0, lambda: mlx_lm_peers.rtn_model(ref_path, None))]
     for folder in folders:
-        bpw = json.loads((folder / "optiq_metadata.json").read_text())["effective_bpw"]
-        makers.append((written_label(folder), bpw, lambda folder=folder: mlx_lm.load(str(folder))[0]))
+        written = json.loads((folder / "optiq_metadata.json").read_text())
+        seconds = written.get("tuning", {}).get("seconds", float("nan"))  # the tuning's time; a convert's own is not recorded
+        makers.append((written_label(folder), written["effective_bpw"], seconds, lambda folder=folder: mlx_lm.load(str(folder))[0]))
     result = {"models": [str(f) for f in folders], "reference": str(ref_path), "device": str(mx.default_device()), "rows": [], "other_text": []}
     for name, text in texts.items():
         ev = tokens_from_texts([text], reference.tokenizer, args.n_eval, args.eval_seq_len)
         refs = reference_batches(reference.model, ev, 4)
-        for method, bpw, make in makers:
-            t0 = time.perf_counter()
-            row = {"method": method, "effective_bpw": bpw, **quality(adapt_for_cpu(make()), ev, refs, batch_size=4),
-                   "seconds": time.perf_counter() - t0, "text": name}
+        for method, bpw, seconds, make in makers:
+            row = {"method": method, "effective_bpw": bpw, **quality(adapt_for_cpu(make()), ev, refs, batch_size=4), "seconds": seconds, "text": name}
             (result["rows"] if name == "WikiText" else result["other_text"]).append(row)
             print(f"{name}: {method}: mean KL {row['kl_mean']:.4f}, top-1 {row['top1']:.3f}", flush=True)
     result["rtn_check"] = result["rows"][0]
