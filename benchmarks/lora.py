@@ -324,13 +324,12 @@ def main():
     import mlx.core as mx
 
     from optiq.blas import ensure_fast_blas
-    from optiq.source import DEFAULT_MODEL_NAME, resolve_model
+    from optiq.source import recorded_source
     from optiq.tasks import read_gsm8k
 
     ensure_fast_blas()
     model_path = args.model or default_model()
-    source = json.loads((Path(model_path) / "optiq_metadata.json").read_text())["source"]
-    float_path = str(resolve_model(args.reference or (None if source == DEFAULT_MODEL_NAME else source)))
+    float_path = str(recorded_source(args.reference, json.loads((Path(model_path) / "optiq_metadata.json").read_text()), "benchmarks/lora.py"))
     paths = {"quantized": model_path, "float": float_path}
     test = read_gsm8k(gsm8k_dir / "test.jsonl")[: args.n_test]
     result = dict(model=model_path, float=float_path, device=str(mx.default_device()), args=vars(args) | {"seeds": seeds}, runs=[])

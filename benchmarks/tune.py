@@ -88,7 +88,7 @@ def main():
     from optiq.blas import ensure_fast_blas
     from optiq.calibration import tokens_from_texts, wikitext_split
     from optiq.evaluate import reference_batches
-    from optiq.source import DEFAULT_MODEL_NAME, load_reference, resolve_model
+    from optiq.source import load_reference, recorded_source
 
     ensure_fast_blas()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -96,7 +96,7 @@ def main():
 
     model_path = Path(args.model or default_model())
     meta = json.loads((model_path / "optiq_metadata.json").read_text())
-    ref_path = resolve_model(None if meta["source"] == DEFAULT_MODEL_NAME else meta["source"])
+    ref_path = recorded_source(None, meta, "benchmarks/tune.py")
     reference = load_reference(ref_path)
     cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
     n_cal = args.steps * args.batch_size  # one pass: mlx-lm's DWQ takes one step per batch of its data

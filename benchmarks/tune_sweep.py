@@ -163,10 +163,10 @@ def measure_written(args, folders: list, out: Path):
     from optiq.cpu import adapt_for_cpu
     from optiq.evaluate import quality, reference_batches
     from optiq.io import write_json
-    from optiq.source import DEFAULT_MODEL_NAME, load_reference, resolve_model, to_fp32
+    from optiq.source import load_reference, recorded_source, to_fp32
 
     meta = json.loads((folders[0] / "optiq_metadata.json").read_text())
-    ref_path = resolve_model(args.reference or (None if meta["source"] == DEFAULT_MODEL_NAME else meta["source"]))
+    ref_path = recorded_source(args.reference, meta, "benchmarks/tune_sweep.py")
     reference = load_reference(ref_path)
     to_fp32(reference.model)
     texts = {"WikiText": wikitext_split(Path(args.wikitext).read_text())[1]}
@@ -245,11 +245,11 @@ def main():
     from optiq.calibration import tokens_from_texts, wikitext_split
     from optiq.evaluate import quality, reference_batches
     from optiq.io import write_json
-    from optiq.source import DEFAULT_MODEL_NAME, load_reference, resolve_model, to_fp32
+    from optiq.source import load_reference, recorded_source, to_fp32
 
     model_path = Path(args.model or default_model())
     meta = json.loads((model_path / "optiq_metadata.json").read_text())
-    ref_path = resolve_model(args.reference or (None if meta["source"] == DEFAULT_MODEL_NAME else meta["source"]))
+    ref_path = recorded_source(args.reference, meta, "benchmarks/tune_sweep.py")
     reference = load_reference(ref_path)
     to_fp32(reference.model)
     cal_text, eval_text = wikitext_split(Path(args.wikitext).read_text())
