@@ -53,6 +53,17 @@ def as_dtype(model, dtype: str):
     return to_fp32(model) if dtype == "float32" else model
 
 
+def fp32_reference(given, meta: dict) -> tuple:
+    """(path, Loaded) of the float model a written one came from, in fp32 on any
+    device (load_reference keeps a GPU model's own dtype)."""
+    from optiq.source import load_reference, recorded_source, to_fp32
+
+    ref_path = recorded_source(given, meta, "benchmarks/tune_sweep.py")
+    reference = load_reference(ref_path)
+    to_fp32(reference.model)
+    return ref_path, reference
+
+
 def sweep_one(model_path, reference, train, val, val_refs, ev, ev_refs, lr, temperature, checkpoints, args):
     """One setting's curve, [(step, val KL, held-out KL, mean train loss since
     the last checkpoint)], and its parameters at the checkpoint of lowest val KL."""
@@ -163,12 +174,8 @@ def measure_written(args, folders: list, out: Path):
     from optiq.cpu import adapt_for_cpu
     from optiq.evaluate import quality, reference_batches
     from optiq.io import write_json
-    from optiq.source import load_reference, recorded_source, to_fp32
-
     meta = json.loads((folders[0] / "optiq_metadata.json").read_text())
-    ref_path = recorded_source(args.reference, meta, "benchmarks/tune_sweep.py")
-    reference = load_reference(ref_path)
-    to_fp32(reference.model)
+    ref_path, reference = fp32_reference(args.reference, meta)
     texts = {"WikiText": wikitext_split(Path(args.wikitext).read_text())[1]}
     if Path(args.gsm8k_text).exists():
         texts["GSM8K"] = gsm8k_text(Path(args.gsm8k_text))
@@ -245,19 +252,15 @@ def main():
     from optiq.calibration import tokens_from_texts, wikitext_split
     from optiq.evaluate import quality, reference_batches
     from optiq.io import write_json
-    from optiq.source import load_reference, recorded_source, to_fp32
-
     model_path = Path(args.model or default_model())
     meta = json.loads((model_path / "optiq_metadata.json").read_text())
-    ref_path = recorded_source(args.reference, meta, "benchmarks/tune_sweep.py")
-    reference = load_reference(ref_path)
-    to_fp32(reference.model)
+    ref_path, reference = fp32_reference(args.reference, meta)
     cal_text, eval_text = wikitext_split(Path(args.wikitext).read_text())
     cal = tokens_from_texts([cal_text], reference.tokenizer, args.n_train + args.n_val, args.seq_len)
     if len(cal) < args.n_train + args.n_val:
         sys.exit(f"the calibration split holds {len(cal)} windows of {args.seq_len}, fewer than --n-train + --n-val")
-    # Windows are spread evenly over the split, so every other-ish window is
-    # held back for validation rather than its tail (one article's text).
+    # Windows are spread evenly over the split, so validation takes every k-th
+    # window rather than the split's tail (a few articles' text).
     val_rows = set(range(0, len(cal), len(cal) // args.n_val)[: args.n_val])
     train = cal[[i for i in range(len(cal)) if i not in val_rows]]
     val = cal[sorted(val_rows)]
