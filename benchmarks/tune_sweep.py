@@ -73,7 +73,8 @@ def sweep_one(model_path, reference, train, val, val_refs, ev, ev_refs, lr, temp
     from optiq.tune import TuneConfig, start, tune_steps
 
     model = as_dtype(mlx_lm.load(str(model_path))[0], args.dtype)
-    config = TuneConfig(steps=checkpoints[-1], lr=lr, batch_size=args.batch_size, temperature=temperature, top_k=args.top_k, seed=args.seed)
+    config = TuneConfig(steps=checkpoints[-1], lr=lr, batch_size=args.batch_size, temperature=temperature, top_k=args.top_k, seed=args.seed,
+                        max_bits=args.max_bits)
     params, opt = start(model, config)
     curve = [(0, quality(model, val, val_refs, 4)["kl_mean"], quality(model, ev, ev_refs, 4)["kl_mean"], float("nan"))]
     done, kept = 0, (curve[0][1], 0, None)
@@ -215,6 +216,9 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--n-train", type=int, default=196, help="training windows from the calibration split")
     p.add_argument("--n-val", type=int, default=16, help="validation windows after them, which pick the setting")
+    p.add_argument("--self-sampled", type=int, default=0, metavar="N",
+                   help="N more training windows sampled from the reference (the calibration split holds only ~200 of 256 tokens)")
+    p.add_argument("--max-bits", type=int, default=8, help="layers under this many bits train (DWQ's 8; 9 trains the 8-bit ones too)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--top-k", type=int, default=1024)
@@ -248,6 +252,7 @@ def main():
 
     import mlx.core as mx
     import mlx_lm
+    import numpy as np
 
     from optiq.calibration import tokens_from_texts, wikitext_split
     from optiq.evaluate import quality, reference_batches
@@ -264,6 +269,12 @@ def main():
     val_rows = set(range(0, len(cal), len(cal) // args.n_val)[: args.n_val])
     train = cal[[i for i in range(len(cal)) if i not in val_rows]]
     val = cal[sorted(val_rows)]
+    if args.self_sampled:
+        from optiq.calibration import sample_tokens
+
+        sampled = sample_tokens(reference.model, reference.tokenizer, args.self_sampled, args.seq_len, seed=args.seed + 1000, batch_size=64)
+        train = np.concatenate([train, sampled])
+        print(f"training on {len(train)} windows ({args.self_sampled} sampled from the reference)", flush=True)
     ev = tokens_from_texts([eval_text], reference.tokenizer, args.n_eval, args.eval_seq_len)
     val_refs, ev_refs = reference_batches(reference.model, val, 4), reference_batches(reference.model, ev, 4)
     untuned = as_dtype(mlx_lm.load(str(model_path))[0], args.dtype)
@@ -285,12 +296,14 @@ def main():
         print(table(result))
         sys.exit("no setting lowered validation KL below the untuned model's; nothing to write")
     # The chosen (setting, step): what `optiq tune --lr --steps --temperature` would write.
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map
 
     _, lr, temperature, steps, params = best
     result["chosen"] = dict(lr=lr, temperature=temperature, steps=steps)
     tuned_file = out.with_name(out.stem + "-tuned.safetensors")
-    mx.save_safetensors(str(tuned_file), dict(tree_flatten(params)))
+    # In the model's own dtypes, as it will hold them (half the bytes of fp32 for an fp16 model).
+    dtypes = dict(tree_flatten(tree_map(lambda x: x.dtype, mlx_lm.load(str(model_path))[0].parameters())))
+    mx.save_safetensors(str(tuned_file), {k: v.astype(dtypes[k]) for k, v in tree_flatten(params)})
     write_json(out, result)
     print()
     print(table(result))

