@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from optiq.tune import batch_rows
 
@@ -102,3 +102,28 @@ def test_temperature_reaches_the_loss(quantized, tmp_path):
         assert cli(["tune", str(quantized), "-o", str(tmp_path / t), "--steps", "2", "--temperature", t, *TUNE]) == 0
         tuned[t] = weights(tmp_path / t)
     assert any(not np.array_equal(tuned["1"][k], tuned["4"][k]) for k in tuned["1"] if k.endswith(".scales"))
+
+
+def test_max_bits_decides_which_layers_train(quantized):
+    from optiq.tune import unfreeze_scales
+
+    model = mlx_lm.load(str(quantized))[0]
+    bits = {m.bits for _, m in model.named_modules() if hasattr(m, "bits")}
+    assert unfreeze_scales(model, max_bits=min(bits)) == 0  # nothing strictly below the lowest width
+    assert unfreeze_scales(model, max_bits=max(bits) + 1) > 0
+
+
+def test_cosine_schedule_decays_to_zero_at_the_last_step():
+    import mlx.nn as nn
+
+    from optiq.tune import TuneConfig, start
+
+    model = nn.QuantizedLinear(64, 8, bias=False, group_size=32, bits=4)
+    params, opt = start(model, TuneConfig(steps=10, lr=1e-3, schedule="cosine"))
+    opt.state["step"] = mx.array(10)  # Adam sets its rate from the step on the next update
+    opt.apply_gradients(tree_map(mx.zeros_like, params), params)
+    assert abs(float(opt.learning_rate)) < 1e-9
+    _, const = start(model, TuneConfig(steps=10, lr=1e-3))
+    assert float(const.learning_rate) == pytest.approx(1e-3)
+    with pytest.raises(ValueError):
+        start(model, TuneConfig(schedule="linear"))
