@@ -255,6 +255,7 @@ def main():
     import mlx.core as mx
     import mlx_lm
     import numpy as np
+    from mlx.utils import tree_flatten, tree_map
 
     from optiq.calibration import tokens_from_texts, wikitext_split
     from optiq.evaluate import quality, reference_batches
@@ -279,10 +280,12 @@ def main():
         print(f"training on {len(train)} windows ({args.self_sampled} sampled from the reference)", flush=True)
     ev = tokens_from_texts([eval_text], reference.tokenizer, args.n_eval, args.eval_seq_len)
     val_refs, ev_refs = reference_batches(reference.model, val, 4), reference_batches(reference.model, ev, 4)
-    untuned = as_dtype(mlx_lm.load(str(model_path))[0], args.dtype)
+    written = mlx_lm.load(str(model_path))[0]
+    dtypes = dict(tree_flatten(tree_map(lambda x: x.dtype, written.parameters())))  # as written, before any fp32 cast
+    untuned = as_dtype(written, args.dtype)
     result = dict(model=str(model_path), reference=str(ref_path), device=str(mx.default_device()), args=vars(args) | {"checkpoints": checkpoints},
                   untuned=quality(untuned, ev, ev_refs, 4) | {"val_kl": quality(untuned, val, val_refs, 4)["kl_mean"]}, runs=[])
-    del untuned
+    del untuned, written
     out = Path(args.out or RESULTS / f"tune-sweep-{model_path.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     best = None
@@ -298,13 +301,10 @@ def main():
         print(table(result))
         sys.exit("no setting lowered validation KL below the untuned model's; nothing to write")
     # The chosen (setting, step): what `optiq tune --lr --steps --temperature` would write.
-    from mlx.utils import tree_flatten, tree_map
-
     _, lr, temperature, steps, params = best
     result["chosen"] = dict(lr=lr, temperature=temperature, steps=steps)
     tuned_file = out.with_name(out.stem + "-tuned.safetensors")
     # In the model's own dtypes, as it will hold them (half the bytes of fp32 for an fp16 model).
-    dtypes = dict(tree_flatten(tree_map(lambda x: x.dtype, mlx_lm.load(str(model_path))[0].parameters())))
     mx.save_safetensors(str(tuned_file), {k: v.astype(dtypes[k]) for k, v in tree_flatten(params)})
     write_json(out, result)
     print()

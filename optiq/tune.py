@@ -33,7 +33,8 @@ class TuneConfig:
     top_k: int = 1024
     seed: int = 0
     max_bits: int = 8  # layers of fewer bits train: DWQ leaves 8-bit ones alone
-    schedule: str = "constant"  # or "cosine": lr decays to 0 at `steps` (Adam's step count drives it, so resuming keeps it)
+    # "cosine": lr decays to 0 at `steps` (Adam's step count drives it, so resuming keeps it)
+    schedule: str = attrs.field(default="constant", validator=attrs.validators.in_(("constant", "cosine")))
 
 
 def unfreeze_scales(model: nn.Module, max_bits: int = 8) -> int:
@@ -75,8 +76,6 @@ def start(model: nn.Module, config: TuneConfig) -> tuple:
     """(trainable parameters in fp32, a fresh optimizer) for `model`."""
     unfreeze_scales(model, config.max_bits)
     params = tree_map(lambda x: x.astype(mx.float32), model.trainable_parameters())
-    if config.schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule {config.schedule!r}: constant or cosine")
     lr = optim.cosine_decay(config.lr, config.steps) if config.schedule == "cosine" else config.lr
     opt = optim.Adam(learning_rate=lr)
     opt.init(params)

@@ -3,12 +3,13 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from optiq.tune import batch_rows
+from optiq.tune import TuneConfig, batch_rows, start, unfreeze_scales
 
 TUNE = ["--n-calibration", "8", "--n-eval", "4", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--top-k", "64"]
 
@@ -105,8 +106,6 @@ def test_temperature_reaches_the_loss(quantized, tmp_path):
 
 
 def test_max_bits_decides_which_layers_train(quantized):
-    from optiq.tune import unfreeze_scales
-
     model = mlx_lm.load(str(quantized))[0]
     bits = {m.bits for _, m in model.named_modules() if hasattr(m, "bits")}
     assert unfreeze_scales(model, max_bits=min(bits)) == 0  # nothing strictly below the lowest width
@@ -114,10 +113,6 @@ def test_max_bits_decides_which_layers_train(quantized):
 
 
 def test_cosine_schedule_decays_to_zero_at_the_last_step():
-    import mlx.nn as nn
-
-    from optiq.tune import TuneConfig, start
-
     model = nn.QuantizedLinear(64, 8, bias=False, group_size=32, bits=4)
     params, opt = start(model, TuneConfig(steps=10, lr=1e-3, schedule="cosine"))
     opt.state["step"] = mx.array(10)  # Adam sets its rate from the step on the next update
