@@ -257,7 +257,7 @@ def main():
     import numpy as np
     from mlx.utils import tree_flatten, tree_map
 
-    from optiq.calibration import tokens_from_texts, wikitext_split
+    from optiq.calibration import tokens_from_texts, wikitext_split, with_sampled
     from optiq.evaluate import quality, reference_batches
     from optiq.io import write_json
     model_path = Path(args.model or default_model())
@@ -273,10 +273,7 @@ def main():
     train = cal[[i for i in range(len(cal)) if i not in val_rows]]
     val = cal[sorted(val_rows)]
     if args.self_sampled:
-        from optiq.calibration import sample_tokens
-
-        sampled = sample_tokens(reference.model, reference.tokenizer, args.self_sampled, args.seq_len, seed=args.seed + 1000, batch_size=args.sample_batch)
-        train = np.concatenate([train, sampled])
+        train = with_sampled(train, reference.model, reference.tokenizer, args.self_sampled, seed=args.seed, batch_size=args.sample_batch)
         print(f"training on {len(train)} windows ({args.self_sampled} sampled from the reference)", flush=True)
     ev = tokens_from_texts([eval_text], reference.tokenizer, args.n_eval, args.eval_seq_len)
     val_refs, ev_refs = reference_batches(reference.model, val, 4), reference_batches(reference.model, ev, 4)

@@ -178,6 +178,17 @@ def sample_tokens(model, tokenizer, n: int, seq_len: int, seed: int = 0, tempera
     ])
 
 
+def with_sampled(tokens: np.ndarray, model, tokenizer, n: int, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+    """`tokens` and n more windows of the same length that the model writes
+    itself. They draw from seed + 1000's streams, so they repeat neither
+    self-sampled calibration (seed) nor held-out text (seed + 1). Why: a
+    calibration file's few hundred windows overfit a long tuning run."""
+    if n < 1:
+        return tokens
+    sampled = sample_tokens(model, tokenizer, n, tokens.shape[1], seed=seed + 1000, batch_size=batch_size)
+    return np.concatenate([tokens, sampled.astype(tokens.dtype)])
+
+
 def _sample_batch(model, tokenizer, n: int, seq_len: int, seed: int, temperature: float):
     start = getattr(tokenizer, "bos_token_id", None)
     if start is None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from optiq.calibration import sample_tokens, with_sampled
 from optiq.tune import TuneConfig, batch_rows, start, unfreeze_scales
 
 TUNE = ["--n-calibration", "8", "--n-eval", "4", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--top-k", "64"]
@@ -122,3 +123,49 @@ def test_cosine_schedule_decays_to_zero_at_the_last_step():
     assert float(const.learning_rate) == pytest.approx(1e-3)
     with pytest.raises(ValueError):
         start(model, TuneConfig(schedule="linear"))
+
+
+def test_self_sampled_windows_join_the_calibration_and_repeat_neither_stream(model_factory):
+    model, tokenizer = mlx_lm.load(str(model_factory("llama")))
+    calibration = sample_tokens(model, tokenizer, 4, 16, seed=0)
+    mixed = with_sampled(calibration, model, tokenizer, 3, seed=0, batch_size=2)
+    assert mixed.shape == (7, 16) and np.array_equal(mixed[:4], calibration)
+    held_out = sample_tokens(model, tokenizer, 3, 16, seed=1)
+    added = mixed[4:]
+    assert not any(np.array_equal(a, b) for a in added for b in np.concatenate([calibration, held_out]))
+    assert np.array_equal(added, with_sampled(calibration, model, tokenizer, 3, seed=0, batch_size=2)[4:])  # a function of the seed
+    assert with_sampled(calibration, model, tokenizer, 0) is calibration
+
+
+def test_tune_trains_on_the_mix_and_records_it(quantized, tmp_path):
+    from optiq.cli import main as cli
+
+    out = tmp_path / "mixed"
+    assert cli(["tune", str(quantized), "-o", str(out), "--steps", "2", "--self-sampled", "3", "--sample-batch", "2", "--schedule", "cosine", *TUNE]) == 0
+    tuning = json.loads((out / "optiq_metadata.json").read_text())["tuning"]
+    assert tuning["self_sampled"] == 3 and tuning["schedule"] == "cosine"
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_loading(quantized, tmp_path, monkeypatch, capsys):
+    import optiq.commands.tune as tune_cmd
+    from optiq.cli import main as cli
+
+    real = tune_cmd.tune_steps
+
+    def stops_at_once(*args, **kw):
+        on_step = args[-1]
+
+        def stopping(step, *rest):
+            on_step(step, *rest)
+            raise KeyboardInterrupt
+        return real(*args[:-1], stopping, **kw)
+
+    monkeypatch.setattr(tune_cmd, "tune_steps", stops_at_once)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        cli(["tune", str(quantized), "-o", str(out), "--steps", "4", "--steps-per-save", "1", *TUNE])
+    monkeypatch.setattr(tune_cmd, "load_reference", lambda *a: pytest.fail("loaded before refusing"))
+    with pytest.raises(SystemExit) as exit:
+        tune_cmd.main([str(quantized), "-o", str(out), "--steps", "4", *TUNE[:-4], "--lr", "1e-3", "--top-k", "64"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "other settings" in err and "lr 0.002 -> 0.001" in err and "--no-resume" in err

@@ -17,7 +17,7 @@ import mlx_lm
 from tqdm import tqdm
 
 from . import announce_device, run_command, script_entry
-from ..calibration import check_source, load_calibration
+from ..calibration import check_source, load_calibration, with_sampled
 from ..cpu import adapt_for_cpu
 from ..errors import OptiqError
 from ..evaluate import quality, reference_batches
@@ -37,11 +37,15 @@ class TuneOptions:
     calibration: Optional[str] = field(default=None, metadata=dict(help="text file or dataset id (default: text sampled from the reference)"))
     eval_data: Optional[str] = field(default=None, metadata=dict(help="held-out text for the before/after KL (default: sampled with seed + 1)"))
     n_calibration: int = 64
+    self_sampled: int = field(default=0, metadata=dict(help="N more training windows the reference writes itself, beside --calibration's "
+                                                                "(WikiText's ~200 windows overfit 2048 steps; + 2048 sampled: 0.104 held-out KL against 0.108)"))
+    sample_batch: int = field(default=64, metadata=dict(help="--self-sampled: sequences decoded at once"))
     n_eval: int = 8
     seq_len: int = 256
     steps: int = 200
     lr: float = field(default=3e-6, metadata=dict(help="Adam's step (benchmarks/tune_sweep.py: 3e-6 beat 1e-6 and 1e-5 up to 256 steps)"))
     batch_size: int = 4
+    schedule: str = field(default="constant", metadata=dict(choices=["constant", "cosine"], help="learning rate: constant, or cosine decay to 0 at --steps"))
     temperature: float = field(default=2.0, metadata=dict(help="softmax temperature of the distillation KL (DWQ's 2; 1 scored the same in the sweep)"))
     top_k: int = field(default=1024, metadata=dict(help="reference logits kept per position"))
     steps_per_save: int = 25
@@ -52,8 +56,10 @@ class TuneOptions:
 
 def checked(opts: TuneOptions) -> tuple:
     """(model folder, its config, its optiq metadata): what can be refused before anything loads."""
-    if min(opts.steps, opts.batch_size, opts.n_calibration, opts.n_eval, opts.top_k, opts.steps_per_save) < 1 or opts.seq_len < 2:
-        raise OptiqError("--steps, --batch-size, --n-calibration, --n-eval, --top-k and --steps-per-save must be at least 1, --seq-len at least 2")
+    if min(opts.steps, opts.batch_size, opts.n_calibration, opts.n_eval, opts.top_k, opts.steps_per_save, opts.sample_batch) < 1 or opts.seq_len < 2:
+        raise OptiqError("--steps, --batch-size, --n-calibration, --n-eval, --top-k, --steps-per-save and --sample-batch must be at least 1, --seq-len at least 2")
+    if opts.self_sampled < 0:
+        raise OptiqError(f"--self-sampled must be 0 or more, got {opts.self_sampled}")
     if not opts.lr > 0 or not opts.temperature > 0:
         raise OptiqError(f"--lr and --temperature must be positive, got {opts.lr} and {opts.temperature}")
     check_output(Path(opts.output), opts.force)
@@ -68,9 +74,28 @@ def checked(opts: TuneOptions) -> tuple:
     return folder, config, metadata
 
 
+def run_settings(opts: TuneOptions, folder: Path, reference: Path) -> dict:
+    """What decides a run's steps: a checkpoint resumes only a run with the same."""
+    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "batch_size", "schedule", "temperature", "top_k", "seed")
+    return {k: getattr(opts, k) for k in keep} | {"model": str(folder.resolve()), "reference": str(Path(reference).resolve())}
+
+
+def check_resumable(saved: dict, settings: dict, work: Path):
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    if changed:
+        was = ", ".join(f"{k} {saved.get(k)!r} -> {settings[k]!r}" for k in changed)
+        raise OptiqError(f"{work / STATE} is from a run with other settings ({was}): rerun with those, or pass --no-resume to start over")
+
+
 def run(opts: TuneOptions):
     folder, config, metadata = checked(opts)
     ref_path = recorded_source(opts.reference, metadata, "optiq tune")
+    work = Path(opts.output).with_name(Path(opts.output).name + ".partial")
+    settings = run_settings(opts, folder, ref_path)
+    checkpoint = None
+    if (work / STATE).exists() and not opts.no_resume:
+        checkpoint, saved = mx.load(str(work / STATE), return_metadata=True)
+        check_resumable(json.loads(saved.get("settings", "{}")), settings, work)  # before anything loads
     announce_device()
     reference = load_reference(ref_path)
     model, tokenizer = mlx_lm.load(str(folder))
@@ -78,14 +103,14 @@ def run(opts: TuneOptions):
         adapt_for_cpu(model)  # fp32 activations; dequantize-then-matmul keeps the scales' gradients and is fast here
     held = load_calibration(opts.eval_data, reference.tokenizer, reference.model, opts.n_eval, opts.seq_len, seed=opts.seed + 1)
     tokens = load_calibration(opts.calibration, reference.tokenizer, reference.model, opts.n_calibration, opts.seq_len, seed=opts.seed)
+    tokens = with_sampled(tokens, reference.model, reference.tokenizer, opts.self_sampled, seed=opts.seed, batch_size=opts.sample_batch)
     refs = reference_batches(reference.model, held, batch_size=4)
     before = quality(model, held, refs, batch_size=4)
-    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed)
+    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed, schedule=opts.schedule)
     params, opt = start(model, tune)
-    work = Path(opts.output).with_name(Path(opts.output).name + ".partial")
     done = 0
-    if (work / STATE).exists() and not opts.no_resume:
-        params, opt, done = restore(mx.load(str(work / STATE)), opt)
+    if checkpoint is not None:
+        params, opt, done = restore(checkpoint, opt)
         print(f"resuming from step {done} ({work / STATE})", flush=True)
     work.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=opts.steps, initial=done, desc="tune", unit="step")
@@ -95,7 +120,7 @@ def run(opts: TuneOptions):
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % opts.steps_per_save == 0 or step == opts.steps:
             tmp = work / f".partial-{STATE}"  # mx.save_safetensors keeps a name ending in .safetensors
-            mx.save_safetensors(str(tmp), state_arrays(params, opt, step))
+            mx.save_safetensors(str(tmp), state_arrays(params, opt, step), metadata={"settings": json.dumps(settings)})
             tmp.replace(work / STATE)  # a checkpoint is whole or absent
 
     t0 = time.time()
@@ -105,8 +130,8 @@ def run(opts: TuneOptions):
     seconds = time.time() - t0
     dtype = DTYPES[output_dtype(config)]
     cast_floats(model, dtype)
-    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
-                                          n_calibration=opts.n_calibration, calibration=opts.calibration or "self-sampled", resumed_from=done,
+    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
+                                          n_calibration=opts.n_calibration, self_sampled=opts.self_sampled, calibration=opts.calibration or "self-sampled", resumed_from=done,
                                           seconds=seconds, losses=losses, held_out_before=before, held_out_after=after, reference=str(ref_path)))
     save_model_folder(opts.output, model, tokenizer, config, folder, metadata, force=opts.force)
     shutil.rmtree(work, ignore_errors=True)
