@@ -3,6 +3,9 @@ biases (the integer codes stay as they are) are tuned so the model's
 next-token distributions match the reference's, as mlx-lm's DWQ does, and
 the result is still MLX's format, so stock mlx-lm loads it.
 
+Optionally (`norm_lr`) the norms' weights train too: still
+plain floats in the same format.
+
 The loss is DWQ's: KL between the reference's and the model's softmax at
 temperature 2, over the reference's top-k logits per position. State is
 explicit: `tune_steps` takes the trainable parameters and the optimizer
@@ -35,16 +38,27 @@ class TuneConfig:
     max_bits: int = 8  # layers of fewer bits train: DWQ leaves 8-bit ones alone
     # "cosine": lr decays to 0 at `steps` (Adam's step count drives it, so resuming keeps it)
     schedule: str = attrs.field(default="constant", validator=attrs.validators.in_(("constant", "cosine")))
+    # > 0: the norms' weights train too, at their own rate (they sit near 1,
+    # a 4-bit scale near 1e-3, and Adam's step is absolute); 0 leaves them, as DWQ does
+    norm_lr: float = 0.0
 
 
-def unfreeze_scales(model: nn.Module, max_bits: int = 8) -> int:
+def is_norm(module: nn.Module) -> bool:
+    """RMSNorm, LayerNorm and the model files' own norm classes (Gemma's RMSNorm)."""
+    return type(module).__name__.endswith("Norm") and "weight" in module
+
+
+def unfreeze_scales(model: nn.Module, max_bits: int = 8, norms: bool = False) -> int:
     """Freeze everything but the scales and biases of affine layers under
-    `max_bits` (DWQ's 8: 8-bit layers gain little); returns how many values train."""
+    `max_bits` (DWQ's 8: 8-bit layers gain little), and the norms' weights
+    where `norms`; returns how many values train."""
     model.freeze()
 
     def unfreeze(_, m):
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.mode == "affine" and m.bits < max_bits:
             m.unfreeze(keys=["scales", "biases"], recurse=False)
+        elif norms and is_norm(m):
+            m.unfreeze(keys=["weight"], recurse=False)
 
     model.apply_to_modules(unfreeze)
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -74,10 +88,16 @@ def distill_loss(model: nn.Module, batch: mx.array, targets: tuple, temperature:
 
 def start(model: nn.Module, config: TuneConfig) -> tuple:
     """(trainable parameters in fp32, a fresh optimizer) for `model`."""
-    unfreeze_scales(model, config.max_bits)
+    unfreeze_scales(model, config.max_bits, norms=config.norm_lr > 0)
     params = tree_map(lambda x: x.astype(mx.float32), model.trainable_parameters())
-    lr = optim.cosine_decay(config.lr, config.steps) if config.schedule == "cosine" else config.lr
-    opt = optim.Adam(learning_rate=lr)
+
+    def rate(lr):
+        return optim.cosine_decay(lr, config.steps) if config.schedule == "cosine" else lr
+
+    opt = optim.Adam(learning_rate=rate(config.lr))
+    if config.norm_lr > 0:
+        # Every trainable "weight" is a norm's: quantized weights (the codes) stay frozen.
+        opt = optim.MultiOptimizer([optim.Adam(learning_rate=rate(config.norm_lr)), opt], [lambda path, _: path.endswith(".weight")])
     opt.init(params)
     return params, opt
 

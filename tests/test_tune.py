@@ -169,3 +169,38 @@ def test_a_checkpoint_of_other_settings_is_refused_before_loading(quantized, tmp
         tune_cmd.main([str(quantized), "-o", str(out), "--steps", "4", *TUNE[:-4], "--lr", "1e-3", "--top-k", "64"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "other settings" in err and "lr 0.002 -> 0.001" in err and "--no-resume" in err
+
+
+def test_norm_lr_trains_the_norms_at_their_own_rate_and_resumes(quantized, tmp_path):
+    from optiq.cli import main as cli
+
+    for norm_lr in ("0", "1e-2"):
+        assert cli(["tune", str(quantized), "-o", str(tmp_path / norm_lr), "--steps", "3", "--norm-lr", norm_lr, *TUNE]) == 0
+    before, frozen, trained = weights(quantized), weights(tmp_path / "0"), weights(tmp_path / "1e-2")
+    norms = [k for k in before if "norm" in k]
+    assert norms and all(np.array_equal(before[k], frozen[k]) for k in norms)
+    assert all(not np.array_equal(before[k], trained[k]) for k in norms)
+    assert all(np.array_equal(before[k], trained[k]) for k in before if k.endswith(".weight") and "norm" not in k)  # codes as written
+    assert json.loads((tmp_path / "1e-2" / "optiq_metadata.json").read_text())["tuning"]["norm_lr"] == 1e-2
+
+
+def test_the_two_rates_reach_their_parameters_and_the_state_round_trips(quantized):
+    from optiq.tune import restore, state_arrays
+
+    model = mlx_lm.load(str(quantized))[0]
+    config = TuneConfig(steps=4, lr=3e-6, norm_lr=1e-2)
+    start_params, opt = start(model, config)
+    params = opt.apply_gradients(tree_map(mx.ones_like, start_params), start_params)
+    # Adam's first step is the same multiple of lr (sqrt(10) without bias correction) for every value: each group moves by its own rate
+    was = dict(tree_flatten(start_params))
+    moved = {k: float(mx.abs(v - was[k]).max()) for k, v in tree_flatten(params)}
+    assert moved.keys() == was.keys()
+    norms = [k for k in moved if k.endswith(".weight")]
+    first = 10 ** 0.5
+    assert norms and all(moved[k] == pytest.approx(first * 1e-2, rel=1e-3) for k in norms)
+    assert all(moved[k] == pytest.approx(first * 3e-6, rel=1e-2) for k in moved if k.endswith((".scales", ".biases")))
+    _, fresh = start(model, config)
+    _, fresh, step = restore(state_arrays(params, opt, 1), fresh)
+    saved, back = dict(tree_flatten(opt.state)), dict(tree_flatten(fresh.state))
+    assert step == 1 and saved.keys() == back.keys()
+    assert all(np.array_equal(np.array(saved[k]), np.array(back[k])) for k in saved)

@@ -45,6 +45,7 @@ class TuneOptions:
     steps: int = 200
     lr: float = field(default=3e-6, metadata=dict(help="Adam's step (benchmarks/tune_sweep.py: 3e-6 beat 1e-6 and 1e-5 up to 256 steps)"))
     batch_size: int = 4
+    norm_lr: float = field(default=0.0, metadata=dict(help="> 0: the norms' weights train too, at this rate (0: scales and biases only, as DWQ)"))
     schedule: str = field(default="constant", metadata=dict(choices=["constant", "cosine"], help="learning rate: constant, or cosine decay to 0 at --steps"))
     temperature: float = field(default=2.0, metadata=dict(help="softmax temperature of the distillation KL (DWQ's 2; 1 scored the same in the sweep)"))
     top_k: int = field(default=1024, metadata=dict(help="reference logits kept per position"))
@@ -60,6 +61,8 @@ def checked(opts: TuneOptions) -> tuple:
         raise OptiqError("--steps, --batch-size, --n-calibration, --n-eval, --top-k, --steps-per-save and --sample-batch must be at least 1, --seq-len at least 2")
     if opts.self_sampled < 0:
         raise OptiqError(f"--self-sampled must be 0 or more, got {opts.self_sampled}")
+    if opts.norm_lr < 0:
+        raise OptiqError(f"--norm-lr must be 0 (norms frozen) or positive, got {opts.norm_lr}")
     if not opts.lr > 0 or not opts.temperature > 0:
         raise OptiqError(f"--lr and --temperature must be positive, got {opts.lr} and {opts.temperature}")
     check_output(Path(opts.output), opts.force)
@@ -76,7 +79,7 @@ def checked(opts: TuneOptions) -> tuple:
 
 def run_settings(opts: TuneOptions, folder: Path, reference: Path) -> dict:
     """What decides a run's steps: a checkpoint resumes only a run with the same."""
-    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "batch_size", "schedule", "temperature", "top_k", "seed")
+    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "norm_lr", "batch_size", "schedule", "temperature", "top_k", "seed")
     return {k: getattr(opts, k) for k in keep} | {"model": str(folder.resolve()), "reference": str(Path(reference).resolve())}
 
 
@@ -106,7 +109,7 @@ def run(opts: TuneOptions):
     tokens = with_sampled(tokens, reference.model, reference.tokenizer, opts.self_sampled, seed=opts.seed, batch_size=opts.sample_batch)
     refs = reference_batches(reference.model, held, batch_size=4)
     before = quality(model, held, refs, batch_size=4)
-    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed, schedule=opts.schedule)
+    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed, schedule=opts.schedule, norm_lr=opts.norm_lr)
     params, opt = start(model, tune)
     done = 0
     if checkpoint is not None:
@@ -130,7 +133,7 @@ def run(opts: TuneOptions):
     seconds = time.time() - t0
     dtype = DTYPES[output_dtype(config)]
     cast_floats(model, dtype)
-    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
+    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, norm_lr=opts.norm_lr, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
                                           n_calibration=opts.n_calibration, self_sampled=opts.self_sampled, calibration=opts.calibration or "self-sampled", resumed_from=done,
                                           seconds=seconds, losses=losses, held_out_before=before, held_out_after=after, reference=str(ref_path)))
     save_model_folder(opts.output, model, tokenizer, config, folder, metadata, force=opts.force)
