@@ -23,6 +23,8 @@ import mlx.core as mx
 import numpy as np
 import scipy.linalg
 
+from .records import FP_MODES
+
 DAMP = 0.01
 BLOCK = 128
 
@@ -41,10 +43,79 @@ def _group_params(w: np.ndarray, bits: int, dtype):
     return round_stored(np.maximum((hi - lo) / levels, 1e-8), dtype), round_stored(lo, dtype)
 
 
-def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int, dtype=mx.float16, damp: float = DAMP, block: int = BLOCK):
-    """(codes, scales, biases) for `weight` (out, in) given H = X^T X (in, in)."""
+class AffineGrid:
+    """MLX's affine grid: a scale and a bias per group, codes 0..2^bits-1."""
+
+    def __init__(self, bits: int, dtype):
+        self.bits, self.dtype, self.levels = bits, dtype, (1 << bits) - 1
+
+    def group(self, w: np.ndarray) -> tuple:
+        return _group_params(w, self.bits, self.dtype)
+
+    def round(self, column: np.ndarray, params: tuple) -> tuple:
+        s, b = params
+        code = np.clip(np.rint((column - b) / s), 0, self.levels)
+        return code, code * s + b
+
+
+class FloatGrid:
+    """One of MLX's microscaling grids (mxfp4, nvfp4, mxfp8): float codes
+    and an 8-bit scale per group, no bias. The group's scale is the one
+    mx.quantize picks for the group's current weights; each column then
+    rounds to the nearest code under it. Code values and scale values are
+    read back through mx.dequantize, so the grid is MLX's by construction."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.bits, self.group_size = FP_MODES[mode]
+        self.values, self.scale_values = float_grid(mode)
+        # -0 is left out: mx.quantize writes +0 for inputs that round to zero
+        kept = np.isfinite(self.values) & ~((self.values == 0) & np.signbit(self.values))
+        order = np.argsort(self.values[kept], kind="stable")
+        self.sorted_values = self.values[kept][order]
+        self.sorted_codes = np.nonzero(kept)[0][order]
+
+    def group(self, w: np.ndarray) -> tuple:
+        _, scales = mx.quantize(mx.array(w, dtype=mx.float32), group_size=self.group_size, bits=self.bits, mode=self.mode)
+        byte = np.array(scales)[:, 0]
+        return byte, self.scale_values[byte]
+
+    def round(self, column: np.ndarray, params: tuple) -> tuple:
+        _, scale = params
+        x = np.divide(column, scale, out=np.zeros_like(column), where=scale > 0)
+        hi = np.clip(np.searchsorted(self.sorted_values, x), 1, len(self.sorted_values) - 1)
+        nearer_lo = (x - self.sorted_values[hi - 1]) <= (self.sorted_values[hi] - x)
+        k = np.where(nearer_lo, hi - 1, hi)
+        return self.sorted_codes[k], self.sorted_values[k] * scale
+
+
+def float_grid(mode: str) -> tuple:
+    """(value of each code at scale 1, value of each scale byte) of an MLX
+    microscaling mode, from mx.dequantize of every (scale byte, code) pair."""
+    bits, group = FP_MODES[mode]
+    n = 1 << bits
+    cols = max(n, group)
+    codes = np.tile(np.arange(n, dtype=np.uint32), (256, cols // n))
+    nibbles = codes if bits == 8 else codes[:, 0::2] | (codes[:, 1::2] << 4)
+    words = mx.array(np.ascontiguousarray(nibbles.astype(np.uint8)).view(np.uint32))  # MLX's order: low bits first
+    scales = mx.array(np.repeat(np.arange(256, dtype=np.uint8)[:, None], cols // group, axis=1))
+    table = np.array(mx.dequantize(words, scales, group_size=group, bits=bits, mode=mode, dtype=mx.float32))[:, :n]
+    unit = UNIT_SCALE[mode]
+    values = table[unit]
+    one = int(np.nonzero(values == 1.0)[0][0])
+    return values, table[:, one]
+
+
+# The scale byte that means 1.0: E8M0's bias is 127; nvfp4's scale is E4M3 (bias 7).
+UNIT_SCALE = {"mxfp4": 127, "mxfp8": 127, "nvfp4": 0x38}
+
+
+def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int, dtype=mx.float16, damp: float = DAMP, block: int = BLOCK,
+               mode: str = "affine"):
+    """(codes, scales, biases) for `weight` (out, in) given H = X^T X (in, in);
+    for a microscaling `mode`, (codes, scale bytes, None)."""
     g = group_size
-    levels = (1 << bits) - 1
+    grid = AffineGrid(bits, dtype) if mode == "affine" else FloatGrid(mode)
     # fp64 for the inverse; the column updates in fp32 give the same output
     # error (2.5033e6 vs 2.5035e6 on a SmolLM2 down_proj) in half the time.
     w = np.array(weight, dtype=np.float32)
@@ -56,8 +127,7 @@ def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int,
     h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper factor of H^-1
     q = np.zeros(w.shape, dtype=np.int64)
-    scales = np.zeros((w.shape[0], n_in // g), dtype=np.float32)
-    biases = np.zeros_like(scales)
+    params = [None] * (n_in // g)
     block = max(g, (block // g) * g)
     for start in range(0, n_in, block):
         stop = min(start + block, n_in)
@@ -67,16 +137,16 @@ def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int,
         for i in range(stop - start):
             col = start + i
             if col % g == 0:
-                s, b = _group_params(w1[:, i : i + g], bits, dtype)
-                scales[:, col // g], biases[:, col // g] = s, b
-            s, b = scales[:, col // g], biases[:, col // g]
-            code = np.clip(np.rint((w1[:, i] - b) / s), 0, levels)
+                params[col // g] = grid.group(w1[:, i : i + g])
+            code, value = grid.round(w1[:, i], params[col // g])
             q[:, col] = code
-            e = (w1[:, i] - (code * s + b)) / h1[i, i]
+            e = (w1[:, i] - value) / h1[i, i]
             w1[:, i:] -= np.outer(e, h1[i, i:])
             err1[:, i] = e
         w[:, stop:] -= err1 @ hinv[start:stop, stop:]
-    return q, scales, biases
+    if mode != "affine":
+        return q, np.stack([p[0] for p in params], axis=1).astype(np.uint8), None
+    return q, np.stack([p[0] for p in params], axis=1), np.stack([p[1] for p in params], axis=1)
 
 
 # -- on MLX arrays (a GPU) -----------------------------------------------------------

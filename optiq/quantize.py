@@ -81,7 +81,8 @@ def apply_codes(model: nn.Module, plan: BitPlan, codes) -> nn.Module:
         module = module_at(model, path)
         module.weight = mx.array(pack(q, chosen[path].bits))
         module.scales = mx.array(scales)
-        module.biases = mx.array(biases)
+        if biases is not None:  # a microscaling format has none
+            module.biases = mx.array(biases)
     return model
 
 

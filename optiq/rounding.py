@@ -17,8 +17,10 @@ what a probe measures is what the written model computes. `pack` writes
 integer codes in MLX's own bit order, so the output loads in stock mlx-lm.
 
 MLX's microscaling formats (mxfp4, nvfp4, mxfp8: float codes and an 8-bit
-scale per group, no bias) are rounded to nearest by `mx.quantize` in every
-quantizer; GPTQ here works on the affine grid only.
+scale per group, no bias) take GPTQ too: each group's scale is the one
+mx.quantize picks for the group's error-updated weights, and each column
+rounds to the nearest code under it (`gptq.FloatGrid`; numpy on every
+device, the CUDA block kernel being affine's).
 """
 
 from typing import Mapping, Optional
@@ -72,7 +74,7 @@ def quantize_rows(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> t
 
 def dequantize_rows(parts: tuple, candidate: Candidate) -> mx.array:
     """parts: (codes, scales, biases), biases None for a microscaling format."""
-    return mx.dequantize(*parts, group_size=candidate.group_size, bits=candidate.bits, mode=candidate.mode)
+    return mx.dequantize(*parts, group_size=candidate.group_size, bits=candidate.bits, mode=candidate.mode, dtype=mx.float32)
 
 
 def fake_quantize(weight: mx.array, candidate: Candidate, dtype=mx.float16) -> mx.array:
@@ -157,13 +159,17 @@ def experts_gptq_weight(weight: mx.array, grams: Mapping, candidate: Candidate, 
         weights.append(w)
         codes.append(c)
     stack = mx.stack if isinstance(codes[0][0], mx.array) else np.stack
-    return mx.stack(weights), tuple(stack(list(p)) for p in zip(*codes))
+    return mx.stack(weights), tuple(None if p[0] is None else stack(list(p)) for p in zip(*codes))  # no biases in a microscaling format
 
 
 def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, factor=None):
-    """(fp32 weight, (codes, scales, biases)) after GPTQ onto MLX's affine grid:
-    numpy on a CPU (every CPU result), MLX arrays and the CUDA block kernel on
-    MLX-CUDA given the layer's inverse_factor (computed here when not given)."""
+    """(fp32 weight, (codes, scales, biases)) after GPTQ onto the candidate's
+    grid: numpy on a CPU (every CPU result) and for a microscaling format
+    (biases None), MLX arrays and the CUDA block kernel on MLX-CUDA given the
+    layer's inverse_factor (computed here when not given)."""
+    if candidate.mode != "affine":
+        q, scales, _ = gptq.gptq_numpy(np.array(weight.astype(mx.float32)), np.array(gram), candidate.bits, candidate.group_size, mode=candidate.mode)
+        return dequantize_rows((mx.array(pack(q, candidate.bits)), mx.array(scales), None), candidate), (q, scales, None)
     if device.on_cuda():
         factor = factor if factor is not None else gptq.inverse_factor(gram)
         codes = gptq.gptq_mlx(weight, factor, candidate.bits, candidate.group_size, dtype, block_step=gptq.block_step_cuda)
@@ -202,7 +208,7 @@ class Rounding:
 
     def uses_gptq(self, path: str, module, candidate: Candidate) -> bool:
         """GPTQ where this rounding uses it and an input Gram matrix exists; else MLX's rounding."""
-        return self.quantizer == "gptq" and candidate.bits < FLOAT_BITS and candidate.mode == "affine" and self.gram_for(path, module) is not None
+        return self.quantizer == "gptq" and candidate.bits < FLOAT_BITS and self.gram_for(path, module) is not None
 
     def rounded(self, path: str, module, weight: mx.array, candidate: Candidate, rows: slice | None = None):
         """(fp32 weight after rounding, (codes, scales, biases) to write or None

@@ -40,6 +40,7 @@ def test_convert_writes_a_model_stock_mlx_lm_loads(model_factory, tmp_path, arch
     table = SensitivityTable.from_dict(meta["sensitivity"])
     assert plan.effective_bpw <= 4.5 + 1e-9
     assert meta["measured"]["kl_mean"] >= 0 and "baseline" in meta["measured"]
+    assert 0 < meta["convert_seconds"] < 600  # what the conversion cost, kept beside what it measured
     # config.json carries mlx-lm's own per-layer entries
     config = json.loads((out / "config.json").read_text())
     for path, cand in plan.assignments:
@@ -189,6 +190,8 @@ def test_refinement_keeps_only_rounds_that_lower_the_measured_kl(model_factory, 
         ("llama", ["--target-bpw", "4.25", "--group-sizes", "32,64", "--candidate-bits", "3,4"]),
         # a bf16 output: scales and biases rounded through bf16 by the probes as by the writer
         ("llama", ["--target-bpw", "3.5", "--group-size", "32", "--dtype", "bfloat16"]),
+        # MLX's microscaling formats: GPTQ on their float grids, 8-bit scales, no biases
+        ("llama", ["--target-bpw", "5", "--group-size", "32", "--modes", "mxfp4,nvfp4,mxfp8", "--candidate-bits", "4,8"]),
     ],
 )
 def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_path, arch, sizes):
@@ -225,10 +228,14 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
         want = np.array(rounding.quantized(path, module, module.weight, cand))
         c2, k2 = container_of(written, path)
         m = c2[k2]
-        assert (m.bits, m.group_size) == (cand.bits, cand.group_size)
-        got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
+        assert (m.bits, m.group_size, m.mode) == (cand.bits, cand.group_size, cand.mode)
+        if m.mode == "affine":
+            got = np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=m.group_size, bits=m.bits))
+            assert m.scales.dtype == dtype
+        else:
+            got = np.array(mx.dequantize(m.weight, m.scales, group_size=m.group_size, bits=m.bits, mode=m.mode, dtype=mx.float32))
+            assert m.scales.dtype == mx.uint8 and "biases" not in m
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
-        assert m.scales.dtype == dtype
 
 
 def test_default_candidates_are_near_uniform_and_widen_only_when_needed(model_factory):

@@ -11,8 +11,8 @@ import pytest
 
 from optiq.errors import OptiqError
 from optiq.pipeline.config import ConvertConfig, candidates
-from optiq.records import Candidate
-from optiq.rounding import fake_quantize, quantize_rows
+from optiq.records import FP_MODES, Candidate
+from optiq.rounding import fake_quantize, pack, quantize_rows
 
 
 def test_microscaling_costs_count_one_8_bit_scale_per_group():
@@ -46,7 +46,7 @@ def test_microscaling_rounding_has_no_bias_and_round_trips_through_mlx():
         assert 0 < float(mx.mean((ref - w) ** 2)) < float(mx.mean(w ** 2)) * (0.05 if cand.bits == 4 else 0.001)
 
 
-def test_convert_writes_exactly_the_measured_microscaling_codes(tiny_llama, tmp_path):
+def test_convert_writes_exactly_the_measured_round_to_nearest_microscaling_codes(tiny_llama, tmp_path):
     import mlx_lm
     import mlx.nn as nn
 
@@ -54,7 +54,7 @@ def test_convert_writes_exactly_the_measured_microscaling_codes(tiny_llama, tmp_
     from optiq.model_tree import module_at
 
     out = tmp_path / "fp"
-    assert main([str(tiny_llama), "-o", str(out), "--target-bpw", "5", "--modes", "mxfp4,nvfp4,mxfp8", "--candidate-bits", "4,8",
+    assert main([str(tiny_llama), "-o", str(out), "--target-bpw", "5", "--modes", "mxfp4,nvfp4,mxfp8", "--candidate-bits", "4,8", "--quantizer", "rtn",
                  "--n-calibration", "4", "--seq-len", "64", "--n-eval", "4", "--kl-stride", "2", "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())
     layers = {p: e for p, e in config["quantization"].items() if isinstance(e, dict)}
@@ -78,3 +78,22 @@ def test_whisper_and_vlm_refuse_microscaling_modes():
 
     with pytest.raises(OptiqError, match="affine mode only"):
         WhisperFamily().refuse_text_only_options(ConvertConfig(modes=("affine", "mxfp4")))
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_gptq_on_a_float_grid_is_mlx_rounding_without_correlations_and_beats_it_with_them(mode):
+    from optiq.rounding import gptq_weight
+
+    cand = Candidate(FP_MODES[mode][0], FP_MODES[mode][1], mode)
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.normal(size=(32, 128)).astype(np.float32))
+    # an identity Gram leaves no error to move: GPTQ's codes are mx.quantize's, bit for bit
+    _, (q, scales, biases) = gptq_weight(w, mx.eye(128), cand)
+    words, mlx_scales = mx.quantize(w, group_size=cand.group_size, bits=cand.bits, mode=mode)
+    assert biases is None and np.array_equal(pack(q, cand.bits), np.array(words)) and np.array_equal(scales, np.array(mlx_scales))
+    # correlated inputs: the output error GPTQ minimises falls below round-to-nearest's
+    x = rng.normal(size=(512, 128)).astype(np.float32) @ rng.normal(size=(128, 128)).astype(np.float32) * 0.1
+    gptq, _ = gptq_weight(w, mx.array(x.T @ x), cand)
+    def output_error(wq):
+        return float(np.sum((x @ (np.array(wq) - np.array(w)).T) ** 2))
+    assert output_error(gptq) < 0.8 * output_error(fake_quantize(w, cand))

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import distributed, whisper
 from ..device import check_backend, describe
 from ..errors import OptiqError
-from ..io import check_output
+from ..io import check_output, write_json
 from ..records import QuantizedWeights
 from ..ct2_import import is_ct2_whisper
 from ..source import resolve_model
@@ -92,6 +92,8 @@ def convert(config: ConvertConfig, report: Report | None = None) -> QuantizedWei
     held_out = family.held_out(config, loaded)
     rows = [family.baseline(config, loaded, table, cands, held_out)] if held_out is not None else []
     written, metadata = family.write(config, loaded, plan, table, codes, calibration, history, out)
+    metadata["convert_seconds"] = round(time.time() - started, 1)  # to the written model: the held-out check below is not counted
+    write_json(Path(out) / "optiq_metadata.json", metadata)
     del calibration, codes  # the reference pass and its Grams: no longer needed
     measured = {}
     if held_out is not None:
