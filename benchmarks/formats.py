@@ -73,7 +73,7 @@ def main():
     micro = [Candidate(*FP_MODES[m], m) for m in FP_MODES]
     t0 = time.time()
     suffix = "" if args.quantizer == "rtn" else f"-{args.quantizer}"
-    saved = RESULTS / f"formats-{Path(name).name}-sensitivity{suffix}.json"
+    saved = RESULTS / f"formats-{Path(name).name}-sensitivity{suffix if targets else ''}.json"  # without targets: RTN's table
     if args.sensitivity:
         table = load_record(SensitivityTable, args.sensitivity)
     else:
