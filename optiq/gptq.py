@@ -19,6 +19,8 @@ the written model stores them in).
   CPU tests run against `gptq_numpy`.
 """
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 import scipy.linalg
@@ -89,6 +91,7 @@ class FloatGrid:
         return self.sorted_codes[k], self.sorted_values[k] * scale
 
 
+@functools.cache  # a pure function of the mode, asked for at every layer's every probe
 def float_grid(mode: str) -> tuple:
     """(value of each code at scale 1, value of each scale byte) of an MLX
     microscaling mode, from mx.dequantize of every (scale byte, code) pair."""

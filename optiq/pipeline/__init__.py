@@ -93,10 +93,11 @@ def convert(config: ConvertConfig, report: Report | None = None) -> QuantizedWei
     rows = [family.baseline(config, loaded, table, cands, held_out)] if held_out is not None else []
     written, metadata = family.write(config, loaded, plan, table, codes, calibration, history, out)
     metadata["convert_seconds"] = round(time.time() - started, 1)  # to the written model: the held-out check below is not counted
-    write_json(Path(out) / "optiq_metadata.json", metadata)
     del calibration, codes  # the reference pass and its Grams: no longer needed
     measured = {}
-    if held_out is not None:
+    if held_out is None:
+        write_json(Path(out) / "optiq_metadata.json", metadata)  # else record_measured writes it once, with the measurement
+    else:
         quality, label, extra = family.measure_written(config, out, held_out)
         measured = record_measured(out, metadata, rows, plan, quality, label, **extra)
     family.finish(out, written, started, report)
