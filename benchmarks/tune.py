@@ -5,6 +5,12 @@ measured in one run on the same held-out tokens.
 
     python benchmarks/tune.py                            # SmolLM2, 60 steps of 4 x 256 WikiText tokens
     python benchmarks/tune.py --optiq-tuned DIR          # reuse an `optiq tune` output of the same settings
+    python benchmarks/tune.py --code-lr 1e-3             # optiq's row trains the codes too
+
+Tuning seconds are each loop's own (optiq's from its output's metadata, so
+loading and the before/after measurement are not counted; mlx-lm's around
+its dwq_quantize call). On a GPU both train in the model's fp16: MLX-CUDA's
+fp32 quantized forward failed (0.32.4).
 
 Data: WikiText-2 from ../shared/data, calibrating on the last 25% of
 articles and evaluating on the first 75% (--n-eval x --seq-len tokens).
@@ -35,6 +41,13 @@ def measured(model, ev, refs) -> dict:
     return quality(model, ev, refs, batch_size=4)
 
 
+def train_dtype():
+    """fp32 on a CPU (its fp16 matmuls are slow and inexact), the model's fp16 on a GPU."""
+    import mlx.core as mx
+
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
 def mlx_lm_dwq(ref_path, cal, args) -> tuple:
     """(uniform 4-bit g64 before, after mlx-lm's dwq_quantize), as models."""
     import mlx.core as mx
@@ -61,7 +74,7 @@ def mlx_lm_dwq(ref_path, cal, args) -> tuple:
     rows = [(list(map(int, r)), 0) for r in cal]
     t0 = time.perf_counter()
     dwq_quantize(model, lambda batch, i, split: reference_targets(reference, batch, args.top_k), optim.Adam(learning_rate=args.lr),
-                 rows, rows[: args.batch_size], args.batch_size, args.seq_len + 1, args.seed, dtype=mx.float32)
+                 rows, rows[: args.batch_size], args.batch_size, args.seq_len + 1, args.seed, dtype=train_dtype())
     seconds = time.perf_counter() - t0
     cast_floats(model, mx.float16)  # scales and biases as a written model stores them
     return uniform(), model, seconds
@@ -70,6 +83,8 @@ def mlx_lm_dwq(ref_path, cal, args) -> tuple:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="the optiq model (default: SmolLM2 at 4.5 bpw, made by optiq convert)")
+    p.add_argument("--reference", default=None, help="its float source (default: the one its optiq_metadata.json records)")
+    p.add_argument("--wikitext", default=str(WIKITEXT))
     p.add_argument("--optiq-tuned", default=None, help="an optiq tune output of that model, instead of tuning here")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=2e-5)
@@ -78,10 +93,11 @@ def main():
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--top-k", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--code-lr", type=float, default=0.0, help="optiq tune --code-lr: > 0 trains the codes too")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if not WIKITEXT.exists():
-        sys.exit(f"needs {WIKITEXT} (../shared/data)")
+    if not Path(args.wikitext).exists():
+        sys.exit(f"needs {args.wikitext} (../shared/data)")
 
     import mlx_lm
 
@@ -96,9 +112,9 @@ def main():
 
     model_path = Path(args.model or default_model())
     meta = json.loads((model_path / "optiq_metadata.json").read_text())
-    ref_path = recorded_source(None, meta, "benchmarks/tune.py")
+    ref_path = recorded_source(args.reference, meta, "benchmarks/tune.py")
     reference = load_reference(ref_path)
-    cal_text, eval_text = wikitext_split(WIKITEXT.read_text())
+    cal_text, eval_text = wikitext_split(Path(args.wikitext).read_text())
     n_cal = args.steps * args.batch_size  # one pass: mlx-lm's DWQ takes one step per batch of its data
     cal = tokens_from_texts([cal_text], reference.tokenizer, n_cal, args.seq_len)
     ev = tokens_from_texts([eval_text], reference.tokenizer, args.n_eval, args.seq_len)
@@ -117,18 +133,19 @@ def main():
     add("optiq convert (default)", mlx_lm.load(str(model_path))[0], plan_bpw)
     with tempfile.TemporaryDirectory() as tmp:
         tuned = args.optiq_tuned
-        t0 = time.perf_counter()
         if tuned is None:
             cal_file = Path(tmp) / "calibration.txt"
             cal_file.write_text(cal_text)
             tuned = str(Path(tmp) / "tuned")
             cmd = [sys.executable, "-m", "optiq", "tune", str(model_path), "-o", tuned, "--calibration", str(cal_file), "--n-calibration", str(n_cal),
                    "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                   "--top-k", str(args.top_k), "--seed", str(args.seed)]
+                   "--top-k", str(args.top_k), "--seed", str(args.seed), "--code-lr", str(args.code_lr), "--reference", str(ref_path)]
             subprocess.run(cmd, check=True)
         elif not (Path(tuned) / "config.json").exists():
             sys.exit(f"--optiq-tuned {tuned}: no model there")
-        add(f"optiq convert + optiq tune ({args.steps} steps)", mlx_lm.load(tuned)[0], plan_bpw, time.perf_counter() - t0 if args.optiq_tuned is None else float("nan"))
+        codes = f", codes at {args.code_lr:g}" if args.code_lr else ""
+        seconds = json.loads((Path(tuned) / "optiq_metadata.json").read_text()).get("tuning", {}).get("seconds", float("nan"))
+        add(f"optiq convert + optiq tune ({args.steps} steps{codes})", mlx_lm.load(tuned)[0], plan_bpw, seconds)
     name = model_path.name
     out = Path(args.out or RESULTS / f"tune-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,8 @@ def sweep_one(model_path, reference, train, val, val_refs, ev, ev_refs, lr, temp
 
     model = as_dtype(mlx_lm.load(str(model_path))[0], args.dtype)
     config = TuneConfig(steps=checkpoints[-1], lr=lr, batch_size=args.batch_size, temperature=temperature, top_k=args.top_k, seed=args.seed,
-                        max_bits=args.max_bits, schedule=args.schedule, norm_lr=args.norm_lr)
+                        max_bits=args.max_bits, schedule=args.schedule, norm_lr=args.norm_lr,
+                        code_lr=args.code_lr)
     params, opt = start(model, config)
     curve = [(0, quality(model, val, val_refs, 4)["kl_mean"], quality(model, ev, ev_refs, 4)["kl_mean"], float("nan"))]
     done, kept = 0, (curve[0][1], 0, None)
@@ -221,6 +222,7 @@ def main():
     p.add_argument("--sample-batch", type=int, default=64, help="--self-sampled: sequences decoded at once")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr over the run (cosine: to 0 at the last checkpoint)")
     p.add_argument("--norm-lr", type=float, default=0.0, help="> 0: the norms' weights train too, at this rate")
+    p.add_argument("--code-lr", type=float, default=0.0, help="> 0: the codes train too (straight-through rounding), at this rate")
     p.add_argument("--max-bits", type=int, default=8, help="layers under this many bits train (DWQ's 8; 9 trains the 8-bit ones too)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--eval-seq-len", type=int, default=512)
@@ -261,6 +263,7 @@ def main():
     from optiq.calibration import tokens_from_texts, wikitext_split, with_sampled
     from optiq.evaluate import quality, reference_batches
     from optiq.io import write_json
+    from optiq.tune import written_values
     model_path = Path(args.model or default_model())
     meta = json.loads((model_path / "optiq_metadata.json").read_text())
     ref_path, reference = fp32_reference(args.reference, meta)
@@ -283,7 +286,7 @@ def main():
     untuned = as_dtype(written, args.dtype)
     result = dict(model=str(model_path), reference=str(ref_path), device=str(mx.default_device()), args=vars(args) | {"checkpoints": checkpoints},
                   untuned=quality(untuned, ev, ev_refs, 4) | {"val_kl": quality(untuned, val, val_refs, 4)["kl_mean"]}, runs=[])
-    del untuned, written
+    del untuned
     out = Path(args.out or RESULTS / f"tune-sweep-{model_path.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     best = None
@@ -303,7 +306,8 @@ def main():
     result["chosen"] = dict(lr=lr, temperature=temperature, steps=steps)
     tuned_file = out.with_name(out.stem + "-tuned.safetensors")
     # In the model's own dtypes, as it will hold them (half the bytes of fp32 for an fp16 model).
-    mx.save_safetensors(str(tuned_file), {k: v.astype(dtypes[k]) for k, v in tree_flatten(params)})
+    # Trained codes are written as the layers' packed words (written_values).
+    mx.save_safetensors(str(tuned_file), {k: v.astype(dtypes[k]) for k, v in written_values(params, written).items()})
     write_json(out, result)
     print()
     print(table(result))

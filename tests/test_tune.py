@@ -202,3 +202,59 @@ def test_the_two_rates_reach_their_parameters_and_the_state_round_trips(quantize
     saved, back = dict(tree_flatten(opt.state)), dict(tree_flatten(fresh.state))
     assert step == 1 and saved.keys() == back.keys()
     assert all(np.array_equal(np.array(saved[k]), np.array(back[k])) for k in saved)
+
+
+def test_released_codes_compute_the_layer_and_settle_back_to_its_words(quantized):
+    from optiq.source import to_fp32
+    from optiq.tune import CodeTunedLinear, release_codes, settle_codes
+
+    model = to_fp32(mlx_lm.load(str(quantized))[0])  # fp32: fp16 quantized_matmul on a CPU is off by percents
+    x = mx.array(np.arange(24, dtype=np.int32).reshape(2, 12) % 50)
+    before_logits, before = model(x), {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    n = release_codes(model)
+    layers = [m for _, m in model.named_modules() if isinstance(m, CodeTunedLinear)]
+    assert layers and n == sum(m.codes.size for m in layers)
+    assert np.allclose(np.array(model(x)), np.array(before_logits), atol=1e-4)  # dense dequantized = quantized_matmul
+    grads = nn.value_and_grad(model, lambda m, x: m(x).astype(mx.float32).sum())(model, x)[1]
+    assert all(float(mx.abs(g).sum()) > 0 for k, g in tree_flatten(grads) if k.endswith(".codes"))  # straight through the rounding
+    settle_codes(model)
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert not any(isinstance(m, CodeTunedLinear) for _, m in model.named_modules())
+    assert after.keys() == before.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_code_lr_flips_codes_and_the_written_model_holds_what_was_measured(quantized, tmp_path):
+    from optiq.calibration import load_calibration
+    from optiq.cli import main as cli
+    from optiq.cpu import adapt_for_cpu
+    from optiq.evaluate import quality, reference_batches
+    from optiq.source import load_reference
+
+    out = tmp_path / "codes"
+    assert cli(["tune", str(quantized), "-o", str(out), "--steps", "12", "--code-lr", "0.2", *TUNE]) == 0
+    tuning = json.loads((out / "optiq_metadata.json").read_text())["tuning"]
+    assert tuning["code_lr"] == 0.2
+    before, after = weights(quantized), weights(out)
+    codes = [k for k in before if k.endswith(".weight") and "norm" not in k and before[k].dtype == np.uint32]
+    flipped = [k for k in codes if not np.array_equal(before[k], after[k])]
+    assert flipped and "model.embed_tokens.weight" not in flipped  # a tied table keeps its codes
+    model = adapt_for_cpu(mlx_lm.load(str(out))[0])  # stock mlx-lm opens it; measured as tune measures on a CPU
+    reference = load_reference(tuning["reference"])
+    held = load_calibration(None, reference.tokenizer, reference.model, 4, 32, seed=1)  # tune's held-out windows
+    measured = quality(model, held, reference_batches(reference.model, held, batch_size=4), batch_size=4)
+    assert measured["kl_mean"] == pytest.approx(tuning["held_out_after"]["kl_mean"], rel=1e-4)
+
+
+def test_written_values_pack_a_latent_as_settle_does(quantized):
+    from optiq.tune import settle_codes, written_values
+
+    model = mlx_lm.load(str(quantized))[0]
+    params, _ = start(model, TuneConfig(code_lr=1e-3))
+    params = tree_map(lambda v: v + 0.7, params)  # every latent past a rounding boundary
+    values = written_values(params, model)
+    assert not any(k.endswith(".codes") for k in values)
+    model.update(params)
+    settle_codes(model)
+    held = dict(tree_flatten(model.parameters()))
+    packed = [k for k in values if k.endswith(".weight")]
+    assert packed and all(np.array_equal(np.array(values[k]), np.array(held[k])) for k in packed)

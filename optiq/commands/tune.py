@@ -1,4 +1,4 @@
-"""optiq tune: learned rounding for a quantized model: its scales and biases tuned to the reference's outputs (DWQ's loss), codes kept.
+"""optiq tune: learned rounding for a quantized model: its scales and biases tuned to the reference's outputs (DWQ's loss), and with --code-lr its codes.
 
 The input is an optiq output (or any mlx-lm quantized model); the output is
 the same format with new scales and biases, which stock mlx_lm.load opens.
@@ -24,7 +24,7 @@ from ..evaluate import quality, reference_batches
 from ..io import check_output
 from ..quantize import DTYPES, cast_floats, output_dtype, save_model_folder
 from ..source import load_reference, read_config, recorded_source, resolve_model
-from ..tune import TuneConfig, restore, start, state_arrays, tune_steps
+from ..tune import TuneConfig, restore, settle_codes, start, state_arrays, tune_steps
 
 STATE = "tune_state.safetensors"
 
@@ -46,6 +46,8 @@ class TuneOptions:
     lr: float = field(default=3e-6, metadata=dict(help="Adam's step (benchmarks/tune_sweep.py: 3e-6 beat 1e-6 and 1e-5 up to 256 steps)"))
     batch_size: int = 4
     norm_lr: float = field(default=0.0, metadata=dict(help="> 0: the norms' weights train too, at this rate (0: scales and biases only, as DWQ)"))
+    code_lr: float = field(default=0.0, metadata=dict(help="> 0: the integer codes train too (straight-through rounding), at this rate: a code flips "
+                                                           "after ~0.5/rate steps of one-signed gradient; 12 more bytes of memory per weight"))
     schedule: str = field(default="constant", metadata=dict(choices=["constant", "cosine"], help="learning rate: constant, or cosine decay to 0 at --steps"))
     temperature: float = field(default=2.0, metadata=dict(help="softmax temperature of the distillation KL (DWQ's 2; 1 scored the same in the sweep)"))
     top_k: int = field(default=1024, metadata=dict(help="reference logits kept per position"))
@@ -61,8 +63,8 @@ def checked(opts: TuneOptions) -> tuple:
         raise OptiqError("--steps, --batch-size, --n-calibration, --n-eval, --top-k, --steps-per-save and --sample-batch must be at least 1, --seq-len at least 2")
     if opts.self_sampled < 0:
         raise OptiqError(f"--self-sampled must be 0 or more, got {opts.self_sampled}")
-    if opts.norm_lr < 0:
-        raise OptiqError(f"--norm-lr must be 0 (norms frozen) or positive, got {opts.norm_lr}")
+    if opts.norm_lr < 0 or opts.code_lr < 0:
+        raise OptiqError(f"--norm-lr and --code-lr must be 0 (frozen) or positive, got {opts.norm_lr} and {opts.code_lr}")
     if not opts.lr > 0 or not opts.temperature > 0:
         raise OptiqError(f"--lr and --temperature must be positive, got {opts.lr} and {opts.temperature}")
     check_output(Path(opts.output), opts.force)
@@ -79,7 +81,7 @@ def checked(opts: TuneOptions) -> tuple:
 
 def run_settings(opts: TuneOptions, folder: Path, reference: Path) -> dict:
     """What decides a run's steps: a checkpoint resumes only a run with the same."""
-    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "norm_lr", "batch_size", "schedule", "temperature", "top_k", "seed")
+    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "norm_lr", "code_lr", "batch_size", "schedule", "temperature", "top_k", "seed")
     return {k: getattr(opts, k) for k in keep} | {"model": str(folder.resolve()), "reference": str(Path(reference).resolve())}
 
 
@@ -109,7 +111,8 @@ def run(opts: TuneOptions):
     tokens = with_sampled(tokens, reference.model, reference.tokenizer, opts.self_sampled, seed=opts.seed, batch_size=opts.sample_batch)
     refs = reference_batches(reference.model, held, batch_size=4)
     before = quality(model, held, refs, batch_size=4)
-    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed, schedule=opts.schedule, norm_lr=opts.norm_lr)
+    tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed, schedule=opts.schedule, norm_lr=opts.norm_lr,
+                      code_lr=opts.code_lr)
     params, opt = start(model, tune)
     done = 0
     if checkpoint is not None:
@@ -129,11 +132,12 @@ def run(opts: TuneOptions):
     t0 = time.time()
     params, opt, losses = tune_steps(model, reference.model, tokens, params, opt, done, opts.steps, tune, on_step)
     bar.close()
+    settle_codes(model)  # MLX's packed words again: what is measured next is what is written
+    seconds = time.time() - t0  # the loop's own (checkpoints included), not the measurement after
     after = quality(model, held, refs, batch_size=4)
-    seconds = time.time() - t0
     dtype = DTYPES[output_dtype(config)]
     cast_floats(model, dtype)
-    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, norm_lr=opts.norm_lr, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
+    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, norm_lr=opts.norm_lr, code_lr=opts.code_lr, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
                                           n_calibration=opts.n_calibration, self_sampled=opts.self_sampled, calibration=opts.calibration or "self-sampled", resumed_from=done,
                                           seconds=seconds, losses=losses, held_out_before=before, held_out_after=after, reference=str(ref_path)))
     save_model_folder(opts.output, model, tokenizer, config, folder, metadata, force=opts.force)
