@@ -6,12 +6,12 @@ embedding included, so the effective bits equal uniform's)."""
 import mlx.core as mx
 import mlx_lm
 
-from optiq.source import to_fp32
+from optiq.tasks import fp32_activations
 
 
 def fresh(ref_path):
     model, _, config = mlx_lm.load(str(ref_path), return_config=True)
-    return to_fp32(model), config
+    return fp32_activations(model), config
 
 
 def rtn_model(ref_path, tokens, bits: int = 4, group_size: int = 64):

@@ -1,4 +1,4 @@
-"""Import a GGUF file (llama or gemma3) into a folder that `mlx_lm.load` opens.
+"""Import a GGUF file (llama, qwen2 or gemma3) into a folder that `mlx_lm.load` opens.
 
 Weights are dequantized with the `gguf` package; the tokenizer is rebuilt with
 transformers' own GGUF tokenizer converter, so the output folder is a plain
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .errors import OptiqError
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 # GGUF tensor names (after "blk.N.") -> Hugging Face names (after "model.layers.N.").
 _BLOCK_NAMES = {
@@ -48,6 +48,8 @@ _BLOCK_NAMES = {
         "ffn_down": "mlp.down_proj",
     },
 }
+# Qwen2 keeps llama's names; its q/k/v biases come as blk.N.attn_q.bias etc.
+_BLOCK_NAMES["qwen2"] = _BLOCK_NAMES["llama"]
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -110,6 +112,9 @@ def _config(meta: dict, arch: str, tied: bool) -> dict:
     if arch == "llama":
         config.update(model_type="llama", architectures=["LlamaForCausalLM"],
                       torch_dtype="float16")
+    elif arch == "qwen2":
+        config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                      torch_dtype="bfloat16")
     else:
         config.update(
             model_type="gemma3_text",

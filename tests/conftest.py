@@ -71,6 +71,17 @@ CONFIGS = {
         rope_theta=10000.0,
         tie_word_embeddings=True,
     ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
     "qwen3": dict(
         model_type="qwen3",
         hidden_size=64,

@@ -1,5 +1,5 @@
-"""GGUF import: llama (rotary rows permuted as llama.cpp writes them) and gemma3
-(norms stored as 1 + w), written here with the gguf package's own writer."""
+"""GGUF import: llama (rotary rows permuted as llama.cpp writes them), qwen2
+(q/k/v biases, rows as Hugging Face has them) and gemma3 (norms stored as 1 + w), written here with the gguf package's own writer."""
 
 import json
 
@@ -73,7 +73,7 @@ def write_gguf(folder, out, arch, quantize_embedding=False):
     w.add_bos_token_id(tok["model"]["vocab"]["<bos>"])
     w.add_eos_token_id(tok["model"]["vocab"]["<eos>"])
     w.add_add_bos_token(True)
-    names = LLAMA_NAMES if arch == "llama" else GEMMA_NAMES
+    names = GEMMA_NAMES if arch == "gemma3" else LLAMA_NAMES
     for hf, t in weights.items():
         if arch == "llama" and hf.endswith("q_proj.weight"):
             t = permute(t, config["num_attention_heads"])
@@ -102,9 +102,9 @@ def logits_of(path, text="The quick brown fox jumps"):
     return np.array(model(mx.array([tok.encode(text)]))), tok.encode(text)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_import_reproduces_the_source_model(tmp_path, arch):
-    hf_arch = "llama" if arch == "llama" else "gemma3_text"
+    hf_arch = {"gemma3": "gemma3_text"}.get(arch, arch)
     overrides = {} if arch == "llama" else {"num_hidden_layers": 6, "sliding_window_pattern": 6}
     src = build_model(tmp_path / "src", hf_arch, **overrides)
     gguf_file = write_gguf(src, tmp_path / "tiny.gguf", arch)
