@@ -134,7 +134,8 @@ def run_row(name: str, args, ref: str, problems: list, cal, cal_text: str, ev, r
     else:
         model, bpw = optiq_model(ref, cal_text, work / "optiq")
     seconds = time.perf_counter() - t0
-    row = dict(row=name, method=LABELS[name], effective_bpw=bpw, quantize_seconds=seconds)
+    label = LABELS[name] + (f" ({args.dwq_steps} steps, lr {args.dwq_lr:g})" if name == "dwq" else "")
+    row = dict(row=name, method=label, effective_bpw=bpw, quantize_seconds=seconds)
     if name != "float":
         row.update(quality(model, ev, refs, batch_size=4))
     _, tok = load_native(ref) if name != "float" else (None, None)
@@ -216,9 +217,11 @@ def main():
     p.add_argument("--n-calibration", type=int, default=128, help="calibration windows for AWQ")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--n-eval", type=int, default=8, help="held-out WikiText windows for the KL")
-    p.add_argument("--dwq-steps", type=int, default=128)
+    # mlx-lm's own DWQ defaults (mlx_lm.dwq: 2048 samples, batch 4, lr 1e-6);
+    # 2e-5, which helped SmolLM2 over 60 steps, diverged here in bf16
+    p.add_argument("--dwq-steps", type=int, default=512)
     p.add_argument("--dwq-batch", type=int, default=4)
-    p.add_argument("--dwq-lr", type=float, default=2e-5)
+    p.add_argument("--dwq-lr", type=float, default=1e-6)
     p.add_argument("--wikitext", default=str(WIKITEXT))
     p.add_argument("--gsm8k", default=str(SHARED_GSM8K), help="GSM8K test.jsonl")
     p.add_argument("--out-dir", default=None, help="one JSON per row here (default: print only)")

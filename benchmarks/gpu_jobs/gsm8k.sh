@@ -3,6 +3,7 @@
 #   gsm8k.sh warm          a random-weight model of the real shapes through every row, in the
 #                          background: compiles MLX-CUDA's kernels while the GGUF's parts travel
 #   gsm8k.sh real          join the parts, import the GGUF (tokenizer carried), run the rows side by side
+#                          (REAL_ROWS="optiq dwq": the processes to start, each a --rows list)
 #   gsm8k.sh collect WAIT  wait until no row runs (or WAIT s); JSONs and logs to $OUT/results.tgz
 set -euo pipefail
 keep=/root/keep runs=/root/runs
@@ -52,7 +53,7 @@ print("reference", sorted(p.name for p in out.iterdir()))
 PY
   pkill -f "reference /root/rand" || true
   cd $runs
-  for rows in float,uniform awq dwq optiq; do
+  for rows in ${REAL_ROWS:-float,uniform awq dwq optiq}; do
     setsid nohup python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows $rows --out-dir $runs/gsm8k \
       > $runs/gsm8k-${rows/,/-}.log 2>&1 < /dev/null &
   done
