@@ -173,7 +173,7 @@ def table(rows: list) -> str:
         acc, n = r["gsm8k_accuracy"], r["n_problems"]
         kl = f"{r['kl_mean']:.4f}" if "kl_mean" in r else "-"
         top1 = f"{r['top1']:.3f}" if "top1" in r else "-"
-        vs = "%d/%d" % paired(r, by["uniform"]) if "uniform" in by and r["row"] != "uniform" else "-"
+        vs = "/".join(map(str, paired(r, by["uniform"]))) if "uniform" in by and r["row"] != "uniform" else "-"
         lines.append(f"| {r['method']} | {r['effective_bpw']:.3f} | {acc:.3f} ({round(acc * n)}/{n}) | ±{interval(acc, n):.3f} | {kl} | {top1} | {vs} | {r['quantize_seconds']:.0f} |")
     return "\n".join(lines)
 
