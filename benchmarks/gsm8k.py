@@ -117,14 +117,14 @@ def optiq_model(ref, cal_text: str, out: Path):
     return model, meta["effective_bpw"]
 
 
-def run_row(name: str, args, ref: str, problems: list, cal, cal_text: str, ev, refs, work: Path) -> dict:
+def run_row(name: str, args, ref: str, reference, tok, problems: list, cal, cal_text: str, ev, refs, work: Path) -> dict:
     from optiq.evaluate import quality
     from optiq.tasks import gsm8k
 
     t0 = time.perf_counter()
     bpw = 4.5
     if name == "float":
-        model, bpw = load_native(ref)[0], 16.0
+        model, bpw = reference, 16.0
     elif name == "uniform":
         model = uniform_model(ref)
     elif name == "awq":
@@ -138,11 +138,6 @@ def run_row(name: str, args, ref: str, problems: list, cal, cal_text: str, ev, r
     row = dict(row=name, method=label, effective_bpw=bpw, quantize_seconds=seconds)
     if name != "float":
         row.update(quality(model, ev, refs, batch_size=4))
-    _, tok = load_native(ref) if name != "float" else (None, None)
-    if tok is None:
-        import mlx_lm
-
-        tok = mlx_lm.load(str(ref))[1]
     t0 = time.perf_counter()
     done = lambda n, total: print(f"  {name}: GSM8K {n}/{total}", file=sys.stderr, flush=True)
     result = gsm8k(model, tok, problems, [], max_tokens=args.max_tokens, batch_size=args.batch_size, progress=done)
@@ -253,11 +248,13 @@ def main():
     cal = tokens_from_texts([cal_text], tok, n_cal, args.seq_len)
     ev = tokens_from_texts([eval_text], tok, args.n_eval, args.seq_len)
     refs = reference_batches(reference, ev, batch_size=4) if set(rows) - {"float"} else []
-    del reference
+    if "float" not in rows:
+        del reference  # memory for the quantized rows
+        reference = None
     out_dir = Path(args.out_dir) if args.out_dir else None
     with tempfile.TemporaryDirectory() as tmp:
         for name in rows:
-            row = run_row(name, args, ref, problems, cal, cal_text, ev, refs, Path(tmp))
+            row = run_row(name, args, ref, reference, tok, problems, cal, cal_text, ev, refs, Path(tmp))
             if out_dir:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 settings = {k: v for k, v in vars(args).items() if k not in ("rows", "merge")}

@@ -6,6 +6,7 @@ Hugging Face layout (config.json, model.safetensors, tokenizer files).
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -201,8 +202,10 @@ def _set_bos(tokenizer_dir: Path, add_bos: bool, bos_token: str | None):
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def import_gguf(gguf_path, out_dir) -> Path:
-    """Write a Hugging Face style folder for `gguf_path` into `out_dir`."""
+def import_gguf(gguf_path, out_dir, tokenizer_dir=None) -> Path:
+    """Write a Hugging Face style folder for `gguf_path` into `out_dir`.
+    `tokenizer_dir`: tokenizer files to copy instead of rebuilding them (made
+    where transformers has its GGUF converter; some installs lack it)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     try:
         reader = gguf.GGUFReader(str(gguf_path))
@@ -223,6 +226,11 @@ def import_gguf(gguf_path, out_dir) -> Path:
     weights = {k: mx.array(v).astype(dtype) for k, v in tensors.items()}
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.name != "config.json" and not f.name.startswith("model."):
+                shutil.copy(f, out_dir / f.name)
+        return out_dir
     tokenizer, add_bos = build_tokenizer(meta, arch)
     tokenizer.save_pretrained(str(out_dir))
     _set_bos(out_dir, add_bos, tokenizer.bos_token)

@@ -105,7 +105,7 @@ def logits_of(path, text="The quick brown fox jumps"):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_import_reproduces_the_source_model(tmp_path, arch):
     hf_arch = {"gemma3": "gemma3_text"}.get(arch, arch)
-    overrides = {} if arch == "llama" else {"num_hidden_layers": 6, "sliding_window_pattern": 6}
+    overrides = {"num_hidden_layers": 6, "sliding_window_pattern": 6} if arch == "gemma3" else {}
     src = build_model(tmp_path / "src", hf_arch, **overrides)
     gguf_file = write_gguf(src, tmp_path / "tiny.gguf", arch)
     out = import_gguf(gguf_file, tmp_path / "imported")
@@ -141,3 +141,18 @@ def test_import_gguf_command_and_bad_input(tmp_path, capsys):
         cli(["import-gguf", str(bad), "-o", str(tmp_path / "bad_out")])
     assert exc.value.code == 2 and "GGUF" in capsys.readouterr().err
     assert not (tmp_path / "bad_out").exists()
+
+
+def test_import_with_a_carried_tokenizer(tmp_path, capsys):
+    src = build_model(tmp_path / "src", "llama")
+    gguf_file = write_gguf(src, tmp_path / "tiny.gguf", "llama")
+    built = import_gguf(gguf_file, tmp_path / "built")
+    assert cli(["import-gguf", str(gguf_file), "-o", str(tmp_path / "carried"), "--tokenizer", str(built)]) == 0
+    want, want_ids = logits_of(built)
+    got, got_ids = logits_of(tmp_path / "carried")
+    assert got_ids == want_ids and np.array_equal(got, want)
+    assert (tmp_path / "carried" / "config.json").read_text() == (built / "config.json").read_text()
+    with pytest.raises(SystemExit) as exc:
+        cli(["import-gguf", str(gguf_file), "-o", str(tmp_path / "none"), "--tokenizer", str(tmp_path)])
+    assert exc.value.code == 2 and "tokenizer_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
