@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/gsm8k.py on the lent H200 (README.md here says how the parts travel).
+#   gsm8k.sh warm          compile the kernels of every 4.5-bpw candidate format, one process each, on
+#                          2-layer random models (warm_kernels.py) while the parts travel
 #   gsm8k.sh real          join the parts, import the GGUF (tokenizer carried), run the rows side by side
 #                          (REAL_ROWS="optiq dwq": the processes to start, each a --rows list)
 #   gsm8k.sh collect WAIT  wait until no row runs (or WAIT s); JSONs and logs to $OUT/results.tgz
@@ -11,12 +13,30 @@ export MLX_PTX_CACHE_DIR=/root/ptx HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ "$1" = collect ] || { mkdir -p /root/repo && tar -c --exclude=./.gpu . | tar -x -C /root/repo; }
 [ -n "$(ls -A /root/ptx)" ] || tar -C /root -xzf benchmarks/gpu_jobs/ptx-mlx-0.32.4-h200.tgz
 data="--wikitext $keep/data/wiki.test.raw --gsm8k $keep/data/test.jsonl"
+formats="4:64:dwq,convert 4:128 5:64 5:128 6:64 6:128 8:64 8:128"
 case "$1" in
+warm)
+  mkdir -p /root/warm
+  for f in $formats; do
+    IFS=: read -r bits group also <<< "$f"; cache=/root/warm/ptx-$bits-$group
+    mkdir -p $cache && cp -r /root/ptx/. $cache/
+    # setsid: the call's end kills its process group
+    MLX_PTX_CACHE_DIR=$cache OMP_NUM_THREADS=2 setsid nohup bash -c "cd /root/warm && python3 /root/repo/benchmarks/gpu_jobs/warm_kernels.py \
+        --config $keep/qwentok --bits $bits --group-size $group --also '$also' $data > $bits-$group.log 2>&1 && touch $cache.done" \
+        < /dev/null > /dev/null 2>&1 &
+  done
+  sleep 2; pgrep -fc warm_kernels.py || true
+  ;;
 real)
   cat $(ls $keep/q/c* | sort) > $keep/qwen.gguf && rm -f $keep/q/c*
   ls -la $keep/qwen.gguf
   # the device's transformers lacks the GGUF tokenizer converter: the tokenizer made here travels
   python3 -m optiq import-gguf $keep/qwen.gguf -o /root/ref --tokenizer $keep/qwentok --force
+  # a cache still being written could hand the rows a half-written kernel: take the finished ones only
+  end=$(( $(date +%s) + 120 ))
+  while pgrep -f warm_kernels.py >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+  for d in /root/warm/ptx-*; do if [ -e $d.done ]; then cp -rn $d/. /root/ptx/; fi; done
+  echo "warm: $(ls /root/warm/*.done 2>/dev/null | wc -l) finished; tails:"; tail -n 2 /root/warm/*.log || true
   cd $runs
   for rows in ${REAL_ROWS:-float,uniform awq dwq optiq}; do
     setsid nohup python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows $rows --out-dir $runs/gsm8k \
@@ -27,6 +47,7 @@ collect)
   end=$(( $(date +%s) + ${2:-0} ))
   while pgrep -f "benchmarks/gsm8k.py" >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
   echo "running: $(pgrep -fc "benchmarks/gsm8k.py" || true)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+  cp /root/warm/*.log $runs/ 2>/dev/null || true
   cd $runs; for f in *.log; do echo "== $f"; tail -5 $f; done
   tar -czf $OUT/results.tgz $(ls -d gsm8k *.log 2>/dev/null); tar -tzf $OUT/results.tgz
   du -sh /root/ptx
