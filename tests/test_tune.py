@@ -258,3 +258,46 @@ def test_written_values_pack_a_latent_as_settle_does(quantized):
     held = dict(tree_flatten(model.parameters()))
     packed = [k for k in values if k.endswith(".weight")]
     assert packed and all(np.array_equal(np.array(values[k]), np.array(held[k])) for k in packed)
+
+
+def test_code_radius_keeps_every_code_within_one_step_of_its_start(quantized, tmp_path):
+    from optiq.cli import main as cli
+    from optiq.tune import codes_of
+
+    out = tmp_path / "bounded"
+    # a rate that moves latents by many grid steps in 12 steps unbounded
+    assert cli(["tune", str(quantized), "-o", str(out), "--steps", "12", "--code-lr", "1.0", "--code-radius", "0.5", *TUNE]) == 0
+    assert json.loads((out / "optiq_metadata.json").read_text())["tuning"]["code_radius"] == 0.5
+    before, after = mlx_lm.load(str(quantized))[0], mlx_lm.load(str(out))[0]
+    moved = []
+    for (name, a), (_, b) in zip(before.named_modules(), after.named_modules()):
+        if isinstance(a, nn.QuantizedLinear) and a.mode == "affine" and a.bits < 8:
+            step = np.abs(np.array(codes_of(b)) - np.array(codes_of(a)))
+            assert step.max() <= 1, name
+            moved.append(int((step > 0).sum()))
+    assert sum(moved) > 0
+
+
+def test_bound_codes_clips_latents_around_their_start_and_leaves_the_rest(quantized):
+    from optiq.tune import bound_codes
+
+    model = mlx_lm.load(str(quantized))[0]
+    params, _ = start(model, TuneConfig(code_lr=1e-3, code_radius=0.5))
+    moved = tree_map(lambda v: v + 3.0, params)
+    bounded = dict(tree_flatten(bound_codes(moved, model, 0.5)))
+    modules = dict(model.named_modules())
+    for name, value in tree_flatten(moved):
+        if name.endswith(".codes"):
+            start_codes = np.array(modules[name[:-6]].code_start).astype(np.float32)
+            assert np.array_equal(np.array(bounded[name]), start_codes + 0.5)
+        else:
+            assert np.array_equal(np.array(bounded[name]), np.array(value))
+
+
+def test_code_radius_must_not_be_negative(quantized, tmp_path, capsys):
+    from optiq.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli(["tune", str(quantized), "-o", str(tmp_path / "x"), "--code-lr", "0.1", "--code-radius", "-1", *TUNE])
+    assert exit.value.code == 2
+    assert "--code-radius" in capsys.readouterr().err and not (tmp_path / "x").exists()
