@@ -75,7 +75,7 @@ def sweep_one(model_path, reference, train, val, val_refs, ev, ev_refs, lr, temp
     model = as_dtype(mlx_lm.load(str(model_path))[0], args.dtype)
     config = TuneConfig(steps=checkpoints[-1], lr=lr, batch_size=args.batch_size, temperature=temperature, top_k=args.top_k, seed=args.seed,
                         max_bits=args.max_bits, schedule=args.schedule, norm_lr=args.norm_lr,
-                        code_lr=args.code_lr, code_radius=args.code_radius)
+                        code_lr=args.code_lr)
     params, opt = start(model, config)
     curve = [(0, quality(model, val, val_refs, 4)["kl_mean"], quality(model, ev, ev_refs, 4)["kl_mean"], float("nan"))]
     done, kept = 0, (curve[0][1], 0, None)
@@ -223,7 +223,6 @@ def main():
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr over the run (cosine: to 0 at the last checkpoint)")
     p.add_argument("--norm-lr", type=float, default=0.0, help="> 0: the norms' weights train too, at this rate")
     p.add_argument("--code-lr", type=float, default=0.0, help="> 0: the codes train too (straight-through rounding), at this rate")
-    p.add_argument("--code-radius", type=float, default=0.0, help="with --code-lr: each code within this distance of its start (0: unbounded)")
     p.add_argument("--max-bits", type=int, default=8, help="layers under this many bits train (DWQ's 8; 9 trains the 8-bit ones too)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--eval-seq-len", type=int, default=512)

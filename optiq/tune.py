@@ -7,10 +7,7 @@ Optionally the codes train too (`code_lr`): each trained layer's codes
 become a float latent, rounded (and clipped to the grid) in the forward pass
 with a straight-through gradient, and packed back into MLX's words at the end
 (`settle_codes`); Adam moves a latent about `code_lr` a step, so a code flips
-after ~0.5 / code_lr steps of one-signed gradient, every code at that same
-rate whatever its gradient. `code_radius` > 0 bounds each latent to that
-distance from the code it started at (SignRound's bound: 0.5 lets a code
-move one grid step at most), projected after every step. Optionally (`norm_lr`) the
+after ~0.5 / code_lr steps of one-signed gradient. Optionally (`norm_lr`) the
 norms' weights train too: still plain floats in the same format.
 
 The loss is DWQ's: KL between the reference's and the model's softmax at
@@ -30,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.losses import kl_div_loss
 
 from .rounding import pack_mx
@@ -52,8 +49,6 @@ class TuneConfig:
     norm_lr: float = 0.0
     # > 0: the trained layers' integer codes train too (straight-through rounding), at this rate
     code_lr: float = 0.0
-    # > 0: each code latent stays within this distance of its starting code (0: unbounded)
-    code_radius: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
 
 class CodeTunedLinear(nn.QuantizedLinear):
@@ -92,7 +87,6 @@ def release_codes(model: nn.Module, max_bits: int = 8) -> int:
     for _, m in model.named_modules():
         if isinstance(m, nn.QuantizedLinear) and not isinstance(m, CodeTunedLinear) and m.mode == "affine" and m.bits < max_bits:
             m.codes = codes_of(m)
-            m.code_start = m.codes.astype(mx.uint8)  # frozen: what `code_radius` bounds against
             m.settled_class = type(m)  # a plain attribute: not a parameter
             m.__class__ = CodeTunedLinear
             m.unfreeze(keys=["codes"], recurse=False)
@@ -106,23 +100,10 @@ def settle_codes(model: nn.Module) -> nn.Module:
     for _, m in model.named_modules():
         if isinstance(m, CodeTunedLinear):
             m.weight = packed_codes(m.codes, m.bits)
-            del m["codes"], m["code_start"]
+            del m["codes"]
             m.__class__ = m.settled_class
             del m.settled_class
     return model
-
-
-def bound_codes(params, model: nn.Module, radius: float):
-    """`params` with every code latent clipped to `radius` around its layer's starting codes."""
-    modules = dict(model.named_modules())
-
-    def clip(path, value):
-        if not path.endswith(".codes"):
-            return value
-        start = modules[path[: -len(".codes")]].code_start.astype(value.dtype)
-        return mx.clip(value, start - radius, start + radius)
-
-    return tree_map_with_path(clip, params)
 
 
 def written_values(params, model: nn.Module) -> dict:
@@ -221,8 +202,6 @@ def tune_steps(model: nn.Module, reference: nn.Module, tokens: np.ndarray, param
         mx.eval(targets)
         loss, g = grad(params, batch, targets)
         params = opt.apply_gradients(g, params)
-        if config.code_lr > 0 and config.code_radius > 0:
-            params = bound_codes(params, model, config.code_radius)
         mx.eval(loss, params, opt.state)
         losses.append(float(loss))
         if on_step is not None:

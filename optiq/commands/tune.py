@@ -47,9 +47,7 @@ class TuneOptions:
     batch_size: int = 4
     norm_lr: float = field(default=0.0, metadata=dict(help="> 0: the norms' weights train too, at this rate (0: scales and biases only, as DWQ)"))
     code_lr: float = field(default=0.0, metadata=dict(help="> 0: the integer codes train too (straight-through rounding), at this rate: a code flips "
-                                                           "after ~0.5/rate steps of one-signed gradient; 13 more bytes of memory per weight"))
-    code_radius: float = field(default=0.0, metadata=dict(help="with --code-lr: each code stays within this distance of where it started "
-                                                               "(0.5: one grid step at most, SignRound's bound; 0: unbounded)"))
+                                                           "after ~0.5/rate steps of one-signed gradient; 12 more bytes of memory per weight"))
     schedule: str = field(default="constant", metadata=dict(choices=["constant", "cosine"], help="learning rate: constant, or cosine decay to 0 at --steps"))
     temperature: float = field(default=2.0, metadata=dict(help="softmax temperature of the distillation KL (DWQ's 2; 1 scored the same in the sweep)"))
     top_k: int = field(default=1024, metadata=dict(help="reference logits kept per position"))
@@ -67,8 +65,6 @@ def checked(opts: TuneOptions) -> tuple:
         raise OptiqError(f"--self-sampled must be 0 or more, got {opts.self_sampled}")
     if opts.norm_lr < 0 or opts.code_lr < 0:
         raise OptiqError(f"--norm-lr and --code-lr must be 0 (frozen) or positive, got {opts.norm_lr} and {opts.code_lr}")
-    if opts.code_radius < 0:
-        raise OptiqError(f"--code-radius must be 0 (unbounded) or positive, got {opts.code_radius}")
     if not opts.lr > 0 or not opts.temperature > 0:
         raise OptiqError(f"--lr and --temperature must be positive, got {opts.lr} and {opts.temperature}")
     check_output(Path(opts.output), opts.force)
@@ -85,7 +81,7 @@ def checked(opts: TuneOptions) -> tuple:
 
 def run_settings(opts: TuneOptions, folder: Path, reference: Path) -> dict:
     """What decides a run's steps: a checkpoint resumes only a run with the same."""
-    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "norm_lr", "code_lr", "code_radius", "batch_size", "schedule", "temperature", "top_k", "seed")
+    keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "norm_lr", "code_lr", "batch_size", "schedule", "temperature", "top_k", "seed")
     return {k: getattr(opts, k) for k in keep} | {"model": str(folder.resolve()), "reference": str(Path(reference).resolve())}
 
 
@@ -116,7 +112,7 @@ def run(opts: TuneOptions):
     refs = reference_batches(reference.model, held, batch_size=4)
     before = quality(model, held, refs, batch_size=4)
     tune = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.temperature, opts.top_k, opts.seed, schedule=opts.schedule, norm_lr=opts.norm_lr,
-                      code_lr=opts.code_lr, code_radius=opts.code_radius)
+                      code_lr=opts.code_lr)
     params, opt = start(model, tune)
     done = 0
     if checkpoint is not None:
@@ -141,7 +137,7 @@ def run(opts: TuneOptions):
     after = quality(model, held, refs, batch_size=4)
     dtype = DTYPES[output_dtype(config)]
     cast_floats(model, dtype)
-    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, norm_lr=opts.norm_lr, code_lr=opts.code_lr, code_radius=opts.code_radius, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
+    metadata = dict(metadata, tuning=dict(steps=opts.steps, lr=opts.lr, norm_lr=opts.norm_lr, code_lr=opts.code_lr, schedule=opts.schedule, temperature=opts.temperature, batch_size=opts.batch_size, seq_len=opts.seq_len, top_k=opts.top_k,
                                           n_calibration=opts.n_calibration, self_sampled=opts.self_sampled, calibration=opts.calibration or "self-sampled", resumed_from=done,
                                           seconds=seconds, losses=losses, held_out_before=before, held_out_after=after, reference=str(ref_path)))
     save_model_folder(opts.output, model, tokenizer, config, folder, metadata, force=opts.force)
