@@ -65,6 +65,7 @@ from common import drive_requests, markdown_table  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
+from optiq.io import copy_tokenizer_files  # noqa: E402
 from optiq.kv import kernels, make_kv_cache, measure_kv, plan_kv  # noqa: E402
 from optiq.kv.sensitivity import cache_layers  # noqa: E402
 from optiq.pipeline import ConvertConfig, Report, convert  # noqa: E402
@@ -127,7 +128,15 @@ def build(name: str, folder: Path, bits: int | None = None, **overrides) -> Path
     if (folder / "config.json").exists():
         return folder
     t0 = time.time()
-    config = dict({"model_type": "llama", **SHAPES[name], **overrides}, torch_dtype="bfloat16")
+    build_from_config({"model_type": "llama", **SHAPES[name], **overrides}, folder, bits)
+    log(f"built {name} {'bf16' if not bits else f'{bits}-bit'} in {time.time() - t0:.0f}s: {folder}")
+    return folder
+
+
+def build_from_config(config: dict, folder: Path, bits: int | None = None, tokenizer_dir: Path | None = None) -> Path:
+    """A random-weight model of `config` in bf16 (or `bits`-bit, group 64) in
+    `folder`, with the tokenizer files of `tokenizer_dir` or one trained here."""
+    config = dict(config, torch_dtype="bfloat16")
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(0)
     model = arch.Model(arch.ModelArgs.from_dict(config))
@@ -139,8 +148,10 @@ def build(name: str, folder: Path, bits: int | None = None, **overrides) -> Path
     mx.eval(model.parameters())
     save_model(folder, model)
     save_config(config, config_path=folder / "config.json")
-    tokenizer_files(folder, config["vocab_size"])
-    log(f"built {name} {'bf16' if not bits else f'{bits}-bit'} in {time.time() - t0:.0f}s: {folder}")
+    if tokenizer_dir is None:
+        tokenizer_files(folder, config["vocab_size"])
+    else:
+        copy_tokenizer_files(tokenizer_dir, folder)
     return folder
 
 

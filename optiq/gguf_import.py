@@ -6,7 +6,6 @@ Hugging Face layout (config.json, model.safetensors, tokenizer files).
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import gguf
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from .errors import OptiqError
+from .io import copy_tokenizer_files
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -227,9 +227,7 @@ def import_gguf(gguf_path, out_dir, tokenizer_dir=None) -> Path:
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and f.name != "config.json" and not f.name.startswith("model."):
-                shutil.copy(f, out_dir / f.name)
+        copy_tokenizer_files(tokenizer_dir, out_dir)
         return out_dir
     tokenizer, add_bos = build_tokenizer(meta, arch)
     tokenizer.save_pretrained(str(out_dir))

@@ -65,3 +65,11 @@ def write_json(path, data):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def copy_tokenizer_files(source, out):
+    """Copy a model folder's tokenizer files (everything but its config and
+    weights) from `source` into `out`."""
+    for f in Path(source).iterdir():
+        if f.is_file() and f.name != "config.json" and not f.name.startswith("model."):
+            shutil.copy(f, Path(out) / f.name)

@@ -14,7 +14,6 @@ parts are still on their way; gsm8k.sh merges the caches.
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,27 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def small_model(config_dir: Path, out: Path, n_layers: int) -> Path:
-    """A random-weight copy of the real architecture with `n_layers` layers, saved."""
-    import mlx.core as mx
-    from mlx_lm.utils import load_model, save_model
-
-    config = json.loads((config_dir / "config.json").read_text())
-    config["num_hidden_layers"] = n_layers
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config))
-    model, _ = load_model(out, lazy=True, strict=False)
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    save_model(out, model)
-    for name in TOKENIZER_FILES:
-        if (config_dir / name).exists():
-            shutil.copy(config_dir / name, out / name)
-    return out
 
 
 def main():
@@ -60,6 +38,7 @@ def main():
 
     import mlx.nn as nn
     import mlx_lm
+    from gpu import build_from_config
 
     from optiq.calibration import tokens_from_texts, wikitext_split
     from optiq.evaluate import quality, reference_batches
@@ -68,7 +47,8 @@ def main():
     t0 = time.perf_counter()
     stamp = lambda what: print(f"[{args.bits}@{args.group_size}] {what} {time.perf_counter() - t0:.0f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ref = small_model(Path(args.config), Path(tmp) / "ref", args.layers)
+        config = json.loads((Path(args.config) / "config.json").read_text())
+        ref = build_from_config(dict(config, num_hidden_layers=args.layers), Path(tmp) / "ref", tokenizer_dir=Path(args.config))
         reference, tok = mlx_lm.load(str(ref))
         cal_text, eval_text = wikitext_split(Path(args.wikitext).read_text())
         ev = tokens_from_texts([eval_text], tok, 4, 512)
