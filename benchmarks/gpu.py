@@ -133,14 +133,20 @@ def build(name: str, folder: Path, bits: int | None = None, **overrides) -> Path
     return folder
 
 
-def build_from_config(config: dict, folder: Path, bits: int | None = None, tokenizer_dir: Path | None = None) -> Path:
-    """A random-weight model of `config` in bf16 (or `bits`-bit, group 64) in
-    `folder`, with the tokenizer files of `tokenizer_dir` or one trained here."""
-    config = dict(config, torch_dtype="bfloat16")
+def random_model(config: dict) -> nn.Module:
+    """mlx-lm's own model class for `config`, random weights in bf16, in memory."""
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(0)
     model = arch.Model(arch.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
+    return model
+
+
+def build_from_config(config: dict, folder: Path, bits: int | None = None, tokenizer_dir: Path | None = None) -> Path:
+    """A random-weight model of `config` in bf16 (or `bits`-bit, group 64) in
+    `folder`, with the tokenizer files of `tokenizer_dir` or one trained here."""
+    config = dict(config, torch_dtype="bfloat16")
+    model = random_model(config)
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
         config["quantization"] = {"group_size": 64, "bits": bits}
@@ -221,11 +227,11 @@ def attention_variants(args) -> list:
     return rows
 
 
-def step_times(model, caches, steps: int) -> dict:
+def step_times(model, caches, steps: int, batch: int = 1) -> dict:
     """ms per decode step: synchronous (build, run, wait), pipelined (the next
     step's graph built while the GPU runs this one, as mlx-lm's generate
     does), and the host's graph building alone."""
-    y = mx.array([[5]])
+    y = mx.full((batch, 1), 5, dtype=mx.int32)
     t = time.perf_counter()
     logits = model(y, cache=caches)
     build = time.perf_counter() - t
@@ -241,8 +247,8 @@ def step_times(model, caches, steps: int) -> dict:
         cur = nxt
         nxt = mx.argmax(model(cur, cache=caches)[:, -1:], axis=-1)
         mx.async_eval(nxt)
-        cur.item()
-    nxt.item()
+        cur.tolist()
+    nxt.tolist()
     return dict(ms_per_token=sync * 1e3, pipelined_ms_per_token=(time.perf_counter() - t) / steps * 1e3, host_build_ms=build * 1e3)
 
 
@@ -501,6 +507,166 @@ def formats_table(result) -> str:
                           [[r["format"], f"{r['pipelined_ms_per_token']:.2f}", f"{r['weight_gib']:.2f}"] for r in result["rows"]])
 
 
+# -- plans: what a mixed plan costs in speed -------------------------------------------
+
+
+def plan_formats(config: dict) -> dict:
+    """A written model's per-layer formats from its config's `quantization`
+    (mlx-lm's format): {path: {bits, group_size, mode} or False}, the
+    model-wide default under None."""
+    quant = dict(config["quantization"])
+    default = {k: quant.pop(k) for k in ("group_size", "bits", "mode") if k in quant}
+    return {None: dict(dict(mode="affine"), **default), **quant}
+
+
+def block_index(path: str):
+    """(index, path with the index as {}) of a block's layer, else (None, path)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return int(part), ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+    return None, path
+
+
+def transplanted(formats: dict, source_blocks: int, target_blocks: int) -> dict:
+    """A plan carried to a model of another depth: block i's layer takes the
+    format the same role has at the same relative depth in the source
+    (block round(i (S-1) / (T-1))); other layers keep theirs by name."""
+    by_role = {}
+    for path, fmt in formats.items():
+        index, role = block_index(path) if path else (None, path)
+        by_role[(index, role)] = fmt
+    out = {None: formats[None]}
+    for (index, role), fmt in by_role.items():
+        if index is None:
+            out[role] = fmt
+    for i in range(target_blocks):
+        j = round(i * (source_blocks - 1) / max(1, target_blocks - 1))
+        for (index, role), fmt in by_role.items():
+            if index == j:
+                out[role.format(i)] = fmt
+    return out
+
+
+def quantize_as(model: nn.Module, formats) -> nn.Module:
+    """Quantize in place as mlx-lm's loader does with a written per-layer
+    config; `formats` a plan_formats dict or a predicate (mlx-lm's mixed recipes)."""
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if callable(formats):
+            return formats(path, module)
+        return formats.get(path, formats[None])
+
+    nn.quantize(model, class_predicate=predicate)
+    mx.eval(model.parameters())
+    return model
+
+
+def weight_layers(model: nn.Module) -> list:
+    return [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))]
+
+
+def logical_weights(model: nn.Module) -> int:
+    """Weights of the Linear and Embedding layers before quantization."""
+    return sum(m.weight.size for m in weight_layers(model))
+
+
+def stored_bits(model: nn.Module) -> int:
+    """Bits those layers store (codes, scales, biases, float weights)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes * 8 for m in weight_layers(model) for _, v in tree_flatten(m.parameters()))
+
+
+def speed_row(model, context: int, batches, prefill: int, steps: int) -> dict:
+    """Decode ms per token after `context` cached tokens at each batch size
+    (pipelined, as mlx-lm's generate runs), and prefill tokens/s over one
+    `prefill`-token prompt; each measured after one untimed run (the
+    kernels' first use compiles them)."""
+    row = {}
+    for batch in batches:
+        caches = make_prompt_cache(model)
+        mx.eval(model(mx.zeros((batch, context), dtype=mx.int32), cache=caches))
+        step_times(model, caches, 4, batch)
+        times = step_times(model, caches, steps, batch)
+        row[f"decode_b{batch}_ms"] = times["pipelined_ms_per_token"]
+        row[f"decode_b{batch}_tok_s"] = batch * 1e3 / times["pipelined_ms_per_token"]
+        del caches
+    prompt = mx.zeros((1, prefill), dtype=mx.int32)
+    seconds = []
+    for _ in range(3):
+        caches = make_prompt_cache(model)
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(model(prompt, cache=caches))
+        seconds.append(time.perf_counter() - t)
+        del caches
+    row["prefill_tok_s"] = prefill / min(seconds[1:])
+    return row
+
+
+def plan_rows(formats: dict, model: nn.Module) -> list:
+    """(name, formats) of the rows at one shape: bf16, mlx-lm's uniform and
+    mixed recipes, optiq's plan."""
+    from mlx_lm.convert import mixed_quant_predicate_builder
+
+    uniform = lambda bits, group: {None: dict(bits=bits, group_size=group, mode="affine")}  # noqa: E731
+    return [("bf16 (no quantization)", None),
+            ("mlx-lm 4-bit g64 (mlx_lm.convert -q)", uniform(4, 64)),
+            ("4-bit g128", uniform(4, 128)),
+            ("mlx-lm mixed_4_6 (g64)", mixed_quant_predicate_builder("mixed_4_6", model, group_size=64)),
+            ("optiq plan", formats)]
+
+
+def plans_section(args, work: Path) -> dict:
+    config = json.loads((Path(args.plan) / "config.json" if Path(args.plan).is_dir() else Path(args.plan)).read_text())
+    formats = plan_formats(config)
+    own = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    shapes = {"own": own, "llama-3-8b": {"model_type": "llama", **SHAPES["llama-3-8b"]}}
+    rows = []
+    for shape in args.plan_shapes:
+        shape_config = shapes[shape]
+        source = Path(args.plan).stem if Path(args.plan).suffix == ".json" and Path(args.plan).stem != "config" else Path(args.plan).name
+        name = source if shape == "own" else shape
+        for row_name, row_formats in plan_rows(formats, random_model(shape_config)):
+            if row_name == "optiq plan" and shape != "own":
+                row_formats = transplanted(formats, own["num_hidden_layers"], shape_config["num_hidden_layers"])
+                row_name = f"optiq plan of {source}, carried by role and depth"
+            model = random_model(shape_config)
+            weights = logical_weights(model)
+            try:
+                if row_formats is not None:
+                    quantize_as(model, row_formats)
+            except ValueError as e:  # a group size the shape does not divide: mlx-lm refuses it too
+                rows.append(dict(shape=name, method=row_name, error=str(e)))
+                log(f"  {name:24s} {row_name[:44]:44s} {e}")
+                continue
+            row = dict(shape=name, method=row_name, effective_bpw=stored_bits(model) / weights,
+                       weight_gib=stored_bits(model) / 8 / 2**30)
+            row.update(speed_row(model, args.decode_context, args.decode_batches, args.prefill, args.steps))
+            rows.append(row)
+            log(f"  {name:24s} {row_name[:44]:44s} {row['effective_bpw']:.3f} bpw  " +
+                "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("decode", "prefill"))))
+            del model
+            mx.clear_cache()
+    for row in rows:
+        base = next(r for r in rows if r["shape"] == row["shape"] and r["method"].startswith("mlx-lm 4-bit g64"))
+        if "error" not in row:
+            row["decode_b1_vs_4bit_g64"] = base["decode_b1_ms"] / row["decode_b1_ms"]
+    return dict(model=f"plan of {args.plan}; random weights, bf16 activations", decode_context=args.decode_context, rows=rows)
+
+
+def plans_table(result) -> str:
+    batches = sorted(int(k[8:-3]) for k in result["rows"][0] if k.startswith("decode_b") and k.endswith("_ms"))
+    head = ["shape", "method", "eff. bpw", "weights (GiB)"] + [f"decode b{b} (ms/token)" for b in batches] + ["b1 vs 4-bit g64", "prefill (tok/s)"]
+    return markdown_table(head, [[r["shape"], r["method"], f"{r['effective_bpw']:.3f}", f"{r['weight_gib']:.2f}"]
+                                 + [f"{r[f'decode_b{b}_ms']:.2f}" for b in batches]
+                                 + [f"{r['decode_b1_vs_4bit_g64']:.2f}x", f"{r['prefill_tok_s']:.0f}"] if "error" not in r
+                                 else [r["shape"], r["method"], "-", "-"] + ["-"] * len(batches) + ["the shape does not divide its group", "-"]
+                                 for r in result["rows"]])
+
+
 def speculative_table(result) -> str:
     def accept(r):
         e = r.get("engine", {})
@@ -626,7 +792,8 @@ def gptq_table(result) -> str:
 
 
 SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table),
-            "speculative": (speculative_section, speculative_table), "formats": (formats_section, formats_table)}
+            "speculative": (speculative_section, speculative_table), "formats": (formats_section, formats_table),
+            "plans": (plans_section, plans_table)}
 
 
 def main():
@@ -643,12 +810,22 @@ def main():
     p.add_argument("--num-draft-tokens", type=int, default=3, help="speculative section: tokens the draft proposes per step")
     p.add_argument("--moe-layers", type=int, default=8, help="blocks of the Qwen3-30B-A3B shape (of 48) in the moe section")
     p.add_argument("--work", default=os.environ.get("OPTIQ_GPU_WORK", "/tmp/optiq-gpu"), help="where the built models go")
+    p.add_argument("--plan", default=str(RESULTS / "plans" / "Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw.json"),
+                   help="plans section: a written model (or its config.json) whose per-layer formats are timed")
+    p.add_argument("--plan-shapes", default="own,llama-3-8b", help="plans section: the plan's own shape, and llama-3-8b (the plan carried by role and depth)")
+    p.add_argument("--decode-context", type=int, default=1024, help="plans section: cached tokens before the timed decode steps")
+    p.add_argument("--decode-batches", default="1,16", help="plans section: decode batch sizes")
+    p.add_argument("--prefill", type=int, default=2048, help="plans section: prompt tokens of the timed prefill")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.servers = [s for s in args.servers.split(";") if s] if args.servers else None
     args.converts = args.converts.split(";")
+    args.plan_shapes = args.plan_shapes.split(",")
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    if "plans" in args.sections.split(",") and not Path(args.plan).exists():
+        raise SystemExit(f"--plan {args.plan} does not exist (a model `optiq convert` wrote, or its config.json)")
     if not device.on_gpu():
         raise SystemExit("benchmarks/gpu.py measures a GPU; MLX runs on the CPU here")
     work, out = Path(args.work), Path(args.out)

@@ -132,7 +132,7 @@ def run_row(name: str, args, ref: str, reference, tok, problems: list, cal, cal_
     elif name == "dwq":
         model = dwq_model(ref, cal, args)
     else:
-        model, bpw = optiq_model(ref, cal_text, work / "optiq")
+        model, bpw = optiq_model(ref, cal_text, Path(args.keep_optiq) if args.keep_optiq else work / "optiq")
     seconds = time.perf_counter() - t0
     # DWQ takes one pass over the calibration windows: WikiText's calibration
     # part holds ~105 of 512 tokens for this tokenizer, fewer than steps x batch
@@ -223,6 +223,7 @@ def main():
     p.add_argument("--wikitext", default=str(WIKITEXT))
     p.add_argument("--gsm8k", default=str(SHARED_GSM8K), help="GSM8K test.jsonl")
     p.add_argument("--out-dir", default=None, help="one JSON per row here (default: print only)")
+    p.add_argument("--keep-optiq", default=None, help="write the optiq row's model here, kept (default: a temporary folder)")
     p.add_argument("--merge", nargs="+", default=None, help="row JSONs to put in one table")
     p.add_argument("--out", default=str(RESULTS / f"gsm8k-{MODEL_NAME}.json"))
     args = p.parse_args()

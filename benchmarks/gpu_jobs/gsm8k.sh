@@ -4,6 +4,10 @@
 #                          2-layer random models (warm_kernels.py) while the parts travel
 #   gsm8k.sh real          join the parts, import the GGUF (tokenizer carried), run the rows side by side
 #                          (REAL_ROWS="optiq dwq": the processes to start, each a --rows list)
+#   gsm8k.sh plan          join and import as `real` does, then one process: the PLAN_ROWS rows (default
+#                          float,uniform,optiq) one after another on the warmed kernels (timings comparable), the
+#                          optiq row's model kept, then benchmarks/gpu.py's plans section on its plan, then
+#                          the PLAN_AFTER_ROWS (default awq,dwq) the same way (WARM_WORK=kl,generate,speed for `warm` first)
 #   gsm8k.sh collect WAIT  wait until no row runs (or WAIT s); JSONs and logs to $OUT/results.tgz
 set -euo pipefail
 keep=/root/keep runs=/root/runs
@@ -14,20 +18,7 @@ export MLX_PTX_CACHE_DIR=/root/ptx HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -n "$(ls -A /root/ptx)" ] || tar -C /root -xzf benchmarks/gpu_jobs/ptx-mlx-0.32.4-h200.tgz
 data="--wikitext $keep/data/wiki.test.raw --gsm8k $keep/data/test.jsonl"
 formats="4:64:dwq,convert 4:128 5:64 5:128 6:64 6:128 8:64 8:128"
-case "$1" in
-warm)
-  mkdir -p /root/warm
-  for f in $formats; do
-    IFS=: read -r bits group also <<< "$f"; cache=/root/warm/ptx-$bits-$group
-    mkdir -p $cache && cp -r /root/ptx/. $cache/
-    # setsid: the call's end kills its process group
-    MLX_PTX_CACHE_DIR=$cache OMP_NUM_THREADS=2 setsid nohup bash -c "cd /root/warm && python3 /root/repo/benchmarks/gpu_jobs/warm_kernels.py \
-        --config $keep/qwentok --bits $bits --group-size $group --also '$also' $data > $bits-$group.log 2>&1 && touch $cache.done" \
-        < /dev/null > /dev/null 2>&1 &
-  done
-  sleep 2; pgrep -fc warm_kernels.py || true
-  ;;
-real)
+join_parts() {
   cat $(ls $keep/q/c* | sort) > $keep/qwen.gguf && rm -f $keep/q/c*
   ls -la $keep/qwen.gguf
   # the device's transformers lacks the GGUF tokenizer converter: the tokenizer made here travels
@@ -37,19 +28,44 @@ real)
   while pgrep -f warm_kernels.py >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
   for d in /root/warm/ptx-*; do if [ -e $d.done ]; then cp -rn $d/. /root/ptx/; fi; done
   echo "warm: $(ls /root/warm/*.done 2>/dev/null | wc -l) finished; tails:"; tail -n 2 /root/warm/*.log || true
+}
+case "$1" in
+warm)
+  mkdir -p /root/warm
+  for f in $formats; do
+    IFS=: read -r bits group also <<< "$f"; cache=/root/warm/ptx-$bits-$group
+    mkdir -p $cache && cp -r /root/ptx/. $cache/
+    # setsid: the call's end kills its process group
+    MLX_PTX_CACHE_DIR=$cache OMP_NUM_THREADS=2 setsid nohup bash -c "cd /root/warm && python3 /root/repo/benchmarks/gpu_jobs/warm_kernels.py \
+        --config $keep/qwentok --bits $bits --group-size $group --work '${WARM_WORK:-kl,generate}${also:+,$also}' $data > $bits-$group.log 2>&1 && touch $cache.done" \
+        < /dev/null > /dev/null 2>&1 &
+  done
+  sleep 2; pgrep -fc warm_kernels.py || true
+  ;;
+real)
+  join_parts
   cd $runs
   for rows in ${REAL_ROWS:-float,uniform awq dwq optiq}; do
     setsid nohup python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows $rows --out-dir $runs/gsm8k \
       > $runs/gsm8k-${rows/,/-}.log 2>&1 < /dev/null &
   done
   ;;
+plan)
+  join_parts
+  cd $runs
+  setsid nohup bash -c "python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows ${PLAN_ROWS:-float,uniform,optiq} \
+      --out-dir $runs/gsm8k --keep-optiq /root/Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw > $runs/gsm8k-plan.log 2>&1 && cp /root/Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw/config.json $runs/plan-config.json \
+      && python3 /root/repo/benchmarks/gpu.py --sections plans --plan /root/Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw --out $runs/plans > $runs/plans.log 2>&1; \
+      python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows ${PLAN_AFTER_ROWS:-awq,dwq} --out-dir $runs/gsm8k > $runs/gsm8k-after.log 2>&1" \
+      < /dev/null > /dev/null 2>&1 &
+  ;;
 collect)
   end=$(( $(date +%s) + ${2:-0} ))
-  while pgrep -f "benchmarks/gsm8k.py" >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
-  echo "running: $(pgrep -fc "benchmarks/gsm8k.py" || true)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+  while pgrep -f "benchmarks/(gsm8k|gpu)\.py" >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+  echo "running: $(pgrep -fc "benchmarks/(gsm8k|gpu)\.py" || true)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
   cp /root/warm/*.log $runs/ 2>/dev/null || true
   cd $runs; for f in *.log; do echo "== $f"; tail -5 $f; done
-  tar -czf $OUT/results.tgz $(ls -d gsm8k *.log 2>/dev/null); tar -tzf $OUT/results.tgz
+  tar -czf $OUT/results.tgz $(ls -d gsm8k plans plan-config.json *.log 2>/dev/null); tar -tzf $OUT/results.tgz
   du -sh /root/ptx
   ;;
 esac
