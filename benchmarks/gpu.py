@@ -39,6 +39,13 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   (affine 4-bit g64 and g128, mxfp4, nvfp4, mxfp8, affine 8-bit) and a
   4k-token bf16 KV cache: decode ms per token, weight bytes; what a plan
   that mixes formats costs in speed on this GPU.
+- plans: a written model's per-layer plan (`--plan`: its folder or
+  config.json; the default is the plan optiq wrote for
+  Qwen2.5-Coder-1.5B-Instruct) on random weights at its own shape and
+  carried to Llama-3-8B's by role and depth, against mlx-lm's uniform 4-bit
+  g64, 4-bit g128 and mixed_4_6: decode ms/token at batch 1 and 16 after
+  1024 cached tokens, prefill tok/s; `--plan-uniform 4:64,8:128,...` times
+  uniform formats instead. `--plot-plans JSON...` draws repeated runs.
 """
 
 import argparse
@@ -61,7 +68,7 @@ from mlx_lm.utils import save_config, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import drive_requests, markdown_table  # noqa: E402
+from common import draw_png, drive_requests, markdown_table  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
@@ -606,14 +613,17 @@ def speed_row(model, context: int, batches, prefill: int, steps: int) -> dict:
     return row
 
 
-def plan_rows(formats: dict, model: nn.Module) -> list:
+def plan_rows(formats: dict, model: nn.Module, uniform_formats=()) -> list:
     """(name, formats) of the rows at one shape: bf16, mlx-lm's uniform and
-    mixed recipes, optiq's plan."""
+    mixed recipes, optiq's plan; with `uniform_formats` ((bits, group), ...)
+    those uniform rows instead of the mixed ones (each format's own speed)."""
     from mlx_lm.convert import mixed_quant_predicate_builder
 
     uniform = lambda bits, group: {None: dict(bits=bits, group_size=group, mode="affine")}  # noqa: E731
-    return [("bf16 (no quantization)", None),
-            ("mlx-lm 4-bit g64 (mlx_lm.convert -q)", uniform(4, 64)),
+    base = [("mlx-lm 4-bit g64 (mlx_lm.convert -q)", uniform(4, 64))]
+    if uniform_formats:
+        return base + [(f"uniform {b}-bit g{g}", uniform(b, g)) for b, g in uniform_formats if (b, g) != (4, 64)]
+    return [("bf16 (no quantization)", None), *base,
             ("4-bit g128", uniform(4, 128)),
             ("mlx-lm mixed_4_6 (g64)", mixed_quant_predicate_builder("mixed_4_6", model, group_size=64)),
             ("optiq plan", formats)]
@@ -629,7 +639,7 @@ def plans_section(args, work: Path) -> dict:
         shape_config = shapes[shape]
         source = Path(args.plan).stem if Path(args.plan).suffix == ".json" and Path(args.plan).stem != "config" else Path(args.plan).name
         name = source if shape == "own" else shape
-        for row_name, row_formats in plan_rows(formats, random_model(shape_config)):
+        for row_name, row_formats in plan_rows(formats, random_model(shape_config), args.plan_uniform):
             if row_name == "optiq plan" and shape != "own":
                 row_formats = transplanted(formats, own["num_hidden_layers"], shape_config["num_hidden_layers"])
                 row_name = f"optiq plan of {source}, carried by role and depth"
@@ -654,7 +664,8 @@ def plans_section(args, work: Path) -> dict:
         base = next(r for r in rows if r["shape"] == row["shape"] and r["method"].startswith("mlx-lm 4-bit g64"))
         if "error" not in row:
             row["decode_b1_vs_4bit_g64"] = base["decode_b1_ms"] / row["decode_b1_ms"]
-    return dict(model=f"plan of {args.plan}; random weights, bf16 activations", decode_context=args.decode_context, rows=rows)
+    what = "uniform formats" if args.plan_uniform else f"plan of {args.plan}"
+    return dict(model=f"{what}; random weights, bf16 activations", decode_context=args.decode_context, rows=rows)
 
 
 def plans_table(result) -> str:
@@ -665,6 +676,40 @@ def plans_table(result) -> str:
                                  + [f"{r['decode_b1_vs_4bit_g64']:.2f}x", f"{r['prefill_tok_s']:.0f}"] if "error" not in r
                                  else [r["shape"], r["method"], "-", "-"] + ["-"] * len(batches) + ["the shape does not divide its group", "-"]
                                  for r in result["rows"]])
+
+
+def plot_plans(files: list, path: Path):
+    """Decode ms/token of every plans row, one point per run and a bar at the
+    median, per shape (rows) and batch size (columns) (matplotlib)."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(Path(f).read_text())["rows"] for f in files]
+    shapes = list(dict.fromkeys(r["shape"] for r in runs[0]))
+    batches = sorted(int(k[8:-3]) for k in runs[0][0] if k.startswith("decode_b") and k.endswith("_ms"))
+    fig, axes = plt.subplots(len(shapes), len(batches), figsize=(6 * len(batches), 3.2 * len(shapes)), squeeze=False)
+    for i, shape in enumerate(shapes):
+        methods = [r["method"] for r in runs[0] if r["shape"] == shape and "error" not in r]
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            for k, method in enumerate(methods):
+                values = [r[f"decode_b{batch}_ms"] for rows in runs for r in rows if r["shape"] == shape and r["method"] == method]
+                color = "tab:red" if method.startswith("optiq") else "tab:gray"
+                ax.barh(k, statistics.median(values), color=color, alpha=0.5)
+                ax.plot(values, [k] * len(values), "k.", markersize=4)
+            ax.set_yticks(range(len(methods)), [m.split(" (")[0].split(",")[0][:40] for m in methods], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"decode ms/token, batch {batch} (lower is faster)", fontsize=8)
+            ax.set_title(shape, fontsize=9)
+            ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"H200, MLX-CUDA: decode speed by weight format ({len(runs)} runs; bar = median)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def speculative_table(result) -> str:
@@ -816,14 +861,19 @@ def main():
     p.add_argument("--decode-context", type=int, default=1024, help="plans section: cached tokens before the timed decode steps")
     p.add_argument("--decode-batches", default="1,16", help="plans section: decode batch sizes")
     p.add_argument("--prefill", type=int, default=2048, help="plans section: prompt tokens of the timed prefill")
+    p.add_argument("--plan-uniform", default="", help="plans section: BITS:GROUP,... to time uniform formats instead of the mixed rows")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--plot-plans", nargs="+", default=None, help="plans JSONs (repeated runs) to draw as one PNG (--out: the PNG)")
     args = p.parse_args()
+    if args.plot_plans:
+        return draw_png(plot_plans, args.plot_plans, Path(args.out if args.out.endswith(".png") else RESULTS / "gpu-plans.png"), script="gpu.py")
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.servers = [s for s in args.servers.split(";") if s] if args.servers else None
     args.converts = args.converts.split(";")
     args.plan_shapes = args.plan_shapes.split(",")
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.plan_uniform = [tuple(int(x) for x in f.split(":")) for f in args.plan_uniform.split(",") if f]
     if "plans" in args.sections.split(",") and not Path(args.plan).exists():
         raise SystemExit(f"--plan {args.plan} does not exist (a model `optiq convert` wrote, or its config.json)")
     if not device.on_gpu():

@@ -165,14 +165,14 @@ def paired(a: dict, b: dict) -> tuple:
 
 def table(rows: list) -> str:
     by = {r["row"]: r for r in rows}
-    lines = ["| method | eff. bpw | GSM8K | 95% interval | held-out KL | top-1 | vs uniform (won/lost) | quantize (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | eff. bpw | GSM8K | 95% interval | held-out KL | top-1 | vs uniform (won/lost) | quantize (s) | GSM8K (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: ROWS.index(r["row"])):
         acc, n = r["gsm8k_accuracy"], r["n_problems"]
         kl = f"{r['kl_mean']:.4f}" if "kl_mean" in r else "-"
         top1 = f"{r['top1']:.3f}" if "top1" in r else "-"
         vs = "/".join(map(str, paired(r, by["uniform"]))) if "uniform" in by and r["row"] != "uniform" else "-"
-        lines.append(f"| {r['method']} | {r['effective_bpw']:.3f} | {acc:.3f} ({round(acc * n)}/{n}) | ±{interval(acc, n):.3f} | {kl} | {top1} | {vs} | {r['quantize_seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {r['effective_bpw']:.3f} | {acc:.3f} ({round(acc * n)}/{n}) | ±{interval(acc, n):.3f} | {kl} | {top1} | {vs} | {r['quantize_seconds']:.0f} | {r['gsm8k_seconds']:.0f} |")
     return "\n".join(lines)
 
 
