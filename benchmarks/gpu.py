@@ -613,10 +613,10 @@ def speed_row(model, context: int, batches, prefill: int, steps: int) -> dict:
     return row
 
 
-def plan_rows(formats: dict, model: nn.Module, uniform_formats=()) -> list:
-    """(name, formats) of the rows at one shape: bf16, mlx-lm's uniform and
-    mixed recipes, optiq's plan; with `uniform_formats` ((bits, group), ...)
-    those uniform rows instead of the mixed ones (each format's own speed)."""
+def baseline_rows(model: nn.Module, uniform_formats=()) -> list:
+    """(name, formats) of the peer rows at one shape: bf16, mlx-lm's uniform
+    and mixed recipes; with `uniform_formats` ((bits, group), ...) those
+    uniform rows instead (each format's own speed)."""
     from mlx_lm.convert import mixed_quant_predicate_builder
 
     uniform = lambda bits, group: {None: dict(bits=bits, group_size=group, mode="affine")}  # noqa: E731
@@ -625,24 +625,34 @@ def plan_rows(formats: dict, model: nn.Module, uniform_formats=()) -> list:
         return base + [(f"uniform {b}-bit g{g}", uniform(b, g)) for b, g in uniform_formats if (b, g) != (4, 64)]
     return [("bf16 (no quantization)", None), *base,
             ("4-bit g128", uniform(4, 128)),
-            ("mlx-lm mixed_4_6 (g64)", mixed_quant_predicate_builder("mixed_4_6", model, group_size=64)),
-            ("optiq plan", formats)]
+            ("mlx-lm mixed_4_6 (g64)", mixed_quant_predicate_builder("mixed_4_6", model, group_size=64))]
+
+
+def plan_source(path: str) -> tuple:
+    """(name, config) of a written model's folder or its config.json."""
+    path = Path(path)
+    config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    return (path.stem if path.suffix == ".json" and path.stem != "config" else path.name), config
 
 
 def plans_section(args, work: Path) -> dict:
-    config = json.loads((Path(args.plan) / "config.json" if Path(args.plan).is_dir() else Path(args.plan)).read_text())
-    formats = plan_formats(config)
-    own = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    plans = [plan_source(path) for path in args.plan]
+    first, first_config = plans[0]
+    own = {k: v for k, v in first_config.items() if k not in ("quantization", "quantization_config")}
     shapes = {"own": own, "llama-3-8b": {"model_type": "llama", **SHAPES["llama-3-8b"]}}
     rows = []
     for shape in args.plan_shapes:
         shape_config = shapes[shape]
-        source = Path(args.plan).stem if Path(args.plan).suffix == ".json" and Path(args.plan).stem != "config" else Path(args.plan).name
-        name = source if shape == "own" else shape
-        for row_name, row_formats in plan_rows(formats, random_model(shape_config), args.plan_uniform):
-            if row_name == "optiq plan" and shape != "own":
-                row_formats = transplanted(formats, own["num_hidden_layers"], shape_config["num_hidden_layers"])
-                row_name = f"optiq plan of {source}, carried by role and depth"
+        name = first if shape == "own" else shape
+        specs = baseline_rows(random_model(shape_config), args.plan_uniform)
+        for source, config in ([] if args.plan_uniform else plans):
+            formats = plan_formats(config)
+            if shape == "own" and source == first:
+                specs.append(("optiq plan", formats))
+            else:
+                specs.append((f"optiq plan of {source}, carried by role and depth",
+                              transplanted(formats, config["num_hidden_layers"], shape_config["num_hidden_layers"])))
+        for row_name, row_formats in specs:
             model = random_model(shape_config)
             weights = logical_weights(model)
             try:
@@ -664,7 +674,7 @@ def plans_section(args, work: Path) -> dict:
         base = next(r for r in rows if r["shape"] == row["shape"] and r["method"].startswith("mlx-lm 4-bit g64"))
         if "error" not in row:
             row["decode_b1_vs_4bit_g64"] = base["decode_b1_ms"] / row["decode_b1_ms"]
-    what = "uniform formats" if args.plan_uniform else f"plan of {args.plan}"
+    what = "uniform formats" if args.plan_uniform else f"plans of {', '.join(args.plan)}"
     return dict(model=f"{what}; random weights, bf16 activations", decode_context=args.decode_context, rows=rows)
 
 
@@ -855,8 +865,8 @@ def main():
     p.add_argument("--num-draft-tokens", type=int, default=3, help="speculative section: tokens the draft proposes per step")
     p.add_argument("--moe-layers", type=int, default=8, help="blocks of the Qwen3-30B-A3B shape (of 48) in the moe section")
     p.add_argument("--work", default=os.environ.get("OPTIQ_GPU_WORK", "/tmp/optiq-gpu"), help="where the built models go")
-    p.add_argument("--plan", default=str(RESULTS / "plans" / "Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw.json"),
-                   help="plans section: a written model (or its config.json) whose per-layer formats are timed")
+    p.add_argument("--plan", nargs="+", default=[str(RESULTS / "plans" / "Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw.json")],
+                   help="plans section: written models (or their config.json) whose per-layer formats are timed; the first one's shape is `own`")
     p.add_argument("--plan-shapes", default="own,llama-3-8b", help="plans section: the plan's own shape, and llama-3-8b (the plan carried by role and depth)")
     p.add_argument("--decode-context", type=int, default=1024, help="plans section: cached tokens before the timed decode steps")
     p.add_argument("--decode-batches", default="1,16", help="plans section: decode batch sizes")
@@ -874,8 +884,9 @@ def main():
     args.plan_shapes = args.plan_shapes.split(",")
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
     args.plan_uniform = [tuple(int(x) for x in f.split(":")) for f in args.plan_uniform.split(",") if f]
-    if "plans" in args.sections.split(",") and not Path(args.plan).exists():
-        raise SystemExit(f"--plan {args.plan} does not exist (a model `optiq convert` wrote, or its config.json)")
+    missing = [path for path in args.plan if not Path(path).exists()]
+    if "plans" in args.sections.split(",") and missing:
+        raise SystemExit(f"--plan {missing[0]} does not exist (a model `optiq convert` wrote, or its config.json)")
     if not device.on_gpu():
         raise SystemExit("benchmarks/gpu.py measures a GPU; MLX runs on the CPU here")
     work, out = Path(args.work), Path(args.out)
