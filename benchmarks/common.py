@@ -191,6 +191,23 @@ def drive_requests(one, prompts, concurrency: int) -> dict:
                 ttft_median_s=statistics.median(ttfts) if ttfts else float("nan"), ttft_p95_s=p95)
 
 
+def weight_bits(model) -> tuple:
+    """(bits stored, weights) over a model's Linear and Embedding layers, as
+    optiq plans count them: a quantized layer's codes, scales and biases as
+    stored (any mode), a float layer at 16 bits; effective bpw is their ratio."""
+    import mlx.nn as nn
+
+    bits = n = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            n += m.weight.size * 32 // m.bits
+            bits += sum(m[k].nbytes * 8 for k in ("weight", "scales", "biases") if k in m)
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            n += m.weight.size
+            bits += m.weight.size * 16
+    return bits, n
+
+
 def draw_png(draw, *args, script: str):
     """Run a matplotlib drawing; without matplotlib, say so and how to draw it later."""
     try:

@@ -68,7 +68,7 @@ from mlx_lm.utils import save_config, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import draw_png, drive_requests, markdown_table  # noqa: E402
+from common import draw_png, drive_requests, markdown_table, weight_bits  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
@@ -570,22 +570,6 @@ def quantize_as(model: nn.Module, formats) -> nn.Module:
     return model
 
 
-def weight_layers(model: nn.Module) -> list:
-    return [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))]
-
-
-def logical_weights(model: nn.Module) -> int:
-    """Weights of the Linear and Embedding layers before quantization."""
-    return sum(m.weight.size for m in weight_layers(model))
-
-
-def stored_bits(model: nn.Module) -> int:
-    """Bits those layers store (codes, scales, biases, float weights)."""
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes * 8 for m in weight_layers(model) for _, v in tree_flatten(m.parameters()))
-
-
 def speed_row(model, context: int, batches, prefill: int, steps: int) -> dict:
     """Decode ms per token after `context` cached tokens at each batch size
     (pipelined, as mlx-lm's generate runs), and prefill tokens/s over one
@@ -654,7 +638,6 @@ def plans_section(args, work: Path) -> dict:
                               transplanted(formats, config["num_hidden_layers"], shape_config["num_hidden_layers"])))
         for row_name, row_formats in specs:
             model = random_model(shape_config)
-            weights = logical_weights(model)
             try:
                 if row_formats is not None:
                     quantize_as(model, row_formats)
@@ -662,8 +645,8 @@ def plans_section(args, work: Path) -> dict:
                 rows.append(dict(shape=name, method=row_name, error=str(e)))
                 log(f"  {name:24s} {row_name[:44]:44s} {e}")
                 continue
-            row = dict(shape=name, method=row_name, effective_bpw=stored_bits(model) / weights,
-                       weight_gib=stored_bits(model) / 8 / 2**30)
+            bits, weights = weight_bits(model)
+            row = dict(shape=name, method=row_name, effective_bpw=bits / weights, weight_gib=bits / 8 / 2**30)
             row.update(speed_row(model, args.decode_context, args.decode_batches, args.prefill, args.steps))
             rows.append(row)
             log(f"  {name:24s} {row_name[:44]:44s} {row['effective_bpw']:.3f} bpw  " +

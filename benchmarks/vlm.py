@@ -23,24 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS  # noqa: E402  (also puts the repo on sys.path)
+from common import RESULTS, weight_bits  # noqa: E402  (also puts the repo on sys.path)
 from optiq.blas import ensure_fast_blas  # noqa: E402
-
-
-def effective_bpw(model) -> float:
-    """Bits per weight over Linear/Embedding layers as optiq plans count them."""
-    import mlx.nn as nn
-
-    bits = n = 0
-    for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            size = m.weight.size * 32 // m.bits
-            bits += size * (m.bits + 32 / m.group_size)
-            n += size
-        elif isinstance(m, (nn.Linear, nn.Embedding)):
-            bits += m.weight.size * 16
-            n += m.weight.size
-    return bits / n
 
 
 def measured(path, held_out, float_picks, items) -> dict:
@@ -49,7 +33,8 @@ def measured(path, held_out, float_picks, items) -> dict:
     from optiq.source import dequantized_fp32
 
     raw, processor = vlm.load(path, fp32=False)
-    bpw = effective_bpw(raw)
+    bits, n = weight_bits(raw)
+    bpw = bits / n
     model = dequantized_fp32(raw)
     kl = held_out.kl(model=model)
     choice = vlm.choices(model, processor, items)
