@@ -258,3 +258,16 @@ def test_written_values_pack_a_latent_as_settle_does(quantized):
     held = dict(tree_flatten(model.parameters()))
     packed = [k for k in values if k.endswith(".weight")]
     assert packed and all(np.array_equal(np.array(values[k]), np.array(held[k])) for k in packed)
+
+
+def test_resume_settings_keep_a_hub_id_as_given_and_resolve_a_folder(tmp_path, monkeypatch):
+    """A Hub repo id is not a path: resolving it would tie a checkpoint to the cwd it was made in."""
+    from optiq.commands.tune import TuneOptions, run_settings
+
+    opts = TuneOptions(model=str(tmp_path), output=str(tmp_path / "out"))
+    monkeypatch.chdir(tmp_path)
+    by_id = run_settings(opts, tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    (tmp_path / "ref").mkdir()
+    by_folder = run_settings(opts, tmp_path, "ref")
+    assert by_id["reference"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert by_folder["reference"] == str((tmp_path / "ref").resolve())

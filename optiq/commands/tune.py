@@ -82,7 +82,9 @@ def checked(opts: TuneOptions) -> tuple:
 def run_settings(opts: TuneOptions, folder: Path, reference: Path) -> dict:
     """What decides a run's steps: a checkpoint resumes only a run with the same."""
     keep = ("calibration", "n_calibration", "self_sampled", "seq_len", "steps", "lr", "norm_lr", "code_lr", "batch_size", "schedule", "temperature", "top_k", "seed")
-    return {k: getattr(opts, k) for k in keep} | {"model": str(folder.resolve()), "reference": str(Path(reference).resolve())}
+    # a folder is compared by its absolute path; a Hub repo id as it is (resolving it would tie it to the cwd)
+    ref = Path(reference)
+    return {k: getattr(opts, k) for k in keep} | {"model": str(folder.resolve()), "reference": str(ref.resolve()) if ref.exists() else str(reference)}
 
 
 def check_resumable(saved: dict, settings: dict, work: Path):
