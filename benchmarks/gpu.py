@@ -866,10 +866,16 @@ def main():
     args.converts = args.converts.split(";")
     args.plan_shapes = args.plan_shapes.split(",")
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
-    args.plan_uniform = [tuple(int(x) for x in f.split(":")) for f in args.plan_uniform.split(",") if f]
-    missing = [path for path in args.plan if not Path(path).exists()]
-    if "plans" in args.sections.split(",") and missing:
-        raise SystemExit(f"--plan {missing[0]} does not exist (a model `optiq convert` wrote, or its config.json)")
+    try:
+        args.plan_uniform = [tuple(int(x) for x in f.split(":")) for f in args.plan_uniform.split(",") if f]
+        assert all(len(f) == 2 for f in args.plan_uniform)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--plan-uniform {args.plan_uniform!r}: expected BITS:GROUP,... (e.g. 4:64,8:128)")
+    if "plans" in args.sections.split(","):
+        for path in args.plan:
+            config = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+            if not config.exists() or "quantization" not in json.loads(config.read_text()):
+                raise SystemExit(f"--plan {path}: not a quantized model's folder or config.json (a model `optiq convert` wrote)")
     if not device.on_gpu():
         raise SystemExit("benchmarks/gpu.py measures a GPU; MLX runs on the CPU here")
     work, out = Path(args.work), Path(args.out)

@@ -35,9 +35,10 @@ warm)
   for f in $formats; do
     IFS=: read -r bits group also <<< "$f"; cache=/root/warm/ptx-$bits-$group
     mkdir -p $cache && cp -r /root/ptx/. $cache/
-    # setsid: the call's end kills its process group
+    # setsid: the call's end kills its process group. .done marks the process ended, failed or not: what it
+    # compiled before a failure is whole (2026-12-03: every `speed` work died after generation, caches intact)
     MLX_PTX_CACHE_DIR=$cache OMP_NUM_THREADS=2 setsid nohup bash -c "cd /root/warm && python3 /root/repo/benchmarks/gpu_jobs/warm_kernels.py \
-        --config $keep/qwentok --bits $bits --group-size $group --work '${WARM_WORK:-kl,generate}${also:+,$also}' $data > $bits-$group.log 2>&1 && touch $cache.done" \
+        --config $keep/qwentok --bits $bits --group-size $group --work '${WARM_WORK:-kl,generate}${also:+,$also}' $data > $bits-$group.log 2>&1; touch $cache.done" \
         < /dev/null > /dev/null 2>&1 &
   done
   sleep 2; pgrep -fc warm_kernels.py || true
