@@ -41,11 +41,13 @@ def measured(model, ev, refs) -> dict:
     return quality(model, ev, refs, batch_size=4)
 
 
-def train_dtype():
-    """fp32 on a CPU (its fp16 matmuls are slow and inexact), the model's fp16 on a GPU."""
+def train_dtype(stored):
+    """fp32 on a CPU (its half-precision matmuls are slow and inexact), the
+    model's own dtype on a GPU (mlx-lm's DWQ trains in bf16 by default; fp16
+    for a bf16 model like Qwen2.5 risks overflowing its activations)."""
     import mlx.core as mx
 
-    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+    return mx.float32 if mx.default_device() == mx.cpu else stored
 
 
 def mlx_lm_dwq(ref_path, cal, args) -> tuple:
@@ -69,14 +71,16 @@ def mlx_lm_dwq(ref_path, cal, args) -> tuple:
     reference, _ = mlx_lm.load(str(ref_path))
     to_fp32(reference)
     model = uniform()
+    # the dtype the uniform row stores its scales in (the model's own): DWQ's row keeps it
+    stored = next(m.scales.dtype for _, m in model.named_modules() if hasattr(m, "scales"))
     if mx.default_device() == mx.cpu:
         adapt_for_cpu(model)
     rows = [(list(map(int, r)), 0) for r in cal]
     t0 = time.perf_counter()
     dwq_quantize(model, lambda batch, i, split: reference_targets(reference, batch, args.top_k), optim.Adam(learning_rate=args.lr),
-                 rows, rows[: args.batch_size], args.batch_size, args.seq_len + 1, args.seed, dtype=train_dtype())
+                 rows, rows[: args.batch_size], args.batch_size, args.seq_len + 1, args.seed, dtype=train_dtype(stored))
     seconds = time.perf_counter() - t0
-    cast_floats(model, mx.float16)  # scales and biases as a written model stores them
+    cast_floats(model, stored)  # scales and biases as the written model stores them, as the uniform row does
     return uniform(), model, seconds
 
 
