@@ -145,7 +145,7 @@ def run_row(name: str, args, ref: str, reference, tok, problems: list, cal, cal_
     done = lambda n, total: print(f"  {name}: GSM8K {n}/{total}", file=sys.stderr, flush=True)
     result = gsm8k(model, tok, problems, [], max_tokens=args.max_tokens, batch_size=args.batch_size, progress=done)
     row.update(gsm8k_accuracy=result["accuracy"], n_problems=result["n_problems"], answers=result["answers"],
-               gsm8k_seconds=time.perf_counter() - t0)
+               gsm8k_seconds=time.perf_counter() - t0, generation=result["generation"])
     print(f"{name}: GSM8K {row['gsm8k_accuracy']:.3f}, KL {row.get('kl_mean', 0.0):.4f}", flush=True)
     return row
 
@@ -165,14 +165,15 @@ def paired(a: dict, b: dict) -> tuple:
 
 def table(rows: list) -> str:
     by = {r["row"]: r for r in rows}
-    lines = ["| method | eff. bpw | GSM8K | 95% interval | held-out KL | top-1 | vs uniform (won/lost) | quantize (s) | GSM8K (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | eff. bpw | GSM8K | 95% interval | held-out KL | top-1 | vs uniform (won/lost) | quantize (s) | GSM8K (s) | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: ROWS.index(r["row"])):
         acc, n = r["gsm8k_accuracy"], r["n_problems"]
         kl = f"{r['kl_mean']:.4f}" if "kl_mean" in r else "-"
         top1 = f"{r['top1']:.3f}" if "top1" in r else "-"
         vs = "/".join(map(str, paired(r, by["uniform"]))) if "uniform" in by and r["row"] != "uniform" else "-"
-        lines.append(f"| {r['method']} | {r['effective_bpw']:.3f} | {acc:.3f} ({round(acc * n)}/{n}) | ±{interval(acc, n):.3f} | {kl} | {top1} | {vs} | {r['quantize_seconds']:.0f} | {r['gsm8k_seconds']:.0f} |")
+        tok_s = f"{r['generation']['tokens_per_s']:.0f}" if "generation" in r else "-"  # rows before it was recorded
+        lines.append(f"| {r['method']} | {r['effective_bpw']:.3f} | {acc:.3f} ({round(acc * n)}/{n}) | ±{interval(acc, n):.3f} | {kl} | {top1} | {vs} | {r['quantize_seconds']:.0f} | {r['gsm8k_seconds']:.0f} | {tok_s} |")
     return "\n".join(lines)
 
 

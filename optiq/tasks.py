@@ -111,12 +111,20 @@ def gsm8k_prompt(tokenizer, shots: list, question: str) -> list:
 
 def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, batch_size: int = 8, progress=None) -> dict:
     """Greedy few-shot accuracy: exact match of the final number. `progress(done,
-    total)` is called after each batch (a GPU's first batches compile kernels)."""
+    total)` is called after each batch (a GPU's first batches compile kernels).
+    `generation` counts what mlx-lm's batch generator did (tokens, decode
+    steps, seconds), so two models' speeds compare per token, not per batch
+    (a batch lasts as long as its longest answer)."""
     correct, outputs = 0, []
+    counts = dict(prompt_tokens=0, prompt_seconds=0.0, tokens=0, steps=0, decode_seconds=0.0)
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
         prompts = [gsm8k_prompt(tokenizer, shots, p["question"]) for p in chunk]
-        texts = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts
+        response = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens)
+        texts, stats = response.texts, response.stats
+        for key, value in (("prompt_tokens", stats.prompt_tokens), ("prompt_seconds", stats.prompt_time), ("tokens", stats.generation_tokens),
+                           ("steps", stats.generation_steps), ("decode_seconds", stats.decode_time)):
+            counts[key] += value
         for p, text in zip(chunk, texts):
             # a model that runs on into another question: keep its first answer
             text = text.split("Question:")[0]
@@ -125,7 +133,8 @@ def gsm8k(model, tokenizer, problems: list, shots: list, max_tokens: int = 256, 
             outputs.append({"got": got, "want": want})
         if progress is not None:
             progress(len(outputs), len(problems))
-    return {"accuracy": correct / len(problems), "n_problems": len(problems), "answers": outputs}
+    counts["tokens_per_s"] = counts["tokens"] / counts["decode_seconds"] if counts["decode_seconds"] > 0 else 0.0
+    return {"accuracy": correct / len(problems), "n_problems": len(problems), "answers": outputs, "generation": counts}
 
 
 def fp32_activations(model):

@@ -68,6 +68,9 @@ def test_gsm8k_reports_progress_per_batch(model_factory):
     seen = []
     result = gsm8k(model, tok, problems, [], max_tokens=4, batch_size=2, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(2, 5), (4, 5), (5, 5)] and result["n_problems"] == 5
+    counts = result["generation"]  # mlx-lm's own counters, summed over the 3 batches
+    assert 5 <= counts["tokens"] <= 5 * 4 and 1 <= counts["steps"] <= 3 * 4 and counts["prompt_tokens"] > 0
+    assert counts["decode_seconds"] > 0 and counts["tokens_per_s"] == pytest.approx(counts["tokens"] / counts["decode_seconds"])
 
 
 def test_final_number_extraction():
