@@ -523,7 +523,7 @@ def plan_formats(config: dict) -> dict:
     model-wide default under None."""
     quant = dict(config["quantization"])
     default = {k: quant.pop(k) for k in ("group_size", "bits", "mode") if k in quant}
-    return {None: dict(dict(mode="affine"), **default), **quant}
+    return {None: {"mode": "affine", **default}, **quant}
 
 
 def block_index(path: str):
