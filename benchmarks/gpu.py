@@ -613,15 +613,22 @@ def baseline_rows(model: nn.Module, uniform_formats=()) -> list:
 
 
 def plan_source(path: str) -> tuple:
-    """(name, config) of a written model's folder or its config.json."""
+    """(name, config, plan) of a written model's folder or its config.json;
+    plan: the folder's optiq_metadata.json plan, {} without one."""
     path = Path(path)
     config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    return (path.stem if path.suffix == ".json" and path.stem != "config" else path.name), config
+    meta = path / "optiq_metadata.json" if path.is_dir() else path.with_name("optiq_metadata.json")
+    plan = json.loads(meta.read_text()).get("plan", {}) if meta.exists() else {}
+    return (path.stem if path.suffix == ".json" and path.stem != "config" else path.name), config, plan
+
+
+def same_shape(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size"))
 
 
 def plans_section(args, work: Path) -> dict:
     plans = [plan_source(path) for path in args.plan]
-    first, first_config = plans[0]
+    first, first_config, _ = plans[0]
     own = {k: v for k, v in first_config.items() if k not in ("quantization", "quantization_config")}
     shapes = {"own": own, "llama-3-8b": {"model_type": "llama", **SHAPES["llama-3-8b"]}}
     rows = []
@@ -629,14 +636,16 @@ def plans_section(args, work: Path) -> dict:
         shape_config = shapes[shape]
         name = first if shape == "own" else shape
         specs = baseline_rows(random_model(shape_config), args.plan_uniform)
-        for source, config in ([] if args.plan_uniform else plans):
+        for source, config, plan in ([] if args.plan_uniform else plans):
             formats = plan_formats(config)
             if shape == "own" and source == first:
-                specs.append(("optiq plan", formats))
+                specs.append(("optiq plan", formats, plan))
+            elif shape == "own" and same_shape(config, shape_config):
+                specs.append((f"optiq plan of {source}", formats, plan))
             else:
                 specs.append((f"optiq plan of {source}, carried by role and depth",
-                              transplanted(formats, config["num_hidden_layers"], shape_config["num_hidden_layers"])))
-        for row_name, row_formats in specs:
+                              transplanted(formats, config["num_hidden_layers"], shape_config["num_hidden_layers"]), {}))
+        for row_name, row_formats, *planned in specs:
             model = random_model(shape_config)
             try:
                 if row_formats is not None:
@@ -647,6 +656,8 @@ def plans_section(args, work: Path) -> dict:
                 continue
             bits, weights = weight_bits(model)
             row = dict(shape=name, method=row_name, effective_bpw=bits / weights, weight_gib=bits / 8 / 2**30)
+            if planned and planned[0].get("predicted_seconds"):  # planned under --no-slower-than: what its kernel times predicted
+                row["predicted_vs_limit"] = planned[0]["seconds_budget"] / planned[0]["predicted_seconds"]
             row.update(speed_row(model, args.decode_context, args.decode_batches, args.prefill, args.steps))
             rows.append(row)
             log(f"  {name:24s} {row_name[:44]:44s} {row['effective_bpw']:.3f} bpw  " +
@@ -663,11 +674,13 @@ def plans_section(args, work: Path) -> dict:
 
 def plans_table(result) -> str:
     batches = sorted(int(k[8:-3]) for k in result["rows"][0] if k.startswith("decode_b") and k.endswith("_ms"))
-    head = ["shape", "method", "eff. bpw", "weights (GiB)"] + [f"decode b{b} (ms/token)" for b in batches] + ["b1 vs 4-bit g64", "prefill (tok/s)"]
+    head = (["shape", "method", "eff. bpw", "weights (GiB)"] + [f"decode b{b} (ms/token)" for b in batches]
+            + ["b1 vs 4-bit g64", "predicted by its kernel times", "prefill (tok/s)"])
     return markdown_table(head, [[r["shape"], r["method"], f"{r['effective_bpw']:.3f}", f"{r['weight_gib']:.2f}"]
                                  + [f"{r[f'decode_b{b}_ms']:.2f}" for b in batches]
-                                 + [f"{r['decode_b1_vs_4bit_g64']:.2f}x", f"{r['prefill_tok_s']:.0f}"] if "error" not in r
-                                 else [r["shape"], r["method"], "-", "-"] + ["-"] * len(batches) + ["the shape does not divide its group", "-"]
+                                 + [f"{r['decode_b1_vs_4bit_g64']:.2f}x", f"{r['predicted_vs_limit']:.2f}x" if "predicted_vs_limit" in r else "-",
+                                    f"{r['prefill_tok_s']:.0f}"] if "error" not in r
+                                 else [r["shape"], r["method"], "-", "-"] + ["-"] * len(batches) + ["the shape does not divide its group", "-", "-"]
                                  for r in result["rows"]])
 
 

@@ -30,14 +30,17 @@ from common import RESULTS, WIKITEXT  # also puts the repo on sys.path
 
 SHARED_GSM8K = WIKITEXT.parents[1] / "gsm8k" / "test.jsonl"
 MODEL_NAME = "Qwen2.5-Coder-1.5B-Instruct"
-ROWS = ("float", "uniform", "awq", "dwq", "optiq")
+ROWS = ("float", "uniform", "awq", "dwq", "optiq", "optiq-speed")
 LABELS = {
     "float": "float reference",
     "uniform": "uniform 4-bit g64 (mlx_lm.convert -q)",
     "awq": "mlx-lm AWQ, 4-bit g64",
     "dwq": "mlx-lm DWQ over uniform 4-bit g64",
     "optiq": "optiq convert --target-bpw 4.5 (WikiText calibration)",
+    "optiq-speed": "optiq convert --target-bpw 4.5 --no-slower-than 4@64 (WikiText calibration)",
 }
+# Each optiq row's flags beyond the target and calibration.
+OPTIQ_FLAGS = {"optiq": [], "optiq-speed": ["--no-slower-than", "4@64"]}
 
 
 def qwen_coder_model() -> str:
@@ -105,16 +108,17 @@ def dwq_model(ref, cal, args):
     return fp32_activations(model)
 
 
-def optiq_model(ref, cal_text: str, out: Path):
+def optiq_model(ref, cal_text: str, out: Path, flags=()):
+    """(the model, its metadata) of `optiq convert` with these extra flags."""
     with tempfile.TemporaryDirectory() as tmp:
         cal_file = Path(tmp) / "calibration.txt"
         cal_file.write_text(cal_text)
         cmd = [sys.executable, "-m", "optiq", "convert", str(ref), "-o", str(out), "--target-bpw", "4.5",
-               "--calibration", str(cal_file), "--no-eval", "--force"]
+               "--calibration", str(cal_file), "--no-eval", "--force", *flags]
         subprocess.run(cmd, check=True)
     meta = json.loads((out / "optiq_metadata.json").read_text())
     model, _ = load_native(out)
-    return model, meta["effective_bpw"]
+    return model, meta
 
 
 def run_row(name: str, args, ref: str, reference, tok, problems: list, cal, cal_text: str, ev, refs, work: Path) -> dict:
@@ -122,7 +126,7 @@ def run_row(name: str, args, ref: str, reference, tok, problems: list, cal, cal_
     from optiq.tasks import gsm8k
 
     t0 = time.perf_counter()
-    bpw = 4.5
+    bpw, planned = 4.5, {}
     if name == "float":
         model, bpw = reference, 16.0
     elif name == "uniform":
@@ -132,13 +136,16 @@ def run_row(name: str, args, ref: str, reference, tok, problems: list, cal, cal_
     elif name == "dwq":
         model = dwq_model(ref, cal, args)
     else:
-        model, bpw = optiq_model(ref, cal_text, Path(args.keep_optiq) if args.keep_optiq else work / "optiq")
+        keep = Path(f"{args.keep_optiq}{name[len('optiq'):]}") if args.keep_optiq else work / name
+        model, meta = optiq_model(ref, cal_text, keep, OPTIQ_FLAGS[name])
+        bpw = meta["effective_bpw"]
+        planned = {k: meta["plan"][k] for k in ("predicted_seconds", "seconds_budget") if k in meta["plan"]}
     seconds = time.perf_counter() - t0
     # DWQ takes one pass over the calibration windows: WikiText's calibration
     # part holds ~105 of 512 tokens for this tokenizer, fewer than steps x batch
     dwq_steps = min(args.dwq_steps, len(cal) // args.dwq_batch)
     label = LABELS[name] + (f" ({dwq_steps} steps of {args.dwq_batch}, lr {args.dwq_lr:g})" if name == "dwq" else "")
-    row = dict(row=name, method=label, effective_bpw=bpw, quantize_seconds=seconds)
+    row = dict(row=name, method=label, effective_bpw=bpw, quantize_seconds=seconds, **planned)
     if name != "float":
         row.update(quality(model, ev, refs, batch_size=4))
     t0 = time.perf_counter()
@@ -187,7 +194,7 @@ def plot(rows: list, path: Path):
     fig, ax = plt.subplots(figsize=(8, 4))
     accs = [r["gsm8k_accuracy"] for r in rows]
     errs = [interval(r["gsm8k_accuracy"], r["n_problems"]) for r in rows]
-    colors = ["#888888" if r["row"] == "float" else "#d62728" if r["row"] == "optiq" else "#1f77b4" for r in rows]
+    colors = ["#888888" if r["row"] == "float" else "#d62728" if r["row"].startswith("optiq") else "#1f77b4" for r in rows]
     ax.bar(range(len(rows)), accs, yerr=errs, color=colors, capsize=4)
     ax.set_xticks(range(len(rows)), [f"{r['row']}\n{r['effective_bpw']:.2f} bpw" for r in rows])
     ax.set_ylabel(f"GSM8K accuracy ({rows[0]['n_problems']} problems, 95% interval)")
@@ -224,7 +231,7 @@ def main():
     p.add_argument("--wikitext", default=str(WIKITEXT))
     p.add_argument("--gsm8k", default=str(SHARED_GSM8K), help="GSM8K test.jsonl")
     p.add_argument("--out-dir", default=None, help="one JSON per row here (default: print only)")
-    p.add_argument("--keep-optiq", default=None, help="write the optiq row's model here, kept (default: a temporary folder)")
+    p.add_argument("--keep-optiq", default=None, help="write the optiq row's model here, kept, and the optiq-speed row's beside it as DIR-speed (default: a temporary folder)")
     p.add_argument("--merge", nargs="+", default=None, help="row JSONs to put in one table")
     p.add_argument("--out", default=str(RESULTS / f"gsm8k-{MODEL_NAME}.json"))
     args = p.parse_args()

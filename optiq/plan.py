@@ -130,6 +130,52 @@ def solve_exact_nested(costs, values, budget: int, inner: set, inner_budget: int
     return choices, 0.0
 
 
+def solve_exact_timed(costs, values, times, budget: int, time_budget: float, iterations: int = 48):
+    """solve_exact with a second, real-valued budget: total time <= time_budget.
+    The time constraint is relaxed with a multiplier mu (value + mu*time, the
+    bits still exact by DP), bisected to the least mu whose plan fits. Returns
+    (choices, gap): the gap is the duality gap over the multipliers tried, a
+    bound on how far the plan can be from the best plan meeting both budgets
+    (NaN where the DP was coarsened, so no bound is proven)."""
+    times = [np.asarray(t, dtype=np.float64) for t in times]
+    scale = time_budget if time_budget > 0 else 1.0  # multipliers in units of value per budget
+
+    def at(mu):
+        choices, gap = solve_exact(costs, [v + mu * t / scale for v, t in zip(values, times)], budget)
+        value = sum(float(v[k]) for v, k in zip(values, choices))
+        spent = sum(float(t[k]) for t, k in zip(times, choices))
+        return choices, value, spent, gap
+
+    choices, value, spent, gap = at(0.0)
+    if spent <= time_budget:
+        return choices, gap
+    fastest, _ = solve_exact(costs, times, budget)
+    if sum(float(t[k]) for t, k in zip(times, fastest)) > time_budget:
+        raise ValueError("no plan within the bits budget meets the time budget")
+    lower, best, exact = -np.inf, None, gap == 0.0
+    lo, hi = 0.0, max(1e-12, sum(float(np.ptp(v)) for v in values))
+    while True:  # a multiplier large enough that the plan fits
+        choices, value, spent, gap = at(hi)
+        exact = exact and gap == 0.0
+        lower = max(lower, value + hi * (spent - time_budget) / scale)
+        if spent <= time_budget:
+            best = (value, choices)
+            break
+        lo, hi = hi, hi * 4
+    for _ in range(iterations):
+        mu = (lo + hi) / 2
+        choices, value, spent, gap = at(mu)
+        exact = exact and gap == 0.0
+        lower = max(lower, value + mu * (spent - time_budget) / scale)
+        if spent <= time_budget:
+            hi = mu
+            if value < best[0]:
+                best = (value, choices)
+        else:
+            lo = mu
+    return best[1], max(0.0, best[0] - lower) if exact else float("nan")
+
+
 def lagrangian_bound(costs, values, budget: int) -> float:
     """max over lambda of sum_i min_k (v_ik + lambda*c_ik) - lambda*budget: a lower
     bound on the optimum, used as the certificate when the DP is coarsened."""
@@ -201,10 +247,15 @@ def plan_bits(
     protect_bits: int = 8,
     cost=layer_cost_bits,
     nested=(),
+    seconds=None,
+    seconds_budget=None,
 ) -> BitPlan:
     """The plan with the least predicted total KL at effective bpw <= target
     (`cost=nominal_cost_bits` budgets the code width alone). The layers named
-    in `nested` must also meet the target among themselves (method exact)."""
+    in `nested` must also meet the target among themselves (method exact).
+    `seconds` ({path: time per candidate, in the layer's order}, e.g. from
+    `optiq.speed.layer_seconds`) with `seconds_budget` also holds the plan's
+    summed time to that budget (method exact)."""
     layers = [layer for layer in table.layers if layer.candidates]
     guarded = protected_paths([layer.path for layer in layers], protect)
     options = []  # per layer: list of (candidate, kl)
@@ -235,6 +286,18 @@ def plan_bits(
         choices, gap = solve_exact_nested(costs, values, budget, inner, inner_budget)
     elif inner:
         raise OptiqError("a nested budget needs the exact method")
+    elif seconds is not None and method != "exact":
+        raise OptiqError("a time budget needs the exact method")
+    elif seconds is not None:
+        times = [np.array([seconds[l.path][l.candidates.index(c)] for c, _ in o]) for l, o in zip(layers, options)]
+        try:
+            choices, gap = solve_exact_timed(costs, values, times, budget, float(seconds_budget))
+        except ValueError:
+            fastest = sum(float(t.min()) for t in times)
+            raise OptiqError(
+                f"no plan at {target_bpw} bpw meets the time budget ({seconds_budget * 1e3:.3f} ms; the fastest layer formats "
+                f"alone take {fastest * 1e3:.3f} ms): raise the target or allow faster formats"
+            ) from None
     elif method == "exact":
         choices, gap = solve_exact(costs, values, budget)
     elif method == "greedy":
@@ -243,6 +306,10 @@ def plan_bits(
         raise OptiqError(f"unknown planning method {method!r} (exact or greedy)")
     assignments = tuple((l.path, o[k][0]) for l, o, k in zip(layers, options, choices))
     spent = sum(int(c[k]) for c, k in zip(costs, choices))
+    timed = {}
+    if seconds is not None:
+        timed = {"predicted_seconds": float(sum(seconds[l.path][l.candidates.index(o[k][0])] for l, o, k in zip(layers, options, choices))),
+                 "seconds_budget": float(seconds_budget)}
     return BitPlan(
         assignments=assignments,
         target_bpw=float(target_bpw),
@@ -250,6 +317,7 @@ def plan_bits(
         predicted_kl=float(sum(v[k] for v, k in zip(values, choices))),
         method=method,
         optimality_gap=gap,
+        **timed,
     )
 
 

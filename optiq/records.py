@@ -92,6 +92,26 @@ class Candidate(Record):
         return f"{'turbo' if self.mode == 'turbo' else ''}{self.bits}{v}@{self.group_size}"
 
 
+def candidate_from_key(key: str) -> Candidate:
+    """The candidate a `Candidate.key` names: "4@64", "8@128", "mxfp4@32", "16"."""
+    text = key.strip()
+    head, _, group = text.partition("@")
+    try:
+        if head in FP_MODES:
+            bits, size = FP_MODES[head]
+            if group and int(group) != size:
+                raise ValueError
+            return Candidate(bits, size, head)
+        bits = int(head)
+        if bits >= FLOAT_BITS and not group:
+            return Candidate(FLOAT_BITS, 64)  # as the planners hold a float layer
+        if not group or bits < 1:
+            raise ValueError
+        return Candidate(bits, int(group))
+    except ValueError:
+        raise ValueError(f"{key!r} is not a format: write BITS@GROUP (e.g. 4@64) or {'/'.join(f'{m}@{g}' for m, (_, g) in FP_MODES.items())}") from None
+
+
 def sort_candidates(cands) -> tuple:
     """Candidates in one fixed order (width, group, mode): mxfp4@32 and 4@32 share width and group."""
     return tuple(sorted(set(cands), key=lambda c: (c.bits, c.group_size, c.mode)))
@@ -176,6 +196,9 @@ class BitPlan(Record):
     predicted_kl: float
     method: str
     optimality_gap: float = 0.0  # proven upper bound on (plan KL - optimal KL)
+    # Planned under a time budget (optiq.speed): the plan's summed layer time and that budget, in seconds.
+    predicted_seconds: Optional[float] = attrs.field(default=None, converter=_optional_float)
+    seconds_budget: Optional[float] = attrs.field(default=None, converter=_optional_float)
 
     def as_dict(self) -> dict:
         return dict(self.assignments)
@@ -281,6 +304,7 @@ def _converter() -> cattrs.Converter:
     conv = cattrs.Converter()
     omit = override(omit_if_default=True)
     conv.register_unstructure_hook(Candidate, make_dict_unstructure_fn(Candidate, conv, mode=omit, v_bits=omit))
+    conv.register_unstructure_hook(BitPlan, make_dict_unstructure_fn(BitPlan, conv, predicted_seconds=omit, seconds_budget=omit))
     conv.register_unstructure_hook(KVEntry, make_dict_unstructure_fn(KVEntry, conv, mode=omit, v_bits=omit, seed=omit))
     # Measured quality is a name -> number mapping in JSON, sorted pairs in the record.
     pairs = override(unstruct_hook=dict, struct_hook=lambda v, _: _sorted_pairs(v))

@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,3 +142,28 @@ def test_nested_budget_matches_brute_force(inst, data):
         if spent(costs, pick) <= budget and sum(int(costs[i][pick[i]]) for i in inner) <= inner_budget:
             best = min(best, total(values, pick))
     assert total(values, choices) == pytest_approx(best)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.data())
+def test_time_budget_is_met_and_its_gap_bounds_the_optimum(inst, data):
+    """A second, real-valued budget (decode time): the plan meets both budgets,
+    is never better than the best plan that does (brute force), and is within
+    the duality gap it reports of it; a plan is refused only when none fits."""
+    costs, values, budget = inst
+    times = [np.array(data.draw(st.lists(st.floats(0, 5, allow_nan=False), min_size=len(c), max_size=len(c)))) for c in costs]
+    best, fastest = np.inf, np.inf
+    picks = [p for p in itertools.product(*[range(len(c)) for c in costs]) if spent(costs, p) <= budget]
+    fastest = min(sum(float(t[k]) for t, k in zip(times, p)) for p in picks)
+    time_budget = fastest + data.draw(st.floats(-1, 10, allow_nan=False))
+    feasible = [p for p in picks if sum(float(t[k]) for t, k in zip(times, p)) <= time_budget]
+    if not feasible:
+        with pytest.raises(ValueError):
+            planner.solve_exact_timed(costs, values, times, budget, time_budget)
+        return
+    best = min(total(values, p) for p in feasible)
+    choices, gap = planner.solve_exact_timed(costs, values, times, budget, time_budget)
+    assert spent(costs, choices) <= budget
+    assert sum(float(t[k]) for t, k in zip(times, choices)) <= time_budget + 1e-9
+    assert total(values, choices) >= best - 1e-9
+    assert total(values, choices) - best <= gap + 1e-6

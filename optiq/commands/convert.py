@@ -43,6 +43,9 @@ class ConvertOptions:
     model_type: str = field(default="auto", metadata=dict(choices=list(MODEL_TYPES), help="model family (auto: whisper when the checkpoint is one, else text, stripping a multimodal checkpoint's towers). yolo is refused with the reason (no quantized convolution in MLX). whisper needs optiq[whisper], with --calibration/--eval-data folders of .wav files with .txt transcripts (default: espeak-ng speech); vlm needs optiq[vlm], keeps and plans the vision tower, with folders of images with .txt prompts (default: drawn scenes)"))
     keep_unused_modalities: bool = field(default=False, metadata=dict(help="keep vision/audio towers of a multimodal checkpoint (default: strip them)"))
     max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
+    no_slower_than: Optional[str] = field(default=None, metadata=dict(help="a format, e.g. 4@64: hold the plan's decode matmul time to every layer's at that format, by each layer's kernel time per candidate measured on this device at the model's shapes (or --kernel-times); for kernels that are not bandwidth-bound, where fewer bits are not less time"))
+    kernel_times: Optional[str] = field(default=None, metadata=dict(help="kernel times measured elsewhere (the device the model will run on): a converted model's folder or optiq_metadata.json, or a KernelTimes JSON"))
+    decode_batch: int = field(default=1, metadata=dict(help="sequences per decode step the kernel times are measured at"))
     quiet: bool = False
 
 
@@ -60,6 +63,7 @@ def config_from(opts: ConvertOptions) -> ConvertConfig:
         protect_bits=opts.protect_bits, sensitivity=opts.sensitivity, dtype=opts.dtype, eval_data=opts.eval_data, n_eval=opts.n_eval,
         evaluate=not opts.no_eval, seed=opts.seed, force=opts.force, model_type=opts.model_type,
         keep_unused_modalities=opts.keep_unused_modalities, max_memory=opts.max_memory,
+        no_slower_than=opts.no_slower_than, kernel_times=opts.kernel_times, decode_batch=opts.decode_batch,
     )
 
 

@@ -82,9 +82,10 @@ def convert(config: ConvertConfig, report: Report | None = None) -> QuantizedWei
         family.check(config, cands)
     loaded = family.load(config, path, report)
     cands = family.candidates(config, loaded, cands, report)
+    budget = family.time_budget(config, loaded, cands, report) if config.no_slower_than else None
     calibration = family.calibrate(config, loaded, report)
     table = family.measure(config, loaded, calibration, cands, report)
-    plan, history = family.plan(config, loaded, calibration, table, report)
+    plan, history = family.plan(config, loaded, calibration, table, report, budget)
     codes = family.codes(config, loaded, calibration, plan)
     family.summary(plan, report)
     if not distributed.is_writer():  # under mlx.launch rank 0 evaluates and writes
@@ -92,6 +93,8 @@ def convert(config: ConvertConfig, report: Report | None = None) -> QuantizedWei
     held_out = family.held_out(config, loaded)
     rows = [family.baseline(config, loaded, table, cands, held_out)] if held_out is not None else []
     written, metadata = family.write(config, loaded, plan, table, codes, calibration, history, out)
+    if budget is not None:  # reusable elsewhere: --kernel-times this folder
+        metadata["kernel_times"] = budget.times.to_dict()
     metadata["convert_seconds"] = round(time.time() - started, 1)  # to the written model: the held-out check below is not counted
     del calibration, codes  # the reference pass and its Grams: no longer needed
     measured = {}

@@ -13,8 +13,9 @@ import attrs
 from ..errors import OptiqError
 from ..model_tree import candidates_for
 from ..plan import layer_cost_bits, protected_paths
-from ..records import FLOAT_BITS, FP_MODES, Candidate, sort_candidates
+from ..records import FLOAT_BITS, FP_MODES, Candidate, candidate_from_key, sort_candidates
 from ..rounding import QUANTIZERS
+from ..speed import load_kernel_times
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 8, 16)
 VALID_GROUPS = (32, 64, 128)
@@ -66,6 +67,9 @@ class ConvertConfig:
     model_type: str = "auto"
     keep_unused_modalities: bool = False
     max_memory: Optional[float] = None  # GB; None: the machine's memory
+    no_slower_than: Optional[str] = None  # a format key (4@64): decode matmul time held to that format's, uniform
+    kernel_times: Optional[str] = None  # optiq.speed.KernelTimes JSON (or an optiq_metadata.json holding one); None: measured here
+    decode_batch: int = 1  # the decode batch the kernel times are measured at
 
     @property
     def explicit_bits(self) -> bool:
@@ -139,6 +143,7 @@ def validate(config: ConvertConfig) -> tuple:
                                  ("--method", config.method, ("exact", "greedy")), ("--model-type", config.model_type, MODEL_TYPES)):
         if value not in allowed:
             raise OptiqError(f"{name} {value!r}: choose from {', '.join(allowed)}")
+    speed_limit(config)
     cands = candidates(config)
     cheapest = min(cands, key=lambda c: c.effective_bits)
     if config.target_bpw < cheapest.effective_bits:
@@ -147,6 +152,26 @@ def validate(config: ConvertConfig) -> tuple:
             f"({cheapest.key} = {cheapest.effective_bits:g} effective bpw)"
         )
     return cands
+
+
+def speed_limit(config: ConvertConfig):
+    """The format --no-slower-than names (None: no time budget), once the
+    speed options are known to fit together; --kernel-times is read here."""
+    if config.no_slower_than is None:
+        if config.kernel_times:
+            raise OptiqError("--kernel-times is read only with --no-slower-than")
+        return None
+    try:
+        limit = candidate_from_key(config.no_slower_than)
+    except ValueError as exc:
+        raise OptiqError(f"--no-slower-than {exc}") from None
+    if config.refine_rounds or config.method != "exact":
+        raise OptiqError("--no-slower-than plans with the exact method and without --refine-rounds")
+    if config.decode_batch < 1:
+        raise OptiqError(f"--decode-batch must be >= 1, got {config.decode_batch}")
+    if config.kernel_times:
+        load_kernel_times(config.kernel_times)
+    return limit
 
 
 def check_ceiling(config: ConvertConfig, cands):

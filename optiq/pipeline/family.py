@@ -20,7 +20,7 @@ from ..evaluate import simulated
 from ..io import write_json
 from ..plan import uniform_plan
 from ..probe_hooks import with_progress
-from ..records import BitPlan, Candidate, QuantizedWeights, SensitivityTable
+from ..records import Candidate, QuantizedWeights, SensitivityTable
 from ..rounding import plan_codes
 from .config import ConvertConfig, check_ceiling
 
@@ -36,8 +36,8 @@ class Report:
         if not self.quiet:
             print(*args, file=sys.stderr, flush=True)
 
-    def bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="probe", disable=self.quiet or not distributed.is_writer())
+    def bar(self, total: int, desc: str, unit: str = "probe"):
+        return tqdm(total=total, desc=desc, unit=unit, disable=self.quiet or not distributed.is_writer())
 
     def probes(self, total: int, desc: str = "sensitivity", inner=None):
         """(on_probe that ticks a bar, the bar to close)."""
@@ -64,7 +64,9 @@ class Family(Protocol):
 
     def measure(self, config: ConvertConfig, loaded, calibration, report: Report) -> tuple: ...  # (SensitivityTable, Rounding)
 
-    def plan(self, config: ConvertConfig, loaded, calibration, table: SensitivityTable, rounding, report: Report) -> BitPlan: ...
+    def plan(self, config: ConvertConfig, loaded, calibration, table: SensitivityTable, report: Report, budget=None) -> tuple: ...  # (BitPlan, refinement history)
+
+    def time_budget(self, config: ConvertConfig, loaded, candidates, report: Report): ...  # speed.TimeBudget (text only: the others refuse --no-slower-than)
 
     def held_out(self, config: ConvertConfig, loaded): ...  # None: the written model is not measured
 
@@ -93,8 +95,8 @@ class ProbedFamily:
                 self.check_data(folder)
 
     def refuse_text_only_options(self, config: ConvertConfig):
-        if config.refine_rounds or config.max_memory or config.sensitivity:
-            raise OptiqError(f"{self.title} take neither --refine-rounds, --max-memory nor --sensitivity")
+        if config.refine_rounds or config.max_memory or config.sensitivity or config.no_slower_than:
+            raise OptiqError(f"{self.title} take neither --refine-rounds, --max-memory, --sensitivity nor --no-slower-than")
         if set(config.modes) != {"affine"}:  # their loaders (mlx-whisper, mlx-vlm) are not known to read a per-layer mode
             raise OptiqError(f"{self.title} are written in MLX's affine mode only; --modes {','.join(config.modes)} is for text models")
 

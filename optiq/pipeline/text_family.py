@@ -13,20 +13,21 @@ from mlx_lm.utils import compute_bits_per_weight
 
 from .. import __version__, distributed
 from ..calibration import check_source, digest, load_calibration, split_calibration
-from ..device import on_gpu
+from ..device import describe, measuring_dtype, on_gpu
 from ..errors import OptiqError
 from ..evaluate import quality, reference_batches
 from ..experts import coverage, coverage_lines
-from ..model_tree import quantizable_layers
+from ..model_tree import candidates_for, quantizable_layers
 from ..plan import plan_bits
 from ..probe_hooks import ProbeCache, cached, shared_by_ranks
 from ..probes import measure_weights, probe_plan, rounding_for
 from ..quantize import model_bytes, output_dtype, quantize, save_model_folder
-from ..records import SensitivityTable, load_record, sort_candidates
+from ..records import LayerSensitivity, SensitivityTable, candidate_from_key, load_record, sort_candidates
 from ..reference import reference_pass
 from ..refine import marginal_probes, refine
 from ..rounding import DTYPES, Rounding, plan_codes
 from ..source import DEFAULT_MODEL_NAME, as_measured, cache_dir, folder_digest
+from ..speed import TimeBudget, fits, layer_shapes, load_kernel_times, measure_kernel_times, missing_times
 from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
 from ..strip import is_multimodal, strip_cached, unused_weights
 from .config import ConvertConfig, check_ceiling, widen_defaults
@@ -56,6 +57,16 @@ class TextCalibration:
     gram_tokens: object
     reference: object = None
     expert_coverage: dict = attrs.field(factory=dict)  # experts.coverage of the reference's routing
+
+
+def kl_free_table(model, cands) -> SensitivityTable:
+    """The model's plannable layers with every candidate at zero KL: all a
+    plan's feasibility depends on, before anything is measured."""
+    layers = []
+    for path, module in quantizable_layers(model):
+        fit = candidates_for(module, cands)
+        layers.append(LayerSensitivity(path, int(module.weight.size), fit, [0.0] * len(fit), [False] * len(fit), [0.0] * len(fit)))
+    return SensitivityTable(model="", layers=layers)
 
 
 class TextFamily:
@@ -156,8 +167,12 @@ class TextFamily:
         finally:
             bar.close()
 
-    def plan(self, config: ConvertConfig, loaded: TextModel, calibration: TextCalibration, table, report: Report):
-        plan = plan_bits(table, config.target_bpw, method=config.method, protect=list(config.protect), protect_bits=config.protect_bits)
+    def plan(self, config: ConvertConfig, loaded: TextModel, calibration: TextCalibration, table, report: Report, budget: TimeBudget | None = None):
+        timed = budget.plan_args(table) if budget is not None else {}
+        plan = plan_bits(table, config.target_bpw, method=config.method, protect=list(config.protect), protect_bits=config.protect_bits, **timed)
+        if timed:
+            report.log(f"decode matmuls ({budget.times.device}, batch {budget.times.batch}): {plan.predicted_seconds * 1e3:.3f} ms a step, "
+                       f"uniform {budget.limit.key} {plan.seconds_budget * 1e3:.3f} ms ({plan.seconds_budget / plan.predicted_seconds:.3f}x its speed)")
         history = []
         if config.refine_rounds > 0:
             reference = self.reference(loaded, calibration, config)
@@ -170,6 +185,35 @@ class TextFamily:
             for i, r in enumerate(history, 1):
                 report.log(f"refine round {i}: measured calibration KL {r.measured_kl:.4f} ({'kept' if r.kept else 'no better: stopped'})")
         return plan, history
+
+    def time_budget(self, config: ConvertConfig, loaded: TextModel, cands, report: Report) -> TimeBudget:
+        """--no-slower-than's budget: each layer's kernel time per candidate
+        (--kernel-times, else measured on this device), checked to admit a
+        plan at the target before any sensitivity is measured."""
+        limit = candidate_from_key(config.no_slower_than)
+        shapes = layer_shapes(loaded.model)  # a model the budget cannot cover is refused here
+        cands = sort_candidates(set(cands) | {limit})
+        if config.kernel_times:
+            times = load_kernel_times(config.kernel_times)
+            lacking = missing_times(times, shapes, cands)
+            if lacking:
+                (out_dim, in_dim), key = lacking[0]
+                raise OptiqError(f"--kernel-times {config.kernel_times} lacks {len(lacking)} (shape, format) pairs this model needs, "
+                                 f"e.g. {key} at {out_dim}x{in_dim}: measure them for this model (--no-slower-than without --kernel-times)")
+        elif distributed.group().size() > 1:  # each rank would time its own kernels and plan apart
+            raise OptiqError("--no-slower-than under mlx.launch needs --kernel-times (measured once, by one process)")
+        else:
+            pairs = {(s, c) for s in set(shapes.values()) if s is not None for c in cands if fits(s, c)}
+            bar = report.bar(len(pairs), "kernel times", "kernel")
+            try:
+                times = measure_kernel_times([s for s in shapes.values() if s is not None], cands, batch=config.decode_batch,
+                                             dtype=measuring_dtype(DTYPES[loaded.dtype]), device=describe(), on_time=lambda: bar.update(1))
+            finally:
+                bar.close()
+        budget = TimeBudget(times, shapes, limit)
+        blank = kl_free_table(loaded.model, cands)  # the same planner refuses a target no plan can meet in time
+        plan_bits(blank, config.target_bpw, protect=list(config.protect), protect_bits=config.protect_bits, **budget.plan_args(blank))
+        return budget
 
     def codes(self, config: ConvertConfig, loaded: TextModel, calibration: TextCalibration, plan):
         """GPTQ's codes for the plan (None: mlx-lm's own rounding writes every

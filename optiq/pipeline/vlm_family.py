@@ -71,7 +71,7 @@ class VisionLanguageFamily(ProbedFamily):
         finally:
             bar.close()
 
-    def plan(self, config: ConvertConfig, loaded, calibration, table, report: Report):
+    def plan(self, config: ConvertConfig, loaded, calibration, table, report: Report, budget=None):
         return plan_bits(table, config.target_bpw, method=config.method, protect=list(config.protect), protect_bits=config.protect_bits), []
 
     def held_out(self, config: ConvertConfig, loaded: VisionLanguageModel):

@@ -59,7 +59,7 @@ class WhisperFamily(ProbedFamily):
         finally:
             bar.close()
 
-    def plan(self, config: ConvertConfig, loaded, calibration, table, report: Report):
+    def plan(self, config: ConvertConfig, loaded, calibration, table, report: Report, budget=None):
         return whisper.best_plan(table, config.target_bpw, method=config.method), []
 
     def held_out(self, config: ConvertConfig, loaded: WhisperModel):
