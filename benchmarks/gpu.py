@@ -46,6 +46,10 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   g64, 4-bit g128 and mixed_4_6: decode ms/token at batch 1 and 16 after
   1024 cached tokens, prefill tok/s; `--plan-uniform 4:64,8:128,...` times
   uniform formats instead. `--plot-plans JSON...` draws repeated runs.
+- kernels: optiq.speed's decode matmul time per format at each `--plan`
+  model's layer shapes and Llama-3-8B's, written as KernelTimes JSONs
+  (`kernel-times-NAME.json`) that `optiq convert --no-slower-than 4@64
+  --kernel-times FILE` plans with elsewhere.
 """
 
 import argparse
@@ -842,9 +846,40 @@ def gptq_table(result) -> str:
                             f"{r['gptq_8@64_s']:.2f}", f"{r['codes_equal_to_reference']:.4f}"] for r in result["rows"]])
 
 
+# -- kernels: each format's decode matmul time at a model's shapes -----------------------
+
+
+def kernels_section(args, work: Path) -> dict:
+    """optiq.speed's kernel times at each --plan model's shapes (and
+    Llama-3-8B's) for the 4.5-bpw default candidates: what `optiq convert
+    --no-slower-than 4@64 --kernel-times FILE` plans with on another machine.
+    Each is written as a KernelTimes JSON beside the section's."""
+    from optiq.speed import layer_shapes, measure_kernel_times
+
+    cands = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (64, 128)] + [Candidate(16, 64)]
+    configs = {name: {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")} for name, config, _ in map(plan_source, args.plan)}
+    configs["llama-3-8b"] = {"model_type": "llama", **SHAPES["llama-3-8b"]}
+    rows = []
+    for name, config in configs.items():
+        shapes = layer_shapes(random_model(config))
+        times = measure_kernel_times([s for s in shapes.values() if s], cands, device=device.describe())
+        (Path(args.out) / f"kernel-times-{name}.json").write_text(json.dumps(times.to_dict(), indent=2))
+        for shape in sorted({t.shape for t in times.times}):
+            at = {t.candidate.key: t.seconds for t in times.times if t.shape == shape}
+            rows.append(dict(model=name, shape=list(shape), us={k: v * 1e6 for k, v in at.items()}))
+            log(f"  {name:24s} {shape[0]}x{shape[1]}: " + "  ".join(f"{k} {v * 1e6:.1f}" for k, v in at.items()))
+    return dict(model="decode matmul of one row, bf16, per format (us)", rows=rows)
+
+
+def kernels_table(result) -> str:
+    keys = sorted({k for r in result["rows"] for k in r["us"]}, key=lambda k: (int(k.split("@")[0]), int(k.split("@")[1])))
+    return markdown_table(["model", "layer (out x in)", *keys], [[r["model"], f"{r['shape'][0]} x {r['shape'][1]}"]
+                                                               + [f"{r['us'][k]:.1f}" if k in r["us"] else "-" for k in keys] for r in result["rows"]])
+
+
 SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table),
             "speculative": (speculative_section, speculative_table), "formats": (formats_section, formats_table),
-            "plans": (plans_section, plans_table)}
+            "plans": (plans_section, plans_table), "kernels": (kernels_section, kernels_table)}
 
 
 def main():

@@ -7,7 +7,8 @@
 #   gsm8k.sh plan          join and import as `real` does, then one process: the PLAN_ROWS rows (default
 #                          float,uniform,optiq; optiq-speed: --no-slower-than 4@64) one after another on the warmed
 #                          kernels (timings comparable), the optiq rows' models kept (config and metadata to
-#                          plans-meta/), then benchmarks/gpu.py's plans section on their plans, then
+#                          plans-meta/), then benchmarks/gpu.py's plans section on their plans and its kernels
+#                          section at SmolLM2's and Llama-3-8B's shapes, then
 #                          the PLAN_AFTER_ROWS (default awq,dwq; empty: none) the same way (WARM_WORK=kl,generate,speed for `warm` first)
 #   gsm8k.sh collect WAIT  wait until no row runs (or WAIT s); JSONs and logs to $OUT/results.tgz
 set -euo pipefail
@@ -60,6 +61,8 @@ plan)
       --out-dir $runs/gsm8k --keep-optiq $kept > $runs/gsm8k-plan.log 2>&1; \
       for d in $kept $kept-speed; do [ -d \$d ] && mkdir -p $runs/plans-meta/\${d##*/} && cp \$d/config.json \$d/optiq_metadata.json $runs/plans-meta/\${d##*/}/; done; \
       python3 /root/repo/benchmarks/gpu.py --sections plans --plan \$(ls -d $kept $kept-speed 2>/dev/null) --out $runs/plans > $runs/plans.log 2>&1; \
+      python3 /root/repo/benchmarks/gpu.py --sections kernels --plan /root/repo/benchmarks/results/plans/SmolLM2-135M-Instruct-optiq-4.5bpw-wikitext.json \
+        --out $runs/kernels > $runs/kernels.log 2>&1; \
       [ -z '${PLAN_AFTER_ROWS-awq,dwq}' ] || python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows ${PLAN_AFTER_ROWS-awq,dwq} --out-dir $runs/gsm8k > $runs/gsm8k-after.log 2>&1" \
       < /dev/null > /dev/null 2>&1 &
   ;;
@@ -69,7 +72,7 @@ collect)
   echo "running: $(pgrep -fc "benchmarks/(gsm8k|gpu)\.py" || true)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
   cp /root/warm/*.log $runs/ 2>/dev/null || true
   cd $runs; for f in *.log; do echo "== $f"; tail -5 $f; done
-  tar -czf $OUT/results.tgz $(ls -d gsm8k plans plans-meta *.log 2>/dev/null); tar -tzf $OUT/results.tgz
+  tar -czf $OUT/results.tgz $(ls -d gsm8k plans plans-meta kernels *.log 2>/dev/null); tar -tzf $OUT/results.tgz
   du -sh /root/ptx
   ;;
 esac
