@@ -326,3 +326,11 @@ def from_json(cls, text: str):
 
 def load_record(cls, path):
     return from_json(cls, Path(path).read_text())
+
+
+def load_sensitivity(path) -> SensitivityTable:
+    """A SensitivityTable JSON, or the table a converted model's folder (its
+    optiq_metadata.json) was planned from."""
+    path = Path(path)
+    data = json.loads((path / "optiq_metadata.json" if path.is_dir() else path).read_text())
+    return SensitivityTable.from_dict(data.get("sensitivity", data))

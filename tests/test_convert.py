@@ -80,6 +80,10 @@ def test_sensitivity_reuse_and_greedy(model_factory, tmp_path):
     assert run_convert([str(src), "-o", str(second), "--sensitivity", str(table_file), "--method", "greedy", "--group-size", "32", "--no-eval", *FAST]) == 0
     plan = json.loads((second / "optiq_metadata.json").read_text())["plan"]
     assert plan["method"] == "greedy"
+    # a converted model's folder names the table it was planned from
+    third = tmp_path / "c"
+    assert run_convert([str(src), "-o", str(third), "--sensitivity", str(first), "--group-size", "32", "--no-eval", *FAST]) == 0
+    assert json.loads((third / "optiq_metadata.json").read_text())["sensitivity"] == json.loads(table_file.read_text())
 
 
 def test_protect_keeps_head_and_embedding_high(model_factory, tmp_path):

@@ -33,7 +33,7 @@ class ConvertOptions:
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8
-    sensitivity: Optional[str] = field(default=None, metadata=dict(help="reuse a sensitivity table (JSON) instead of measuring"))
+    sensitivity: Optional[str] = field(default=None, metadata=dict(help="reuse a sensitivity table (JSON, or a converted model's folder: the table it was planned from) instead of measuring"))
     dtype: Optional[str] = field(default=None, metadata=dict(choices=["float16", "bfloat16"], help="dtype of scales and unquantized weights (default: the model's)"))
     eval_data: Optional[str] = field(default=None, metadata=dict(help="held-out text for the measured KL (default: self-sampled, another seed)"))
     n_eval: int = field(default=8, metadata=dict(help="held-out sequences"))

@@ -57,7 +57,7 @@ class ConvertConfig:
     refine_rounds: int = 0
     protect: tuple = attrs.field(default=(), converter=tuple)
     protect_bits: int = 8
-    sensitivity: Optional[str] = None  # a sensitivity table (JSON) to reuse
+    sensitivity: Optional[str] = None  # a sensitivity table (JSON) to reuse, or a converted model's folder
     dtype: Optional[str] = None  # float16 / bfloat16; None: the model's
     eval_data: Optional[str] = None
     n_eval: int = 8
@@ -137,8 +137,8 @@ def validate(config: ConvertConfig) -> tuple:
         raise OptiqError(f"--gram-samples must be >= 0, got {config.gram_samples}")
     if config.kl_stride >= config.seq_len:
         raise OptiqError(f"--kl-stride {config.kl_stride} must be below --seq-len {config.seq_len}")
-    if config.sensitivity and not Path(config.sensitivity).is_file():
-        raise OptiqError(f"--sensitivity {config.sensitivity}: no such file")
+    if config.sensitivity and not (Path(config.sensitivity).is_file() or (Path(config.sensitivity) / "optiq_metadata.json").is_file()):
+        raise OptiqError(f"--sensitivity {config.sensitivity}: no such file (a table JSON, or a converted model's folder)")
     for name, value, allowed in (("--measure", config.measure, MEASURES), ("--quantizer", config.quantizer, ("auto", *QUANTIZERS)),
                                  ("--method", config.method, ("exact", "greedy")), ("--model-type", config.model_type, MODEL_TYPES)):
         if value not in allowed:

@@ -22,7 +22,7 @@ from ..plan import plan_bits
 from ..probe_hooks import ProbeCache, cached, shared_by_ranks
 from ..probes import measure_weights, probe_plan, rounding_for
 from ..quantize import model_bytes, output_dtype, quantize, save_model_folder
-from ..records import LayerSensitivity, SensitivityTable, candidate_from_key, load_record, sort_candidates
+from ..records import LayerSensitivity, SensitivityTable, candidate_from_key, load_sensitivity, sort_candidates
 from ..reference import reference_pass
 from ..refine import marginal_probes, refine
 from ..rounding import DTYPES, Rounding, plan_codes
@@ -126,7 +126,7 @@ class TextFamily:
     def measure(self, config: ConvertConfig, loaded: TextModel, calibration: TextCalibration, candidates, report: Report):
         if config.sensitivity:
             try:
-                table = load_record(SensitivityTable, config.sensitivity)
+                table = load_sensitivity(config.sensitivity)
             except (ValueError, KeyError, TypeError) as exc:
                 raise OptiqError(f"--sensitivity {config.sensitivity}: not a sensitivity table ({exc})")
         else:
