@@ -47,8 +47,8 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   1024 cached tokens, prefill tok/s; `--plan-uniform 4:64,8:128,...` times
   uniform formats instead. `--plot-plans JSON...` draws repeated runs.
 - kernels: optiq.speed's decode matmul time per format at each `--plan`
-  model's layer shapes and Llama-3-8B's, written as KernelTimes JSONs
-  (`kernel-times-NAME.json`) that `optiq convert --no-slower-than 4@64
+  model's layer shapes and Llama-3-8B's (`--kernel-batch N` rows, default
+  1), written as KernelTimes JSONs (`kernel-times-NAME.json`) that `optiq convert --no-slower-than 4@64
   --kernel-times FILE` plans with elsewhere.
 """
 
@@ -862,13 +862,13 @@ def kernels_section(args, work: Path) -> dict:
     rows = []
     for name, config in configs.items():
         shapes = layer_shapes(random_model(config))
-        times = measure_kernel_times([s for s in shapes.values() if s], cands, device=device.describe())
-        (Path(args.out) / f"kernel-times-{name}.json").write_text(json.dumps(times.to_dict(), indent=2))
+        times = measure_kernel_times([s for s in shapes.values() if s], cands, batch=args.kernel_batch, device=device.describe())
+        (Path(args.out) / f"kernel-times-{name}{'' if args.kernel_batch == 1 else f'-b{args.kernel_batch}'}.json").write_text(json.dumps(times.to_dict(), indent=2))
         for shape in sorted({t.shape for t in times.times}):
             at = {t.candidate.key: t.seconds for t in times.times if t.shape == shape}
             rows.append(dict(model=name, shape=list(shape), us={k: v * 1e6 for k, v in at.items()}))
             log(f"  {name:24s} {shape[0]}x{shape[1]}: " + "  ".join(f"{k} {v * 1e6:.1f}" for k, v in at.items()))
-    return dict(model="decode matmul of one row, bf16, per format (us)", rows=rows)
+    return dict(model=f"decode matmul of {args.kernel_batch} row(s), bf16, per format (us)", rows=rows)
 
 
 def kernels_table(result) -> str:
@@ -902,6 +902,7 @@ def main():
     p.add_argument("--decode-context", type=int, default=1024, help="plans section: cached tokens before the timed decode steps")
     p.add_argument("--decode-batches", default="1,16", help="plans section: decode batch sizes")
     p.add_argument("--prefill", type=int, default=2048, help="plans section: prompt tokens of the timed prefill")
+    p.add_argument("--kernel-batch", type=int, default=1, help="kernels section: input rows per matmul (the decode batch)")
     p.add_argument("--plan-uniform", default="", help="plans section: BITS:GROUP,... to time uniform formats instead of the mixed rows")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--plot-plans", nargs="+", default=None, help="plans JSONs (repeated runs) to draw as one PNG (--out: the PNG)")

@@ -60,7 +60,7 @@ plan)
   setsid nohup bash -c "python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows ${PLAN_ROWS:-float,uniform,optiq} \
       --out-dir $runs/gsm8k --keep-optiq $kept > $runs/gsm8k-plan.log 2>&1; \
       for d in $kept $kept-speed; do [ -d \$d ] && mkdir -p $runs/plans-meta/\${d##*/} && cp \$d/config.json \$d/optiq_metadata.json $runs/plans-meta/\${d##*/}/; done; \
-      python3 /root/repo/benchmarks/gpu.py --sections plans --plan \$(ls -d $kept $kept-speed 2>/dev/null) --out $runs/plans > $runs/plans.log 2>&1; \
+      python3 /root/repo/benchmarks/gpu.py --sections plans --plan \$(ls -d $kept $kept-speed 2>/dev/null) --plan-shapes ${PLAN_SHAPES:-own,llama-3-8b} --out $runs/plans > $runs/plans.log 2>&1; \
       python3 /root/repo/benchmarks/gpu.py --sections kernels --plan /root/repo/benchmarks/results/plans/SmolLM2-135M-Instruct-optiq-4.5bpw-wikitext.json \
         --out $runs/kernels > $runs/kernels.log 2>&1; \
       [ -z '${PLAN_AFTER_ROWS-awq,dwq}' ] || python3 /root/repo/benchmarks/gsm8k.py --reference /root/ref $data --rows ${PLAN_AFTER_ROWS-awq,dwq} --out-dir $runs/gsm8k > $runs/gsm8k-after.log 2>&1" \
