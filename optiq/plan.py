@@ -278,6 +278,8 @@ def plan_bits(
         )
     nested = set(nested)
     inner = {i for i, l in enumerate(layers) if l.path in nested}
+    if inner and seconds is not None:
+        raise OptiqError("a nested budget and a time budget do not combine")
     if inner and method == "exact":
         inner_total = sum(layers[i].n_params for i in inner)
         inner_budget = int(math.floor(target_bpw * inner_total + 1e-9))

@@ -139,5 +139,11 @@ def test_bad_speed_options_are_refused_before_any_measuring(timed, model_factory
     (tmp_path / "slow2.json").write_text(json.dumps(times))
     expect_error(capsys, [src, "-o", never, "--target-bpw", "3.0", *SPEED, "--no-slower-than", "4@64", "--kernel-times", tmp_path / "slow2.json", *FAST],
                  ["no plan at 3.0 bpw meets the time budget"])
+    # a limit outside the candidates: the budget is its time, the plan only 8-bit, 10x slower per layer
+    for t in times["times"]:
+        t["seconds"] = 1.0 if Candidate.from_dict(t["candidate"]) == Candidate(4, 64) else 10.0
+    (tmp_path / "slow8.json").write_text(json.dumps(times))
+    expect_error(capsys, [src, "-o", never, "--target-bpw", "8.5", "--candidate-bits", "8", "--group-size", "64", "--no-slower-than", "4@64",
+                          "--kernel-times", tmp_path / "slow8.json", *FAST], ["no plan at 8.5 bpw meets the time budget"])
     expect_error(capsys, [model_factory("mixtral"), "-o", never, "--no-slower-than", "4@64", *FAST], ["dense layers only"])
     assert not never.exists()

@@ -192,10 +192,10 @@ class TextFamily:
         plan at the target before any sensitivity is measured."""
         limit = candidate_from_key(config.no_slower_than)
         shapes = layer_shapes(loaded.model)  # a model the budget cannot cover is refused here
-        cands = sort_candidates(set(cands) | {limit})
+        timed = sort_candidates(set(cands) | {limit})  # the limit's own times make the budget
         if config.kernel_times:
             times = load_kernel_times(config.kernel_times)
-            lacking = missing_times(times, shapes, cands)
+            lacking = missing_times(times, shapes, timed)
             if lacking:
                 (out_dim, in_dim), key = lacking[0]
                 raise OptiqError(f"--kernel-times {config.kernel_times} lacks {len(lacking)} (shape, format) pairs this model needs, "
@@ -203,15 +203,15 @@ class TextFamily:
         elif distributed.group().size() > 1:  # each rank would time its own kernels and plan apart
             raise OptiqError("--no-slower-than under mlx.launch needs --kernel-times (measured once, by one process)")
         else:
-            pairs = {(s, c) for s in set(shapes.values()) if s is not None for c in cands if fits(s, c)}
+            pairs = {(s, c) for s in set(shapes.values()) if s is not None for c in timed if fits(s, c)}
             bar = report.bar(len(pairs), "kernel times", "kernel")
             try:
-                times = measure_kernel_times([s for s in shapes.values() if s is not None], cands, batch=config.decode_batch,
+                times = measure_kernel_times([s for s in shapes.values() if s is not None], timed, batch=config.decode_batch,
                                              dtype=measuring_dtype(DTYPES[loaded.dtype]), device=describe(), on_time=lambda: bar.update(1))
             finally:
                 bar.close()
         budget = TimeBudget(times, shapes, limit)
-        blank = kl_free_table(loaded.model, cands)  # the same planner refuses a target no plan can meet in time
+        blank = kl_free_table(loaded.model, cands)  # the same planner, over the plan's own candidates, refuses a target no plan meets in time
         plan_bits(blank, config.target_bpw, protect=list(config.protect), protect_bits=config.protect_bits, **budget.plan_args(blank))
         return budget
 
