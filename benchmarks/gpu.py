@@ -862,7 +862,7 @@ def kernels_section(args, work: Path) -> dict:
     rows = []
     for name, config in configs.items():
         shapes = layer_shapes(random_model(config))
-        times = measure_kernel_times([s for s in shapes.values() if s], cands, batch=args.kernel_batch, device=device.describe())
+        times = measure_kernel_times(shapes.values(), cands, batch=args.kernel_batch, device=device.describe())
         (Path(args.out) / f"kernel-times-{name}{'' if args.kernel_batch == 1 else f'-b{args.kernel_batch}'}.json").write_text(json.dumps(times.to_dict(), indent=2))
         for shape in sorted({t.shape for t in times.times}):
             at = {t.candidate.key: t.seconds for t in times.times if t.shape == shape}

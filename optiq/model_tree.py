@@ -93,10 +93,14 @@ def start_block(path: str, n_blocks: int) -> int:
     return 0  # embeddings and anything before the blocks: the full forward
 
 
+def fits_input(in_dim: int, candidate) -> bool:
+    """Whether a layer of `in_dim` inputs can be stored as `candidate` (its group size divides them; float always)."""
+    return candidate.bits >= FLOAT_BITS or in_dim % candidate.group_size == 0
+
+
 def candidates_for(module, candidates) -> tuple:
     """The candidates whose group size divides this layer's input dimension."""
-    in_dim = module.weight.shape[-1]
-    return tuple(c for c in candidates if c.bits >= FLOAT_BITS or in_dim % c.group_size == 0)
+    return tuple(c for c in candidates if fits_input(module.weight.shape[-1], c))
 
 
 def norm_owner(model):

@@ -163,6 +163,8 @@ def solve_exact_timed(costs, values, times, budget: int, time_budget: float, ite
             break
         lo, hi = hi, hi * 4
     for _ in range(iterations):
+        if exact and best[0] - lower <= 1e-12:  # the duality gap is closed: no multiplier can do better
+            break
         mu = (lo + hi) / 2
         choices, value, spent, gap = at(mu)
         exact = exact and gap == 0.0

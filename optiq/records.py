@@ -328,9 +328,14 @@ def load_record(cls, path):
     return from_json(cls, Path(path).read_text())
 
 
-def load_sensitivity(path) -> SensitivityTable:
-    """A SensitivityTable JSON, or the table a converted model's folder (its
-    optiq_metadata.json) was planned from."""
+def load_kept(cls, path, key: str):
+    """A `cls` record from its own JSON file, or the one a converted model's
+    optiq_metadata.json (the file, or its folder) keeps under `key`."""
     path = Path(path)
     data = json.loads((path / "optiq_metadata.json" if path.is_dir() else path).read_text())
-    return SensitivityTable.from_dict(data.get("sensitivity", data))
+    return cls.from_dict(data.get(key, data))
+
+
+def load_sensitivity(path) -> SensitivityTable:
+    """A SensitivityTable JSON, or the table a converted model was planned from."""
+    return load_kept(SensitivityTable, path, "sensitivity")

@@ -15,18 +15,23 @@ comparison. An input embedding is a row gather at decode, not a matmul: it
 costs nothing here unless the model ties it to the output head.
 """
 
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import attrs
 import mlx.core as mx
 
 from .errors import OptiqError
-from .model_tree import is_experts, is_tied, quantizable_layers
-from .records import FLOAT_BITS, Candidate, Record, SensitivityTable, _candidates
+from .model_tree import fits_input, is_experts, is_tied, quantizable_layers
+from .records import (
+    FLOAT_BITS,
+    Candidate,
+    Record,
+    SensitivityTable,
+    _candidates,
+    load_kept,
+)
 
 # Weights timed per call, at least: one layer's 4-bit weights can sit in a
 # GPU's L2 cache, which a real decode step (every layer once) would not.
@@ -70,12 +75,8 @@ class KernelTimes(Record):
 
 def load_kernel_times(path) -> KernelTimes:
     """A KernelTimes JSON file, or the `kernel_times` an optiq_metadata.json holds."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "optiq_metadata.json"
     try:
-        data = json.loads(path.read_text())
-        return KernelTimes.from_dict(data.get("kernel_times", data))
+        return load_kept(KernelTimes, path, "kernel_times")
     except FileNotFoundError:
         raise OptiqError(f"--kernel-times {path}: no such file") from None
     except (ValueError, AttributeError, TypeError) as exc:
@@ -110,6 +111,13 @@ def layer_shapes(model) -> dict:
     return shapes
 
 
+def timed_pairs(shapes, candidates) -> list:
+    """Every (shape, candidate) a plan over layers of these shapes may use, in
+    one order: a candidate whose group size does not divide a layer is never
+    planned there. Shapes of None (not multiplied at decode) need none."""
+    return [(s, c) for s in sorted({_shape(s) for s in shapes if s is not None}) for c in candidates if fits_input(s[1], c)]
+
+
 def _timed_call(weights, x, candidate: Candidate):
     """A function running one matmul per copy of the weights (all of them, one eval)."""
     if candidate.bits >= FLOAT_BITS:
@@ -132,7 +140,7 @@ def time_kernel(shape, candidate: Candidate, batch: int = 1, dtype=mx.bfloat16, 
     stored as `candidate`, over enough distinct copies of random weights that
     they do not fit in a cache."""
     out_dim, in_dim = _shape(shape)
-    nbytes = out_dim * in_dim * min(candidate.effective_bits, FLOAT_BITS) / 8
+    nbytes = out_dim * in_dim * candidate.effective_bits / 8  # effective_bits is 16 for a float weight
     copies = max(2, min(MAX_COPIES, math.ceil(MIN_TIMED_BYTES / max(nbytes, 1))))
     weights = [_stored(mx.random.normal((out_dim, in_dim), key=mx.random.key(i)).astype(dtype) * 0.02, candidate) for i in range(copies)]
     x = mx.random.normal((batch, in_dim), key=mx.random.key(copies)).astype(dtype)
@@ -151,29 +159,21 @@ def time_kernel(shape, candidate: Candidate, batch: int = 1, dtype=mx.bfloat16, 
 
 
 def measure_kernel_times(shapes, candidates, batch: int = 1, dtype=mx.bfloat16, repeats: int = 15, device: str = "", on_time=None) -> KernelTimes:
-    """Every (shape, candidate) pair timed by `time_kernel`; `on_time()` after each."""
+    """Every pair of `timed_pairs` timed by `time_kernel`; `on_time()` after each."""
     if batch < 1:
         raise OptiqError(f"the decode batch must be >= 1, got {batch}")
     times = []
-    for shape in sorted({_shape(s) for s in shapes}):
-        for candidate in candidates:
-            if not fits(shape, candidate):
-                continue  # this group size does not divide the layer: never planned there
-            times.append(KernelTime(shape, candidate, time_kernel(shape, candidate, batch, dtype, repeats)))
-            if on_time is not None:
-                on_time()
+    for shape, candidate in timed_pairs(shapes, candidates):
+        times.append(KernelTime(shape, candidate, time_kernel(shape, candidate, batch, dtype, repeats)))
+        if on_time is not None:
+            on_time()
     return KernelTimes(device=device, batch=batch, dtype=str(dtype).split(".")[-1], times=times)
-
-
-def fits(shape, candidate: Candidate) -> bool:
-    return candidate.bits >= FLOAT_BITS or shape[1] % candidate.group_size == 0
 
 
 def missing_times(times: KernelTimes, shapes: dict, candidates) -> list:
     """(shape, candidate key) pairs a plan over these layers and candidates would need and `times` lacks."""
     have = {(t.shape, t.candidate) for t in times.times}
-    need = {(s, c) for s in shapes.values() if s is not None for c in candidates if fits(s, c)}
-    return sorted((s, c.key) for s, c in need - have)
+    return [(s, c.key) for s, c in timed_pairs(shapes.values(), candidates) if (s, c) not in have]
 
 
 def layer_seconds(times: KernelTimes, shapes: dict, table: SensitivityTable) -> dict:
@@ -204,7 +204,7 @@ def uniform_seconds(times: KernelTimes, shapes: dict, seconds: dict, candidate: 
         try:
             total += times.seconds(shape, candidate)
         except KeyError:
-            if fits(shape, candidate):
+            if fits_input(shape[1], candidate):
                 raise OptiqError(f"the kernel times have no {candidate.key} at shape {shape[0]}x{shape[1]} ({path}): measure them with it") from None
             total += min(options)
     return total

@@ -27,7 +27,7 @@ from ..reference import reference_pass
 from ..refine import marginal_probes, refine
 from ..rounding import DTYPES, Rounding, plan_codes
 from ..source import DEFAULT_MODEL_NAME, as_measured, cache_dir, folder_digest
-from ..speed import TimeBudget, fits, layer_shapes, load_kernel_times, measure_kernel_times, missing_times
+from ..speed import TimeBudget, layer_shapes, load_kernel_times, measure_kernel_times, missing_times, timed_pairs
 from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
 from ..strip import is_multimodal, strip_cached, unused_weights
 from .config import ConvertConfig, check_ceiling, widen_defaults
@@ -203,10 +203,9 @@ class TextFamily:
         elif distributed.group().size() > 1:  # each rank would time its own kernels and plan apart
             raise OptiqError("--no-slower-than under mlx.launch needs --kernel-times (measured once, by one process)")
         else:
-            pairs = {(s, c) for s in set(shapes.values()) if s is not None for c in timed if fits(s, c)}
-            bar = report.bar(len(pairs), "kernel times", "kernel")
+            bar = report.bar(len(timed_pairs(shapes.values(), timed)), "kernel times", "kernel")
             try:
-                times = measure_kernel_times([s for s in shapes.values() if s is not None], timed, batch=config.decode_batch,
+                times = measure_kernel_times(shapes.values(), timed, batch=config.decode_batch,
                                              dtype=measuring_dtype(DTYPES[loaded.dtype]), device=describe(), on_time=lambda: bar.update(1))
             finally:
                 bar.close()
