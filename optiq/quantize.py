@@ -41,6 +41,16 @@ def plan_predicate(plan: BitPlan):
     return predicate
 
 
+def plan_quantization(plan: BitPlan) -> dict:
+    """The `quantization` entry mlx-lm's quantize_model writes for `plan`
+    (the smallest group size as the default, a dict per quantized layer; a
+    float layer has no entry), without a model: what a plan's config says."""
+    quantized = [(path, c) for path, c in plan.assignments if c.bits < 16]
+    group = min((c.group_size for _, c in quantized), default=64)
+    return {"group_size": group, "bits": 4, "mode": "affine",
+            **{path: {"group_size": c.group_size, "bits": c.bits, "mode": c.mode} for path, c in quantized}}
+
+
 def cast_floats(model: nn.Module, dtype) -> nn.Module:
     model.update(
         tree_map(
@@ -57,10 +67,9 @@ def quantize(model: nn.Module, config: dict, plan: BitPlan, dtype="float16", cod
     codes: {path: (integer codes, scales, biases)} from an error-compensating
     quantizer (GPTQ); those layers get exactly these values, packed in MLX's
     own bit order, instead of mlx-lm's round-to-nearest."""
-    quantized = [c for _, c in plan.assignments if c.bits < 16]
     # mlx-lm skips layers whose width its default group size does not divide,
     # so give it the smallest group size the plan uses.
-    group = min((c.group_size for c in quantized), default=64)
+    group = plan_quantization(plan)["group_size"]
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
     model, config = quantize_model(

@@ -8,6 +8,7 @@ import pytest
 
 from optiq.cli import main as cli
 from optiq.plan import layer_cost_bits
+from optiq.quantize import plan_quantization
 from optiq.records import BitPlan, Candidate, QuantizedWeights, SensitivityTable
 
 FAST = ["--n-calibration", "3", "--seq-len", "32", "--n-eval", "2", "--kl-stride", "2", "--quiet"]
@@ -45,6 +46,8 @@ def test_convert_writes_a_model_stock_mlx_lm_loads(model_factory, tmp_path, arch
     config = json.loads((out / "config.json").read_text())
     for path, cand in plan.assignments:
         assert config["quantization"][path] == {"group_size": cand.group_size, "bits": cand.bits, "mode": "affine"}
+    # the plan alone says the same config, with no model (what a plan made elsewhere is timed by)
+    assert plan_quantization(plan) == config["quantization"] == config["quantization_config"]
     # stock mlx-lm, in a fresh interpreter with no optiq import, opens it as planned
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_OPTIQ, str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
