@@ -16,6 +16,7 @@ from mlx_lm.utils import sharded_load
 
 from . import announce_device, run_command, script_entry
 from ..cpu import adapt_for_cpu
+from ..cuda import adapt_for_cuda
 from ..errors import OptiqError
 from ..http import grammar
 from ..http.engine import Engine
@@ -95,6 +96,8 @@ def build_app(opts: ServeOptions):
     fp32 = opts.dtype == "float32" or (opts.dtype == "auto" and mx.default_device() == mx.cpu)
     if fp32:
         adapt_for_cpu(model)  # fp32 activations, row-adaptive quantized matmuls (optiq/cpu.py)
+    else:
+        adapt_for_cuda(model)  # batched decode's rows as one matrix (optiq/cuda.py)
     draft = load_draft(draft_folder, tokenizer, fp32) if draft_folder else None
     mx.eval(model.parameters())  # materialise here: the engine thread has its own stream
     layers = None
