@@ -50,6 +50,10 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   model's layer shapes and Llama-3-8B's (`--kernel-batch N` rows, default
   1), written as KernelTimes JSONs (`kernel-times-NAME.json`) that `optiq convert --no-slower-than 4@64
   --kernel-times FILE` plans with elsewhere.
+- replan: the first `--plan` model planned again from its sensitivity table
+  (`--sensitivity`) under `--no-slower-than --replan-limit` with kernel times
+  measured here at `--kernel-batch` rows, written to results/plans/ and timed
+  as the plans section times (beside uniform 4-bit and the first `--plan`).
 """
 
 import argparse
@@ -75,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import draw_png, drive_requests, markdown_table, weight_bits  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
+from optiq.cuda import fold_rows  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
 from optiq.io import copy_tokenizer_files  # noqa: E402
 from optiq.kv import kernels, make_kv_cache, measure_kv, plan_kv  # noqa: E402
@@ -640,6 +645,8 @@ def plans_section(args, work: Path) -> dict:
         shape_config = shapes[shape]
         name = first if shape == "own" else shape
         specs = baseline_rows(random_model(shape_config), args.plan_uniform)
+        if getattr(args, "plan_baselines", "all") == "4bit":  # only the row every plan is held to
+            specs = [s for s in specs if s[0].startswith("mlx-lm 4-bit g64")]
         for source, config, plan in ([] if args.plan_uniform else plans):
             formats = plan_formats(config)
             if shape == "own" and source == first:
@@ -666,6 +673,12 @@ def plans_section(args, work: Path) -> dict:
             rows.append(row)
             log(f"  {name:24s} {row_name[:44]:44s} {row['effective_bpw']:.3f} bpw  " +
                 "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("decode", "prefill"))))
+            if getattr(args, "fold_rows", False) and row_formats is not None:  # the same model as optiq serve runs it
+                fold_rows(model)
+                row = dict(row, method=f"{row_name}, rows folded (optiq serve)")
+                row.update(speed_row(model, args.decode_context, args.decode_batches, args.prefill, args.steps))
+                rows.append(row)
+                log(f"  {name:24s} {row['method'][:44]:44s} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("decode")))
             del model
             mx.clear_cache()
     for row in rows:
@@ -862,13 +875,77 @@ def kernels_section(args, work: Path) -> dict:
     rows = []
     for name, config in configs.items():
         shapes = layer_shapes(random_model(config))
-        times = measure_kernel_times(shapes.values(), cands, batch=args.kernel_batch, device=device.describe())
-        (Path(args.out) / f"kernel-times-{name}{'' if args.kernel_batch == 1 else f'-b{args.kernel_batch}'}.json").write_text(json.dumps(times.to_dict(), indent=2))
+        times = measure_kernel_times(shapes.values(), cands, batch=args.kernel_batch, device=device.describe(), rows_folded=args.kernel_rows == "folded")
+        (Path(args.out) / f"kernel-times-{name}{kernel_suffix(args)}.json").write_text(json.dumps(times.to_dict(), indent=2))
         for shape in sorted({t.shape for t in times.times}):
             at = {t.candidate.key: t.seconds for t in times.times if t.shape == shape}
             rows.append(dict(model=name, shape=list(shape), us={k: v * 1e6 for k, v in at.items()}))
             log(f"  {name:24s} {shape[0]}x{shape[1]}: " + "  ".join(f"{k} {v * 1e6:.1f}" for k, v in at.items()))
-    return dict(model=f"decode matmul of {args.kernel_batch} row(s), bf16, per format (us)", rows=rows)
+    return dict(model=f"decode matmul of {args.kernel_batch} row(s) ({args.kernel_rows}), bf16, per format (us)", rows=rows)
+
+
+def kernel_suffix(args) -> str:
+    return ("" if args.kernel_batch == 1 else f"-b{args.kernel_batch}") + ("" if args.kernel_rows == "folded" else "-tokens")
+
+
+def replan_section(args, work: Path) -> dict:
+    """The first --plan model planned again from its sensitivity table
+    (--sensitivity: a converted model's metadata) under `--no-slower-than
+    --replan-limit`, with kernel times measured here at --kernel-batch rows:
+    what `optiq convert --sensitivity ... --kernel-times ... --decode-batch N`
+    plans, without the model's weights (the planner needs only the table and
+    the shapes). The plan is written as a config and metadata (results/plans/)
+    and timed by the plans section beside uniform and the first --plan."""
+    from optiq.errors import OptiqError
+    from optiq.plan import plan_bits
+    from optiq.quantize import plan_quantization
+    from optiq.records import candidate_from_key, load_sensitivity, sort_candidates
+    from optiq.speed import TimeBudget, layer_shapes, measure_kernel_times, plan_seconds
+
+    source, config, _ = plan_source(args.plan[0])
+    own = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    table = load_sensitivity(args.sensitivity)
+    shapes = layer_shapes(random_model(own))
+    limit = candidate_from_key(args.replan_limit)
+    timed = sort_candidates({c for layer in table.layers for c in layer.candidates} | {limit})
+    times = measure_kernel_times(shapes.values(), timed, batch=args.kernel_batch, device=device.describe(), rows_folded=args.kernel_rows == "folded")
+    name = f"{source}-b{args.kernel_batch}" + ("" if args.kernel_rows == "folded" else "-tokens")
+    (Path(args.out) / f"kernel-times-{name}.json").write_text(json.dumps(times.to_dict(), indent=2))
+    budget = TimeBudget(times, shapes, limit)
+    timing = budget.plan_args(table)
+    free = plan_bits(table, args.replan_bpw)
+    found = dict(limit_ms=timing["seconds_budget"] * 1e3, unbudgeted_ms=plan_seconds(timing["seconds"], table, free) * 1e3,
+                 unbudgeted_kl=free.predicted_kl)
+    try:
+        plan = plan_bits(table, args.replan_bpw, **timing)
+    except OptiqError as e:  # no plan at this size is as fast as the limit at this batch: itself the finding
+        log(f"  replan at batch {args.kernel_batch}: {e}")
+        return dict(model=f"{source} replanned at batch {args.kernel_batch}", error=str(e), **found, rows=[])
+    found.update(planned_ms=plan.predicted_seconds * 1e3, planned_kl=plan.predicted_kl, effective_bpw=plan.effective_bpw)
+    log(f"  replan at batch {args.kernel_batch}: " + "  ".join(f"{k} {v:.4f}" for k, v in found.items()))
+    folder = work / "replan" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    quantization = plan_quantization(plan)
+    planned_config = dict(own, quantization=quantization, quantization_config=quantization)
+    metadata = dict(plan=plan.to_dict(), kernel_times=times.to_dict(), sensitivity_source=str(args.sensitivity))
+    for path, data in ((folder / "config.json", planned_config), (folder / "optiq_metadata.json", metadata),
+                       (Path(args.out) / "plans" / f"{name}.json", planned_config), (Path(args.out) / "plans" / f"{name}-metadata.json", metadata)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+    # planned for folded rows: each row is timed again folded, as optiq serve runs it
+    timed_args = argparse.Namespace(**{**vars(args), "plan": [str(folder), args.plan[0]], "plan_shapes": ["own"], "plan_uniform": [],
+                                       "fold_rows": args.fold_rows or args.kernel_rows == "folded"})
+    return dict(plans_section(timed_args, work), replanned=found)
+
+
+def replan_table(result) -> str:
+    found = result.get("replanned") or result
+    head = (f"limit {found['limit_ms']:.3f} ms of matmuls per step; the plan without it {found['unbudgeted_ms']:.3f} ms "
+            f"(predicted KL {found['unbudgeted_kl']:.4f})")
+    if "error" in result:
+        return f"{head}\n\n{result['error']}"
+    return (f"{head}; planned {found['planned_ms']:.3f} ms (predicted KL {found['planned_kl']:.4f}, "
+            f"{found['effective_bpw']:.3f} bpw)\n\n{plans_table(result)}")
 
 
 def kernels_table(result) -> str:
@@ -879,7 +956,7 @@ def kernels_table(result) -> str:
 
 SECTIONS = {"gptq": (gptq_section, gptq_table), "kv": (kv_section, kv_table), "serve": (serve_section, serve_table), "convert": (convert_section, convert_table), "moe": (moe_section, moe_table),
             "speculative": (speculative_section, speculative_table), "formats": (formats_section, formats_table),
-            "plans": (plans_section, plans_table), "kernels": (kernels_section, kernels_table)}
+            "plans": (plans_section, plans_table), "kernels": (kernels_section, kernels_table), "replan": (replan_section, replan_table)}
 
 
 def main():
@@ -902,7 +979,16 @@ def main():
     p.add_argument("--decode-context", type=int, default=1024, help="plans section: cached tokens before the timed decode steps")
     p.add_argument("--decode-batches", default="1,16", help="plans section: decode batch sizes")
     p.add_argument("--prefill", type=int, default=2048, help="plans section: prompt tokens of the timed prefill")
-    p.add_argument("--kernel-batch", type=int, default=1, help="kernels section: input rows per matmul (the decode batch)")
+    p.add_argument("--kernel-batch", type=int, default=1, help="kernels/replan sections: input rows per matmul (the decode batch)")
+    p.add_argument("--kernel-rows", choices=("folded", "tokens"), default="folded",
+                   help="kernels/replan sections: a (batch, in) input, as optiq serve multiplies it (optiq/cuda.py), or (batch, 1, in), as stock mlx-lm feeds it")
+    p.add_argument("--sensitivity", default=str(RESULTS / "plans" / "Qwen2.5-Coder-1.5B-Instruct-optiq-4.5bpw-speed-metadata.json"),
+                   help="replan section: the first --plan model's sensitivity table (a converted model's folder or metadata)")
+    p.add_argument("--replan-limit", default="4@64", help="replan section: the format whose decode time the plan may not exceed")
+    p.add_argument("--replan-bpw", type=float, default=4.5, help="replan section: the plan's effective bpw target")
+    p.add_argument("--plan-baselines", choices=("all", "4bit"), default="all",
+                   help="plans/replan sections: every peer row (bf16, 4-bit g64 and g128, mixed_4_6) or mlx-lm 4-bit g64 alone")
+    p.add_argument("--fold-rows", action="store_true", help="plans section: each quantized row timed again with optiq serve's folded rows (optiq/cuda.py)")
     p.add_argument("--plan-uniform", default="", help="plans section: BITS:GROUP,... to time uniform formats instead of the mixed rows")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--plot-plans", nargs="+", default=None, help="plans JSONs (repeated runs) to draw as one PNG (--out: the PNG)")
@@ -920,7 +1006,7 @@ def main():
         assert all(len(f) == 2 for f in args.plan_uniform)
     except (ValueError, AssertionError):
         raise SystemExit(f"--plan-uniform {args.plan_uniform!r}: expected BITS:GROUP,... (e.g. 4:64,8:128)")
-    if "plans" in args.sections.split(","):
+    if {"plans", "replan"} & set(args.sections.split(",")):
         for path in args.plan:
             config = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
             if not config.exists() or "quantization" not in json.loads(config.read_text()):

@@ -45,7 +45,7 @@ def _shape(value) -> tuple:
 
 @attrs.frozen
 class KernelTime(Record):
-    """Seconds of one matmul of a (batch, in) input by an (out, in) weight stored as `candidate`."""
+    """Seconds of one matmul of a decode step's input by an (out, in) weight stored as `candidate`."""
 
     shape: tuple[int, int] = attrs.field(converter=_shape)
     candidate: Candidate = attrs.field(converter=lambda c: _candidates([c])[0])
@@ -58,12 +58,16 @@ def _times(value) -> tuple:
 
 @attrs.frozen
 class KernelTimes(Record):
-    """Kernel times measured on one device, for one batch size and input dtype."""
+    """Kernel times measured on one device, for one batch size and input dtype.
+    rows_folded: the input was (batch, in), as optiq serve multiplies a
+    batched decode step (optiq/cuda.py); else (batch, 1, in), as stock
+    mlx-lm feeds it (MLX-CUDA multiplies that several times slower at batch > 1)."""
 
     device: str
     batch: int
     dtype: str
     times: tuple[KernelTime, ...] = attrs.field(converter=_times)
+    rows_folded: bool = True
 
     def seconds(self, shape, candidate: Candidate) -> float:
         shape = _shape(shape)
@@ -135,15 +139,16 @@ def _stored(w, candidate: Candidate):
     return tuple(p for p in parts if p is not None)
 
 
-def time_kernel(shape, candidate: Candidate, batch: int = 1, dtype=mx.bfloat16, repeats: int = 15) -> float:
-    """Median seconds of one (batch, in) x (out, in)^T matmul with the weight
-    stored as `candidate`, over enough distinct copies of random weights that
-    they do not fit in a cache."""
+def time_kernel(shape, candidate: Candidate, batch: int = 1, dtype=mx.bfloat16, repeats: int = 15, rows_folded: bool = True) -> float:
+    """Median seconds of one (batch, in) x (out, in)^T matmul (an input of
+    (batch, 1, in) unless `rows_folded`) with the weight stored as
+    `candidate`, over enough distinct copies of random weights that they do
+    not fit in a cache."""
     out_dim, in_dim = _shape(shape)
     nbytes = out_dim * in_dim * candidate.effective_bits / 8  # effective_bits is 16 for a float weight
     copies = max(2, min(MAX_COPIES, math.ceil(MIN_TIMED_BYTES / max(nbytes, 1))))
     weights = [_stored(mx.random.normal((out_dim, in_dim), key=mx.random.key(i)).astype(dtype) * 0.02, candidate) for i in range(copies)]
-    x = mx.random.normal((batch, in_dim), key=mx.random.key(copies)).astype(dtype)
+    x = mx.random.normal((batch, in_dim) if rows_folded else (batch, 1, in_dim), key=mx.random.key(copies)).astype(dtype)
     mx.eval(weights, x)
     call = _timed_call(weights, x, candidate)
     for _ in range(3):  # compile and warm
@@ -158,16 +163,17 @@ def time_kernel(shape, candidate: Candidate, batch: int = 1, dtype=mx.bfloat16, 
     return statistics.median(samples)
 
 
-def measure_kernel_times(shapes, candidates, batch: int = 1, dtype=mx.bfloat16, repeats: int = 15, device: str = "", on_time=None) -> KernelTimes:
+def measure_kernel_times(shapes, candidates, batch: int = 1, dtype=mx.bfloat16, repeats: int = 15, device: str = "", on_time=None,
+                         rows_folded: bool = True) -> KernelTimes:
     """Every pair of `timed_pairs` timed by `time_kernel`; `on_time()` after each."""
     if batch < 1:
         raise OptiqError(f"the decode batch must be >= 1, got {batch}")
     times = []
     for shape, candidate in timed_pairs(shapes, candidates):
-        times.append(KernelTime(shape, candidate, time_kernel(shape, candidate, batch, dtype, repeats)))
+        times.append(KernelTime(shape, candidate, time_kernel(shape, candidate, batch, dtype, repeats, rows_folded)))
         if on_time is not None:
             on_time()
-    return KernelTimes(device=device, batch=batch, dtype=str(dtype).split(".")[-1], times=times)
+    return KernelTimes(device=device, batch=batch, dtype=str(dtype).split(".")[-1], times=times, rows_folded=rows_folded)
 
 
 def missing_times(times: KernelTimes, shapes: dict, candidates) -> list:

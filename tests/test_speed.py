@@ -48,6 +48,10 @@ def test_kernel_times_cover_every_fitting_pair_and_round_trip():
     assert KernelTimes.from_dict(json.loads(json.dumps(times.to_dict()))) == times
     assert missing_times(times, {"a": (64, 96), "b": None}, cands) == []
     assert missing_times(times, {"a": (64, 96)}, cands + (Candidate(5, 32),)) == [((64, 96), "5@32")]
+    # (batch, in) rows by default, as optiq serve multiplies them; stock mlx-lm's (batch, 1, in) on request, and recorded
+    assert times.rows_folded and KernelTimes.from_dict({k: v for k, v in times.to_dict().items() if k != "rows_folded"}).rows_folded
+    tokens = measure_kernel_times([(32, 64)], (Candidate(4, 32),), batch=3, repeats=2, rows_folded=False)
+    assert not tokens.rows_folded and not KernelTimes.from_dict(json.loads(json.dumps(tokens.to_dict()))).rows_folded
 
 
 def test_layer_shapes_follow_what_a_decode_step_multiplies(model_factory):
