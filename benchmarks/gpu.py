@@ -79,13 +79,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import draw_png, drive_requests, markdown_table, weight_bits  # noqa: E402
 
 from optiq import device, gptq  # noqa: E402
-from optiq.cuda import fold_rows  # noqa: E402
 from optiq.calibration import sample_tokens  # noqa: E402
+from optiq.cuda import fold_rows  # noqa: E402
+from optiq.errors import OptiqError  # noqa: E402
 from optiq.io import copy_tokenizer_files  # noqa: E402
 from optiq.kv import kernels, make_kv_cache, measure_kv, plan_kv  # noqa: E402
 from optiq.kv.sensitivity import cache_layers  # noqa: E402
 from optiq.pipeline import ConvertConfig, Report, convert  # noqa: E402
-from optiq.records import Candidate  # noqa: E402
+from optiq.plan import plan_bits  # noqa: E402
+from optiq.quantize import plan_quantization  # noqa: E402
+from optiq.records import Candidate, candidate_from_key, load_sensitivity, sort_candidates  # noqa: E402
+from optiq.speed import TimeBudget, layer_shapes, measure_kernel_times, plan_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -645,7 +649,7 @@ def plans_section(args, work: Path) -> dict:
         shape_config = shapes[shape]
         name = first if shape == "own" else shape
         specs = baseline_rows(random_model(shape_config), args.plan_uniform)
-        if getattr(args, "plan_baselines", "all") == "4bit":  # only the row every plan is held to
+        if args.plan_baselines == "4bit":  # only the row every plan is held to
             specs = [s for s in specs if s[0].startswith("mlx-lm 4-bit g64")]
         for source, config, plan in ([] if args.plan_uniform else plans):
             formats = plan_formats(config)
@@ -673,7 +677,7 @@ def plans_section(args, work: Path) -> dict:
             rows.append(row)
             log(f"  {name:24s} {row_name[:44]:44s} {row['effective_bpw']:.3f} bpw  " +
                 "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("decode", "prefill"))))
-            if getattr(args, "fold_rows", False) and row_formats is not None:  # the same model as optiq serve runs it
+            if args.fold_rows and row_formats is not None:  # the same model as optiq serve runs it
                 fold_rows(model)
                 row = dict(row, method=f"{row_name}, rows folded (optiq serve)")
                 row.update(speed_row(model, args.decode_context, args.decode_batches, args.prefill, args.steps))
@@ -867,8 +871,6 @@ def kernels_section(args, work: Path) -> dict:
     Llama-3-8B's) for the 4.5-bpw default candidates: what `optiq convert
     --no-slower-than 4@64 --kernel-times FILE` plans with on another machine.
     Each is written as a KernelTimes JSON beside the section's."""
-    from optiq.speed import layer_shapes, measure_kernel_times
-
     cands = [Candidate(b, g) for b in (4, 5, 6, 8) for g in (64, 128)] + [Candidate(16, 64)]
     configs = {name: {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")} for name, config, _ in map(plan_source, args.plan)}
     configs["llama-3-8b"] = {"model_type": "llama", **SHAPES["llama-3-8b"]}
@@ -885,7 +887,11 @@ def kernels_section(args, work: Path) -> dict:
 
 
 def kernel_suffix(args) -> str:
-    return ("" if args.kernel_batch == 1 else f"-b{args.kernel_batch}") + ("" if args.kernel_rows == "folded" else "-tokens")
+    return ("" if args.kernel_batch == 1 else f"-b{args.kernel_batch}") + rows_suffix(args)
+
+
+def rows_suffix(args) -> str:
+    return "" if args.kernel_rows == "folded" else "-tokens"
 
 
 def replan_section(args, work: Path) -> dict:
@@ -896,12 +902,6 @@ def replan_section(args, work: Path) -> dict:
     plans, without the model's weights (the planner needs only the table and
     the shapes). The plan is written as a config and metadata (results/plans/)
     and timed by the plans section beside uniform and the first --plan."""
-    from optiq.errors import OptiqError
-    from optiq.plan import plan_bits
-    from optiq.quantize import plan_quantization
-    from optiq.records import candidate_from_key, load_sensitivity, sort_candidates
-    from optiq.speed import TimeBudget, layer_shapes, measure_kernel_times, plan_seconds
-
     source, config, _ = plan_source(args.plan[0])
     own = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     table = load_sensitivity(args.sensitivity)
@@ -909,7 +909,7 @@ def replan_section(args, work: Path) -> dict:
     limit = candidate_from_key(args.replan_limit)
     timed = sort_candidates({c for layer in table.layers for c in layer.candidates} | {limit})
     times = measure_kernel_times(shapes.values(), timed, batch=args.kernel_batch, device=device.describe(), rows_folded=args.kernel_rows == "folded")
-    name = f"{source}-b{args.kernel_batch}" + ("" if args.kernel_rows == "folded" else "-tokens")
+    name = f"{source}-b{args.kernel_batch}{rows_suffix(args)}"  # never the --plan's own name, even at batch 1
     (Path(args.out) / f"kernel-times-{name}.json").write_text(json.dumps(times.to_dict(), indent=2))
     budget = TimeBudget(times, shapes, limit)
     timing = budget.plan_args(table)

@@ -45,7 +45,7 @@ class ConvertOptions:
     max_memory: Optional[float] = field(default=None, metadata=dict(help="GB the pass may hold (default: the machine's memory); a model that does not fit in fp32 streams its blocks from disk"))
     no_slower_than: Optional[str] = field(default=None, metadata=dict(help="a format, e.g. 4@64: hold the plan's decode matmul time to every layer's at that format, by each layer's kernel time per candidate measured on this device at the model's shapes (or --kernel-times); for kernels that are not bandwidth-bound, where fewer bits are not less time"))
     kernel_times: Optional[str] = field(default=None, metadata=dict(help="kernel times measured elsewhere (the device the model will run on): a converted model's folder or optiq_metadata.json, or a KernelTimes JSON"))
-    decode_batch: int = field(default=1, metadata=dict(help="sequences per decode step the kernel times are measured at"))
+    decode_batch: int = field(default=1, metadata=dict(help="sequences per decode step the kernel times are measured at (their rows as one matrix, as optiq serve multiplies them)"))
     quiet: bool = False
 
 
