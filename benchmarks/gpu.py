@@ -45,10 +45,13 @@ Sections (each writes benchmarks/results/gpu-SECTION.json, or under --out):
   carried to Llama-3-8B's by role and depth, against mlx-lm's uniform 4-bit
   g64, 4-bit g128 and mixed_4_6: decode ms/token at batch 1 and 16 after
   1024 cached tokens, prefill tok/s; `--plan-uniform 4:64,8:128,...` times
-  uniform formats instead. `--plot-plans JSON...` draws repeated runs.
+  uniform formats instead; `--plan-baselines 4bit` keeps only uniform 4-bit
+  g64; `--fold-rows` times each quantized row again as optiq serve runs it
+  (optiq/cuda.py). `--plot-plans JSON...` draws repeated runs.
 - kernels: optiq.speed's decode matmul time per format at each `--plan`
   model's layer shapes and Llama-3-8B's (`--kernel-batch N` rows, default
-  1), written as KernelTimes JSONs (`kernel-times-NAME.json`) that `optiq convert --no-slower-than 4@64
+  1; `--kernel-rows tokens`: a (batch, 1, in) input, as stock mlx-lm feeds
+  it, instead of optiq serve's folded rows), written as KernelTimes JSONs (`kernel-times-NAME.json`) that `optiq convert --no-slower-than 4@64
   --kernel-times FILE` plans with elsewhere.
 - replan: the first `--plan` model planned again from its sensitivity table
   (`--sensitivity`) under `--no-slower-than --replan-limit` with kernel times

@@ -142,6 +142,8 @@ def load_draft(folder, tokenizer, fp32: bool):
         raise OptiqError(f"--draft-model {folder}: its vocabulary ({len(theirs)} tokens) is not the model's ({len(ours)}; {differ} differ)")
     if fp32:
         adapt_for_cpu(draft)
+    else:
+        adapt_for_cuda(draft)  # the model's GPU path too (optiq/cuda.py)
     mx.eval(draft.parameters())
     return draft
 
