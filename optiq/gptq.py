@@ -114,9 +114,10 @@ UNIT_SCALE = {"mxfp4": 127, "mxfp8": 127, "nvfp4": 0x38}
 
 
 def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int, dtype=mx.float16, damp: float = DAMP, block: int = BLOCK,
-               mode: str = "affine"):
+               mode: str = "affine", refit: bool = False):
     """(codes, scales, biases) for `weight` (out, in) given H = X^T X (in, in);
-    for a microscaling `mode`, (codes, scale bytes, None)."""
+    for a microscaling `mode`, (codes, scale bytes, None). refit: the affine
+    scales and biases fitted to the codes afterwards (`refit_affine`)."""
     g = group_size
     grid = AffineGrid(bits, dtype) if mode == "affine" else FloatGrid(mode)
     # fp64 for the inverse; the column updates in fp32 give the same output
@@ -149,7 +150,51 @@ def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int,
         w[:, stop:] -= err1 @ hinv[start:stop, stop:]
     if mode != "affine":
         return q, np.stack([p[0] for p in params], axis=1).astype(np.uint8), None
+    if refit:
+        return (q, *refit_affine(np.where(dead, 0.0, weight), gram, q, g, dtype, damp))
     return q, np.stack([p[0] for p in params], axis=1), np.stack([p[1] for p in params], axis=1)
+
+
+def refit_affine(weight: np.ndarray, gram: np.ndarray, q: np.ndarray, group_size: int, dtype=mx.float16, damp: float = DAMP, rows: int = 256):
+    """(scales, biases) that minimise each row's output error (w - w_hat)^T H (w - w_hat)
+    with the codes `q` fixed: w_hat = s_g * q + b_g per group is linear in the
+    row's (s, b), so the best ones solve a 2G x 2G system per row (G groups).
+    GPTQ picks the codes against a min/max grid; this fits the grid to the
+    codes under the same Gram (damped as GPTQ damps it), rounded as stored."""
+    w = np.asarray(weight, dtype=np.float64)
+    h = np.array(gram, dtype=np.float64)
+    n_out, n_in = w.shape
+    groups = n_in // group_size
+    h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h)) + 1e-12
+    scales, biases = np.empty((n_out, groups)), np.empty((n_out, groups))
+    h_rows = h.reshape(groups, group_size, n_in)  # H's rows, by the group of their input
+    ones_h = h_rows.sum(axis=1)  # (G, in): each group's indicator times H
+    ones_h_ones = ones_h.reshape(groups, groups, group_size).sum(axis=-1)  # (G, G)
+    for start in range(0, n_out, rows):
+        qs = np.asarray(q[start : start + rows], dtype=np.float64)  # (r, in)
+        ws = w[start : start + rows]
+        r = len(qs)
+        q_groups = qs.reshape(r, groups, group_size)
+        # (r, G, in): each group's codes (zero elsewhere) times H, one batched matmul per group
+        qg_h = np.matmul(q_groups.transpose(1, 0, 2), h_rows).transpose(1, 0, 2)
+        by_group = qg_h.reshape(r, groups, groups, group_size)
+        a = np.empty((r, 2 * groups, 2 * groups))
+        a[:, :groups, :groups] = np.einsum("rghk,rhk->rgh", by_group, q_groups)
+        a[:, :groups, groups:] = by_group.sum(axis=-1)
+        a[:, groups:, :groups] = a[:, :groups, groups:].transpose(0, 2, 1)
+        a[:, groups:, groups:] = ones_h_ones
+        rhs = np.concatenate([np.einsum("rgi,ri->rg", qg_h, ws), ws @ ones_h.T], axis=1)
+        # a group whose codes are all equal has a singular block: a ridge keeps it solvable
+        a[:, np.arange(2 * groups), np.arange(2 * groups)] += 1e-9 * np.abs(a).max(axis=(1, 2))[:, None]
+        theta = np.linalg.solve(a, rhs[..., None])[..., 0]
+        scales[start : start + rows], biases[start : start + rows] = theta[:, :groups], theta[:, groups:]
+    return round_stored(scales, dtype), round_stored(biases, dtype)
+
+
+def output_error(weight, gram, w_hat) -> float:
+    """sum over rows of (w - w_hat)^T H (w - w_hat): the layer's squared output error on the Gram's inputs."""
+    d = np.asarray(weight, dtype=np.float64) - np.asarray(w_hat, dtype=np.float64)
+    return float(np.einsum("ri,ij,rj->", d, np.asarray(gram, dtype=np.float64), d))
 
 
 # -- on MLX arrays (a GPU) -----------------------------------------------------------

@@ -125,10 +125,10 @@ def _roles(module, tied: bool) -> tuple:
     return ("embedding", "lm_head") if tied and isinstance(module, nn.Embedding) else ()
 
 
-def rounding_for(reference: ReferencePass, quantizer: str = "rtn", dtype=None) -> Rounding:
+def rounding_for(reference: ReferencePass, quantizer: str = "rtn", dtype=None, refit: bool = False) -> Rounding:
     """The Rounding whose Grams are this reference pass's."""
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return Rounding(quantizer, grams=reference.grams, head_gram=reference.head_gram, **kwargs)
+    return Rounding(quantizer, grams=reference.grams, head_gram=reference.head_gram, refit=refit, **kwargs)
 
 
 def measure_weights(model, tokens, candidates, anchors=None, model_id: str = "", reference_name: str = "fp32",

@@ -162,19 +162,23 @@ def experts_gptq_weight(weight: mx.array, grams: Mapping, candidate: Candidate, 
     return mx.stack(weights), tuple(None if p[0] is None else stack(list(p)) for p in zip(*codes))  # no biases in a microscaling format
 
 
-def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, factor=None):
+def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, factor=None, refit: bool = False):
     """(fp32 weight, (codes, scales, biases)) after GPTQ onto the candidate's
     grid: numpy on a CPU (every CPU result) and for a microscaling format
     (biases None), MLX arrays and the CUDA block kernel on MLX-CUDA given the
-    layer's inverse_factor (computed here when not given)."""
+    layer's inverse_factor (computed here when not given). refit: an affine
+    layer's scales and biases fitted to its codes after (gptq.refit_affine)."""
     if candidate.mode != "affine":
         q, scales, _ = gptq.gptq_numpy(np.array(weight.astype(mx.float32)), np.array(gram), candidate.bits, candidate.group_size, mode=candidate.mode)
         return dequantize_rows((mx.array(pack(q, candidate.bits)), mx.array(scales), None), candidate), (q, scales, None)
     if device.on_cuda():
         factor = factor if factor is not None else gptq.inverse_factor(gram)
         codes = gptq.gptq_mlx(weight, factor, candidate.bits, candidate.group_size, dtype, block_step=gptq.block_step_cuda)
+        if refit:  # on the host: one small solve per row
+            fitted = gptq.refit_affine(np.array(weight.astype(mx.float32)), np.array(gram), np.array(codes[0]), candidate.group_size, dtype)
+            codes = (codes[0], *(mx.array(p, dtype=mx.float32) for p in fitted))
         return gptq.dequantize_mx(*codes, candidate.group_size), codes
-    q, scales, biases = gptq.gptq_numpy(np.array(weight.astype(mx.float32)), np.array(gram), candidate.bits, candidate.group_size, dtype)
+    q, scales, biases = gptq.gptq_numpy(np.array(weight.astype(mx.float32)), np.array(gram), candidate.bits, candidate.group_size, dtype, refit=refit)
     return mx.array(dequantize(q, scales, biases, candidate.group_size)), (q, scales, biases)
 
 
@@ -196,6 +200,7 @@ class Rounding:
     # On a GPU: each layer's GPTQ factor (gptq.inverse_factor), made once and
     # kept, since every candidate of a layer and its codes reuse it.
     factors: dict = attrs.field(factory=dict, repr=False)
+    refit: bool = False  # GPTQ's affine scales and biases fitted to its codes (gptq.refit_affine); not for expert stacks
 
     def gram_for(self, path: str, module):
         """X^T X of the layer's input, when one was recorded ({expert: Gram}
@@ -227,8 +232,8 @@ class Rounding:
             if device.on_cuda():
                 if path not in self.factors:
                     self.factors[path] = gptq.inverse_factor(gram)
-                return gptq_weight(weight, gram, candidate, self.dtype, self.factors[path])
-            return gptq_weight(weight, gram, candidate, self.dtype)
+                return gptq_weight(weight, gram, candidate, self.dtype, self.factors[path], refit=self.refit)
+            return gptq_weight(weight, gram, candidate, self.dtype, refit=self.refit)
         return fake_quantize(weight, candidate, self.dtype), None
 
     def quantized(self, path: str, module, weight: mx.array, candidate: Candidate, rows: slice | None = None) -> mx.array:

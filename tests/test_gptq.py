@@ -72,3 +72,30 @@ def test_the_triangular_inverse_by_halves_is_exact(monkeypatch):
     tol = 1e-6 if mx.default_device() == mx.cpu else 1e-3  # H200 measured 1.4e-4 of the largest entry: its fp32 matmuls
     np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
     assert not np.tril(got, -1).any()
+
+
+@pytest.mark.parametrize("bits,group", [(3, 32), (4, 64)])
+def test_refit_scales_are_the_least_squares_fit_to_the_codes(bits, group):
+    """refit_affine's scales and biases are the weighted least-squares fit of
+    each row to its fixed codes (checked against a generic solver on the
+    same objective), so the layer's output error falls below GPTQ's own grid."""
+    rng = np.random.default_rng(1)
+    n_out, n_in = 24, 128
+    x = rng.standard_normal((512, n_in)) @ rng.standard_normal((n_in, n_in)) * 0.3
+    h = x.T @ x
+    w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32)
+    q, scales, biases = gptq.gptq_numpy(w, h, bits, group, dtype=mx.float32)
+    s2, b2 = gptq.refit_affine(w, h, q, group, dtype=mx.float32)
+    q3, s3, b3 = gptq.gptq_numpy(w, h, bits, group, dtype=mx.float32, refit=True)
+    assert np.array_equal(q3, q) and np.allclose(s3, s2) and np.allclose(b3, b2)  # the same codes, then the fit
+    damped = h + gptq.DAMP * np.mean(np.diag(h)) * np.eye(n_in)
+    chol = np.linalg.cholesky(damped)
+    for r in range(3):  # the same fit from lstsq on the whitened problem
+        design = np.zeros((n_in, 2 * (n_in // group)))
+        for g in range(n_in // group):
+            design[g * group : (g + 1) * group, g] = q[r, g * group : (g + 1) * group]
+            design[g * group : (g + 1) * group, n_in // group + g] = 1.0
+        theta = np.linalg.lstsq(chol.T @ design, chol.T @ w[r].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(np.concatenate([s2[r], b2[r]]), theta, rtol=1e-4, atol=1e-6)
+    dequant = lambda s, b: (q.reshape(n_out, -1, group) * s[..., None] + b[..., None]).reshape(n_out, n_in)  # noqa: E731
+    assert gptq.output_error(w, h, dequant(s2, b2)) < gptq.output_error(w, h, dequant(scales, biases))

@@ -30,6 +30,7 @@ class ConvertOptions:
     anchor_bits: str = field(default="4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
     quantizer: str = field(default="auto", metadata=dict(choices=["auto", "rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation, measured and written with the same rounding (auto: gptq; rtn for a model streamed from disk)"))
+    refit_scales: bool = field(default=False, metadata=dict(help="after GPTQ, fit each group's scale and bias to its codes by least squares under the layer's input Gram (probed and written alike)"))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8
@@ -59,7 +60,7 @@ def config_from(opts: ConvertOptions) -> ConvertConfig:
         modes=tuple(m.strip() for m in opts.modes.split(",") if m.strip()),
         calibration=opts.calibration, n_calibration=opts.n_calibration, seq_len=opts.seq_len, gram_samples=opts.gram_samples,
         kl_stride=opts.kl_stride, measure=opts.measure, anchor_bits=int_list(opts.anchor_bits), method=opts.method,
-        quantizer=opts.quantizer, refine_rounds=opts.refine_rounds, protect=tuple(p for p in opts.protect.split(",") if p.strip()),
+        quantizer=opts.quantizer, refine_rounds=opts.refine_rounds, refit_scales=opts.refit_scales, protect=tuple(p for p in opts.protect.split(",") if p.strip()),
         protect_bits=opts.protect_bits, sensitivity=opts.sensitivity, dtype=opts.dtype, eval_data=opts.eval_data, n_eval=opts.n_eval,
         evaluate=not opts.no_eval, seed=opts.seed, force=opts.force, model_type=opts.model_type,
         keep_unused_modalities=opts.keep_unused_modalities, max_memory=opts.max_memory,

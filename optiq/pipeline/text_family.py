@@ -121,7 +121,7 @@ class TextFamily:
         return calibration.reference
 
     def rounding(self, loaded: TextModel, calibration: TextCalibration, config: ConvertConfig) -> Rounding:
-        return rounding_for(self.reference(loaded, calibration, config), loaded.quantizer, DTYPES[loaded.dtype])
+        return rounding_for(self.reference(loaded, calibration, config), loaded.quantizer, DTYPES[loaded.dtype], refit=config.refit_scales)
 
     def measure(self, config: ConvertConfig, loaded: TextModel, calibration: TextCalibration, candidates, report: Report):
         if config.sensitivity:
@@ -244,6 +244,7 @@ class TextFamily:
             "source": str(config.model or DEFAULT_MODEL_NAME),
             "reference": loaded.loaded.reference,
             "quantizer": loaded.quantizer,
+            **({"refit_scales": True} if config.refit_scales else {}),
             "calibration": {"source": config.calibration or "self-sampled", "n_sequences": int(calibration.tokens.shape[0]), "gram_sequences": int(calibration.every.shape[0]), "seq_len": int(calibration.tokens.shape[1]), "seed": config.seed, "kl_stride": config.kl_stride},
             "plan": plan.to_dict(),
             "sensitivity": table.to_dict(),
