@@ -131,7 +131,8 @@ def written_label(folder: Path) -> str:
     """A written model's row name, from what its optiq_metadata.json records."""
     meta = json.loads((folder / "optiq_metadata.json").read_text())
     calibration = Path(str(meta.get("calibration", {}).get("source", "self-sampled"))).name
-    label = f"optiq convert (calibration: {calibration})"
+    refit = ", scales refit" if meta.get("refit_scales") else ""  # recorded since convert refits GPTQ's scales by default
+    label = f"optiq convert (calibration: {calibration}{refit})"
     if tuning := meta.get("tuning"):
         on = ", on a GPU" if "gpu" in str(tuning.get("device", "")) else ""
         label += f" + optiq tune (lr {tuning['lr']:g}, T {tuning.get('temperature', 2.0):g}, {tuning['steps']} steps{on})"

@@ -125,7 +125,7 @@ def _roles(module, tied: bool) -> tuple:
     return ("embedding", "lm_head") if tied and isinstance(module, nn.Embedding) else ()
 
 
-def rounding_for(reference: ReferencePass, quantizer: str = "rtn", dtype=None, refit: bool = False) -> Rounding:
+def rounding_for(reference: ReferencePass, quantizer: str = "rtn", dtype=None, refit: bool = True) -> Rounding:
     """The Rounding whose Grams are this reference pass's."""
     kwargs = {} if dtype is None else {"dtype": dtype}
     return Rounding(quantizer, grams=reference.grams, head_gram=reference.head_gram, refit=refit, **kwargs)
@@ -176,11 +176,11 @@ def logits_kl(pairs) -> dict:
     return {"kl_mean": kl_sum / max(count, 1), "top1": top1 / max(count, 1), "n_tokens": count}
 
 
-def gram_rounding(model, layers, quantizer: str, forward_each, dtype=mx.float16) -> Rounding:
+def gram_rounding(model, layers, quantizer: str, forward_each, dtype=mx.float16, refit: bool = True) -> Rounding:
     """The Rounding for `quantizer`; for GPTQ the Grams come from running
     forward_each() (every calibration forward pass, in order)."""
     grams = record_grams(model, layers, forward_each) if quantizer == "gptq" else {}
-    return Rounding(quantizer, dtype, grams)
+    return Rounding(quantizer, dtype, grams, refit=refit)
 
 
 def tied_layers(layers) -> tuple:

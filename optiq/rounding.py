@@ -200,7 +200,7 @@ class Rounding:
     # On a GPU: each layer's GPTQ factor (gptq.inverse_factor), made once and
     # kept, since every candidate of a layer and its codes reuse it.
     factors: dict = attrs.field(factory=dict, repr=False)
-    refit: bool = False  # GPTQ's affine scales and biases fitted to its codes (gptq.refit_affine); not for expert stacks
+    refit: bool = True  # GPTQ's affine scales and biases fitted to its codes (gptq.refit_affine); not for expert stacks
 
     def gram_for(self, path: str, module):
         """X^T X of the layer's input, when one was recorded ({expert: Gram}

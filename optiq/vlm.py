@@ -335,12 +335,12 @@ def quantizable(model) -> tuple:
     return tied_layers(quantizable_layers(model))
 
 
-def rounding(model, samples, quantizer: str, dtype=mx.float16):
+def rounding(model, samples, quantizer: str, dtype=mx.float16, refit: bool = True):
     """MLX's rounding, or GPTQ with Grams over the calibration samples'
     forward passes (not for tied layers: twins must share one set of codes)."""
     layers, twins = quantizable(model)
     untied = [(p, m) for p, m in layers if p not in twins]
-    return gram_rounding(model, untied, quantizer, lambda: (forward(model, s) for s in samples), dtype)
+    return gram_rounding(model, untied, quantizer, lambda: (forward(model, s) for s in samples), dtype, refit)
 
 
 def measure(model, samples, candidates, rounding, model_id: str = "", on_probe=run_it) -> SensitivityTable:

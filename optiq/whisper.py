@@ -172,9 +172,9 @@ class Calibrated:
         )
 
 
-def rounding(model, batches, quantizer: str, dtype=mx.float16):
+def rounding(model, batches, quantizer: str, dtype=mx.float16, refit: bool = True):
     """MLX's rounding, or GPTQ with Grams over the calibration speech's forward passes."""
-    return gram_rounding(model, quantizable(model), quantizer, lambda: (model.logits(t, model.embed_audio(mel)) for mel, t in batches), dtype)
+    return gram_rounding(model, quantizable(model), quantizer, lambda: (model.logits(t, model.embed_audio(mel)) for mel, t in batches), dtype, refit)
 
 
 def measure(model, batches, candidates, rounding, model_id: str = "", on_probe=run_it) -> SensitivityTable:

@@ -197,8 +197,8 @@ def test_refinement_keeps_only_rounds_that_lower_the_measured_kl(model_factory, 
         ("llama", ["--target-bpw", "4.25", "--group-sizes", "32,64", "--candidate-bits", "3,4"]),
         # a bf16 output: scales and biases rounded through bf16 by the probes as by the writer
         ("llama", ["--target-bpw", "3.5", "--group-size", "32", "--dtype", "bfloat16"]),
-        # scales and biases fitted to GPTQ's codes afterwards: probed and written alike
-        ("llama", ["--target-bpw", "3.5", "--group-size", "32", "--refit-scales"]),
+        # GPTQ's own min/max grid, without the scales and biases fitted to its codes (the default)
+        ("llama", ["--target-bpw", "3.5", "--group-size", "32", "--no-refit-scales"]),
         # MLX's microscaling formats: GPTQ on their float grids, 8-bit scales, no biases
         ("llama", ["--target-bpw", "5", "--group-size", "32", "--modes", "mxfp4,nvfp4,mxfp8", "--candidate-bits", "4,8"]),
     ],
@@ -230,8 +230,8 @@ def test_gptq_is_measured_and_written_with_the_same_rounding(model_factory, tmp_
     plan = BitPlan.from_dict(meta["plan"])
     assert len({c.group_size for _, c in plan.assignments}) == (2 if "--group-sizes" in sizes else 1)
     dtype = mx.bfloat16 if "bfloat16" in sizes else mx.float16
-    refit = "--refit-scales" in sizes
-    assert meta.get("refit_scales", False) == refit
+    refit = "--no-refit-scales" not in sizes
+    assert meta["refit_scales"] == refit
     rounding = rounding_for(cal, "gptq", dtype, refit=refit)  # the rounding convert used, for the expected weights
     for path, cand in plan.assignments[1:]:
         container, key = container_of(ref.model, path)

@@ -30,7 +30,7 @@ class ConvertOptions:
     anchor_bits: str = field(default="4", metadata=dict(help="bit-widths probed with --measure anchors"))
     method: str = field(default="exact", metadata=dict(choices=["exact", "greedy"]))
     quantizer: str = field(default="auto", metadata=dict(choices=["auto", "rtn", "gptq"], help="round-to-nearest, or GPTQ error compensation, measured and written with the same rounding (auto: gptq; rtn for a model streamed from disk)"))
-    refit_scales: bool = field(default=False, metadata=dict(help="after GPTQ, fit each group's scale and bias to its codes by least squares under the layer's input Gram (probed and written alike)"))
+    refit_scales: bool = field(default=True, metadata=dict(help="after GPTQ, each group's scale and bias fitted to its codes by least squares under the layer's input Gram, probed and written alike (--no-refit-scales: GPTQ's min/max grid)"))
     refine_rounds: int = field(default=0, metadata=dict(help="measure the plan and re-allocate around it, up to N rounds, while it helps"))
     protect: str = field(default="", metadata=dict(help="comma list of embed,lm_head,first,last or regexes kept at >= --protect-bits"))
     protect_bits: int = 8

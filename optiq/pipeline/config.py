@@ -55,7 +55,7 @@ class ConvertConfig:
     method: str = "exact"
     quantizer: str = "auto"  # auto: gptq, rtn for a model streamed from disk
     refine_rounds: int = 0
-    refit_scales: bool = False  # GPTQ's scales and biases fitted to its codes by least squares (gptq.refit_affine)
+    refit_scales: bool = True  # GPTQ's scales and biases fitted to its codes by least squares (gptq.refit_affine)
     protect: tuple = attrs.field(default=(), converter=tuple)
     protect_bits: int = 8
     sensitivity: Optional[str] = None  # a sensitivity table (JSON) to reuse, or a converted model's folder

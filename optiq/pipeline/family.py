@@ -175,7 +175,8 @@ def record_measured(out, metadata: dict, rows: list, plan, measured: dict, eval_
 def family_metadata(config: ConvertConfig, model_type: str, calibration: dict, plan, table, **extra) -> dict:
     """optiq_metadata.json of a Whisper or vision-language conversion."""
     return {
-        "optiq_version": __version__, "source": str(config.model), "model_type": model_type, "quantizer": config.quantizer, **extra,
+        "optiq_version": __version__, "source": str(config.model), "model_type": model_type, "quantizer": config.quantizer,
+        "refit_scales": config.quantizer != "rtn" and config.refit_scales, **extra,
         "calibration": calibration, "plan": plan.to_dict(), "sensitivity": table.to_dict(),
         "effective_bpw": plan.effective_bpw, "predicted_kl": plan.predicted_kl,
     }

@@ -244,7 +244,7 @@ class TextFamily:
             "source": str(config.model or DEFAULT_MODEL_NAME),
             "reference": loaded.loaded.reference,
             "quantizer": loaded.quantizer,
-            **({"refit_scales": True} if config.refit_scales else {}),
+            "refit_scales": loaded.quantizer == "gptq" and config.refit_scales,
             "calibration": {"source": config.calibration or "self-sampled", "n_sequences": int(calibration.tokens.shape[0]), "gram_sequences": int(calibration.every.shape[0]), "seq_len": int(calibration.tokens.shape[1]), "seed": config.seed, "kl_stride": config.kl_stride},
             "plan": plan.to_dict(),
             "sensitivity": table.to_dict(),

@@ -62,7 +62,7 @@ class VisionLanguageFamily(ProbedFamily):
 
     def calibrate(self, config: ConvertConfig, loaded: VisionLanguageModel, report: Report) -> VisionLanguageCalibration:
         samples = vlm.calibration(loaded.model, loaded.processor, config.calibration, config.n_calibration, config.seed)
-        return VisionLanguageCalibration(samples, vlm.rounding(loaded.model, samples, loaded.quantizer, DTYPES[loaded.dtype]))
+        return VisionLanguageCalibration(samples, vlm.rounding(loaded.model, samples, loaded.quantizer, DTYPES[loaded.dtype], config.refit_scales))
 
     def measure(self, config: ConvertConfig, loaded: VisionLanguageModel, calibration, candidates, report: Report):
         on_probe, bar = report.probes(count_probes(loaded.layers, candidates))

@@ -49,7 +49,7 @@ class WhisperFamily(ProbedFamily):
 
     def calibrate(self, config: ConvertConfig, loaded: WhisperModel, report: Report) -> WhisperCalibration:
         batches = whisper.features(loaded.model, whisper.speech(config.calibration, whisper.CALIBRATION_SENTENCES))
-        return WhisperCalibration(batches, whisper.rounding(loaded.model, batches, loaded.quantizer, loaded.dtype))
+        return WhisperCalibration(batches, whisper.rounding(loaded.model, batches, loaded.quantizer, loaded.dtype, config.refit_scales))
 
     def measure(self, config: ConvertConfig, loaded: WhisperModel, calibration: WhisperCalibration, candidates, report: Report):
         cands = tuple(candidates) + (Candidate(16),)
