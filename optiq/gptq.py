@@ -29,6 +29,7 @@ from .records import FP_MODES
 
 DAMP = 0.01
 BLOCK = 128
+REFIT_BYTES = 256 << 20  # refit_affine's working set per batch of rows (a Llama-3-8B down_proj: 10 rows)
 
 
 def round_stored(x: np.ndarray, dtype=mx.float16) -> np.ndarray:
@@ -155,16 +156,19 @@ def gptq_numpy(weight: np.ndarray, gram: np.ndarray, bits: int, group_size: int,
     return q, np.stack([p[0] for p in params], axis=1), np.stack([p[1] for p in params], axis=1)
 
 
-def refit_affine(weight: np.ndarray, gram: np.ndarray, q: np.ndarray, group_size: int, dtype=mx.float16, damp: float = DAMP, rows: int = 256):
+def refit_affine(weight: np.ndarray, gram: np.ndarray, q: np.ndarray, group_size: int, dtype=mx.float16, damp: float = DAMP, rows: int | None = None):
     """(scales, biases) that minimise each row's output error (w - w_hat)^T H (w - w_hat)
     with the codes `q` fixed: w_hat = s_g * q + b_g per group is linear in the
     row's (s, b), so the best ones solve a 2G x 2G system per row (G groups).
     GPTQ picks the codes against a min/max grid; this fits the grid to the
-    codes under the same Gram (damped as GPTQ damps it), rounded as stored."""
+    codes under the same Gram (damped as GPTQ damps it), rounded as stored.
+    rows: rows solved at once (default: as many as keep the (rows, G, in)
+    product near REFIT_BYTES)."""
     w = np.asarray(weight, dtype=np.float64)
     h = np.array(gram, dtype=np.float64)
     n_out, n_in = w.shape
     groups = n_in // group_size
+    rows = rows or max(1, min(n_out, REFIT_BYTES // (groups * n_in * 8)))
     h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h)) + 1e-12
     scales, biases = np.empty((n_out, groups)), np.empty((n_out, groups))
     h_rows = h.reshape(groups, group_size, n_in)  # H's rows, by the group of their input

@@ -174,8 +174,10 @@ def gptq_weight(weight: mx.array, gram, candidate: Candidate, dtype=mx.float16, 
     if device.on_cuda():
         factor = factor if factor is not None else gptq.inverse_factor(gram)
         codes = gptq.gptq_mlx(weight, factor, candidate.bits, candidate.group_size, dtype, block_step=gptq.block_step_cuda)
-        if refit:  # on the host: one small solve per row
-            fitted = gptq.refit_affine(np.array(weight.astype(mx.float32)), np.array(gram), np.array(codes[0]), candidate.group_size, dtype)
+        if refit:  # on the host: one small solve per row; inputs that never fired hold zero weights, as in GPTQ
+            h = np.array(gram.astype(mx.float32))
+            w = np.where(np.diag(h) == 0, 0.0, np.array(weight.astype(mx.float32)))
+            fitted = gptq.refit_affine(w, h, np.array(codes[0]), candidate.group_size, dtype)
             codes = (codes[0], *(mx.array(p, dtype=mx.float32) for p in fitted))
         return gptq.dequantize_mx(*codes, candidate.group_size), codes
     q, scales, biases = gptq.gptq_numpy(np.array(weight.astype(mx.float32)), np.array(gram), candidate.bits, candidate.group_size, dtype, refit=refit)

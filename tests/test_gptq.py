@@ -88,6 +88,8 @@ def test_refit_scales_are_the_least_squares_fit_to_the_codes(bits, group):
     s2, b2 = gptq.refit_affine(w, h, q, group, dtype=mx.float32)
     q3, s3, b3 = gptq.gptq_numpy(w, h, bits, group, dtype=mx.float32, refit=True)
     assert np.array_equal(q3, q) and np.allclose(s3, s2) and np.allclose(b3, b2)  # the same codes, then the fit
+    s4, b4 = gptq.refit_affine(w, h, q, group, dtype=mx.float32, rows=5)  # solved a few rows at a time: the same fit
+    assert np.allclose(s4, s2) and np.allclose(b4, b2)
     damped = h + gptq.DAMP * np.mean(np.diag(h)) * np.eye(n_in)
     chol = np.linalg.cholesky(damped)
     for r in range(3):  # the same fit from lstsq on the whitened problem
