@@ -138,7 +138,10 @@ def solve_exact_timed(costs, values, times, budget: int, time_budget: float, ite
     bound on how far the plan can be from the best plan meeting both budgets
     (NaN where the DP was coarsened, so no bound is proven)."""
     times = [np.asarray(t, dtype=np.float64) for t in times]
-    scale = time_budget if time_budget > 0 else 1.0  # multipliers in units of value per budget
+    # multipliers in units of value per the slowest plan's time (never a near-zero budget's,
+    # which would overflow mu * t / scale)
+    slowest = sum(float(t.max()) for t in times if t.size)
+    scale = max(time_budget, slowest) if max(time_budget, slowest) > 0 else 1.0
 
     def at(mu):
         choices, gap = solve_exact(costs, [v + mu * t / scale for v, t in zip(values, times)], budget)
@@ -154,7 +157,7 @@ def solve_exact_timed(costs, values, times, budget: int, time_budget: float, ite
         raise ValueError("no plan within the bits budget meets the time budget")
     lower, best, exact = -np.inf, None, gap == 0.0
     lo, hi = 0.0, max(1e-12, sum(float(np.ptp(v)) for v in values))
-    while True:  # a multiplier large enough that the plan fits
+    for _ in range(64):  # a multiplier large enough that the plan fits
         choices, value, spent, gap = at(hi)
         exact = exact and gap == 0.0
         lower = max(lower, value + hi * (spent - time_budget) / scale)
@@ -162,6 +165,8 @@ def solve_exact_timed(costs, values, times, budget: int, time_budget: float, ite
             best = (value, choices)
             break
         lo, hi = hi, hi * 4
+    else:  # times tied at float resolution keep every relaxed plan a hair over: the fastest plan fits
+        best = (sum(float(v[k]) for v, k in zip(values, fastest)), fastest)
     for _ in range(iterations):
         if exact and best[0] - lower <= 1e-12:  # the duality gap is closed: no multiplier can do better
             break

@@ -167,3 +167,14 @@ def test_time_budget_is_met_and_its_gap_bounds_the_optimum(inst, data):
     assert sum(float(t[k]) for t, k in zip(times, choices)) <= time_budget + 1e-9
     assert total(values, choices) >= best - 1e-9
     assert total(values, choices) - best <= gap + 1e-6
+
+
+def test_a_near_zero_time_budget_plans_without_overflow():
+    """Hypothesis found it: a subnormal time budget made mu * t / budget
+    overflow (inf * 0 = NaN in the relaxed values). The fastest plan fits."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choices, _ = planner.solve_exact_timed([np.array([1, 2])], [np.array([0.0, 1.0])], [np.array([1.0, 0.0])], 2, 5e-324)
+    assert list(choices) == [1]
