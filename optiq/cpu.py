@@ -13,6 +13,7 @@ prompt). The packed weights stay packed: memory is unchanged.
 import mlx.core as mx
 import mlx.nn as nn
 
+from .model_tree import swap_classes
 from .source import to_fp32
 
 
@@ -51,9 +52,4 @@ _SWAPS = {nn.QuantizedLinear: RowAdaptiveQuantizedLinear, nn.QuantizedEmbedding:
 
 def adapt_for_cpu(model: nn.Module) -> nn.Module:
     """fp32 activations and row-adaptive quantized layers (in place)."""
-    to_fp32(model)
-    for _, module in model.named_modules():
-        cls = _SWAPS.get(type(module))
-        if cls is not None:
-            module.__class__ = cls  # same state, new call path
-    return model
+    return swap_classes(to_fp32(model), _SWAPS)

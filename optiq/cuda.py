@@ -13,6 +13,8 @@ the product and restore them after: the same products, one matrix.
 import mlx.core as mx
 import mlx.nn as nn
 
+from .model_tree import swap_classes
+
 
 def _as_rows(x):
     return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
@@ -36,11 +38,7 @@ _SWAPS = {nn.QuantizedLinear: RowsQuantizedLinear, nn.QuantizedEmbedding: RowsQu
 def fold_rows(model: nn.Module) -> nn.Module:
     """Quantized layers that multiply one matrix of rows (in place; weights
     and config untouched: the model saves and loads as before)."""
-    for _, module in model.named_modules():
-        cls = _SWAPS.get(type(module))
-        if cls is not None:
-            module.__class__ = cls  # same state, new call path
-    return model
+    return swap_classes(model, _SWAPS)
 
 
 def adapt_for_cuda(model: nn.Module) -> nn.Module:

@@ -93,6 +93,16 @@ def start_block(path: str, n_blocks: int) -> int:
     return 0  # embeddings and anything before the blocks: the full forward
 
 
+def swap_classes(model: nn.Module, swaps: dict) -> nn.Module:
+    """Every module whose exact type is a key of `swaps` becomes that value's
+    class (in place): the same state, another call path (optiq/cpu.py, optiq/cuda.py)."""
+    for _, module in model.named_modules():
+        cls = swaps.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+    return model
+
+
 def fits_input(in_dim: int, candidate) -> bool:
     """Whether a layer of `in_dim` inputs can be stored as `candidate` (its group size divides them; float always)."""
     return candidate.bits >= FLOAT_BITS or in_dim % candidate.group_size == 0

@@ -93,6 +93,12 @@ class ConvertConfig:
         return {"all": None, "proxy": set()}.get(self.measure, set(self.anchor_bits))
 
 
+def refits_scales(config: ConvertConfig, quantizer: str) -> bool:
+    """Whether the written model's scales and biases were refit to GPTQ's codes
+    (the metadata's `refit_scales`): only GPTQ refits, with `quantizer` resolved from auto."""
+    return quantizer == "gptq" and config.refit_scales
+
+
 def default_bits(target: float, groups) -> tuple:
     """Near-uniform candidates: the widest bit-width whose cheapest candidate
     fits the target, and every width above it. On SmolLM2 at 4.5 bpw, plans

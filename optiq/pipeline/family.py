@@ -22,7 +22,7 @@ from ..plan import uniform_plan
 from ..probe_hooks import with_progress
 from ..records import Candidate, QuantizedWeights, SensitivityTable
 from ..rounding import plan_codes
-from .config import ConvertConfig, check_ceiling
+from .config import ConvertConfig, check_ceiling, refits_scales
 
 
 @attrs.frozen
@@ -176,7 +176,7 @@ def family_metadata(config: ConvertConfig, model_type: str, calibration: dict, p
     """optiq_metadata.json of a Whisper or vision-language conversion."""
     return {
         "optiq_version": __version__, "source": str(config.model), "model_type": model_type, "quantizer": config.quantizer,
-        "refit_scales": config.quantizer != "rtn" and config.refit_scales, **extra,
+        "refit_scales": refits_scales(config, config.quantizer), **extra,
         "calibration": calibration, "plan": plan.to_dict(), "sensitivity": table.to_dict(),
         "effective_bpw": plan.effective_bpw, "predicted_kl": plan.predicted_kl,
     }

@@ -30,7 +30,7 @@ from ..source import DEFAULT_MODEL_NAME, as_measured, cache_dir, folder_digest
 from ..speed import TimeBudget, layer_shapes, load_kernel_times, measure_kernel_times, missing_times, timed_pairs
 from ..stream import budget_bytes, checkpoint_bytes_fp32, load_within
 from ..strip import is_multimodal, strip_cached, unused_weights
-from .config import ConvertConfig, check_ceiling, widen_defaults
+from .config import ConvertConfig, check_ceiling, refits_scales, widen_defaults
 from .family import Report, Written, per_block_bits, plan_summary, uniform_row
 
 
@@ -244,7 +244,7 @@ class TextFamily:
             "source": str(config.model or DEFAULT_MODEL_NAME),
             "reference": loaded.loaded.reference,
             "quantizer": loaded.quantizer,
-            "refit_scales": loaded.quantizer == "gptq" and config.refit_scales,
+            "refit_scales": refits_scales(config, loaded.quantizer),
             "calibration": {"source": config.calibration or "self-sampled", "n_sequences": int(calibration.tokens.shape[0]), "gram_sequences": int(calibration.every.shape[0]), "seq_len": int(calibration.tokens.shape[1]), "seed": config.seed, "kl_stride": config.kl_stride},
             "plan": plan.to_dict(),
             "sensitivity": table.to_dict(),
